@@ -1,0 +1,18 @@
+// Input checks shared by the CPU and CUDA assemble_masks kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace pyseg {
+
+// Checks protos [B, K, h, w], coeffs [N, K], image_index [N] and boxes [N, 4]; raises ValueError
+// naming the argument. Shared by assemble_masks and mask_loss.
+void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
+                            const at::Tensor& boxes);
+
+// Output size (H, W) of assemble_masks: out_size when given, else the proto grid.
+std::pair<int64_t, int64_t> assembled_size(const at::Tensor& protos, at::OptionalIntArrayRef out_size);
+
+}  // namespace pyseg
