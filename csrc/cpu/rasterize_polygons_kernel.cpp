@@ -1,8 +1,8 @@
 // CPU kernel of rasterize_polygons / rasterize_polygons_overlap.
 //
 // Per polygon: one pass over its edges bins each edge's row crossings (an edge covers the rows
-// whose centres lie in [min y, max y)), a second pass stores the first pixel right of each
-// crossing, and each row is then filled span by span. Work is O(edges + crossings + pixels set),
+// whose centres lie in [min y, max y)), a second pass stores the first pixel whose centre is at
+// or right of each crossing, and each row is then filled span by span. Work is O(edges + crossings + pixels set),
 // and the crossing arithmetic matches pyseg/ops/reference.py bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,7 +21,7 @@ namespace {
 struct RowScratch {
   std::vector<int64_t> row_begin;  // CSR offsets of crossings per row, size rows + 1
   std::vector<int64_t> fill;       // write cursor per row
-  std::vector<int32_t> x_start;    // first pixel right of each crossing, grouped by row
+  std::vector<int32_t> x_start;    // first pixel with centre >= each crossing, grouped by row
 };
 
 // ORs the even-odd interior of one closed polygon (n vertices, x/y interleaved, pixels) into mask [H, W].
@@ -60,7 +60,7 @@ void fill_polygon(const float* xy, int64_t n, int64_t height, int64_t width, uin
       const double t = yc - y0;
       const double num = t * dx;
       const double x_cross = x0 + num / dy;
-      s.x_start[s.fill[y - rows.lo]++] = static_cast<int32_t>(first_centre_after(x_cross, width));
+      s.x_start[s.fill[y - rows.lo]++] = static_cast<int32_t>(first_centre_at_or_after(x_cross, width));
     }
   }
 

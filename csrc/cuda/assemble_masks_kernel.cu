@@ -75,8 +75,8 @@ __global__ void assemble_masks_kernel(const scalar_t* __restrict__ protos, const
     const float* box = boxes + 4 * n;
     const PixelRange bx = centres_in(resize ? box[0] * box_sx : box[0], resize ? box[2] * box_sx : box[2], out_w);
     const PixelRange by = centres_in(resize ? box[1] * box_sy : box[1], resize ? box[3] * box_sy : box[3], out_h);
-    const PixelRange xs{max<int64_t>(bx.lo, blockIdx.x * kTile), min<int64_t>(bx.hi, (blockIdx.x + 1) * kTile)};
-    const PixelRange ys{max<int64_t>(by.lo, blockIdx.y * kTile), min<int64_t>(by.hi, (blockIdx.y + 1) * kTile)};
+    const PixelRange xs{max_of<int64_t>(bx.lo, blockIdx.x * kTile), min_of<int64_t>(bx.hi, (blockIdx.x + 1) * kTile)};
+    const PixelRange ys{max_of<int64_t>(by.lo, blockIdx.y * kTile), min_of<int64_t>(by.hi, (blockIdx.y + 1) * kTile)};
     if (xs.size() == 0 || ys.size() == 0) continue;  // uniform across the block
 
     const scalar_t* proto_b = protos + image_index[n] * channels * plane;

@@ -14,6 +14,16 @@ __host__ __device__ inline T ceil_div(T a, T b) {
   return (a + b - 1) / b;
 }
 
+template <typename T>
+__host__ __device__ inline T min_of(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T>
+__host__ __device__ inline T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+
 // Grid-stride loop over [0, n).
 #define PYSEG_CUDA_1D_LOOP(i, n)                                                                  \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);          \

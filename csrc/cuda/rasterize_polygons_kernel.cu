@@ -1,7 +1,7 @@
 // CUDA kernel of rasterize_polygons / rasterize_polygons_overlap.
 //
 // One block per polygon walks its rows in chunks. For each chunk it marks every edge crossing as
-// one toggled bit (the first pixel right of the crossing) in a shared-memory bit row, turns the
+// one toggled bit (the first pixel whose centre is at or right of the crossing) in a shared-memory bit row, turns the
 // toggles into the even-odd interior with a prefix XOR along the row, and ORs the set pixels into
 // the mask: O(edges + pixels) per row. The crossing arithmetic is the reference's (double, no
 // contraction: __dadd_rn and friends), so results are bit-identical to the CPU kernel.
@@ -85,13 +85,13 @@ __global__ void fill_polygons_kernel(const float* __restrict__ xy, const int64_t
   const PixelRange rows = centres_in(y_min, y_max, height);
   if (rows.size() == 0) return;
   // Pixels left of x_min see no crossing and pixels right of x_max see all of them (an even number).
-  const int64_t col_lo = max<int64_t>(0, static_cast<int64_t>(floor(static_cast<double>(x_min))) - 1);
-  const int64_t col_hi = min<int64_t>(width, static_cast<int64_t>(ceil(static_cast<double>(x_max))) + 2);
+  const int64_t col_lo = max_of<int64_t>(0, static_cast<int64_t>(floor(static_cast<double>(x_min))) - 1);
+  const int64_t col_hi = min_of<int64_t>(width, static_cast<int64_t>(ceil(static_cast<double>(x_max))) + 2);
   if (col_lo >= col_hi) return;
   uint8_t* mask = masks + poly_to_mask[poly] * height * width;
 
   for (int64_t row0 = rows.lo; row0 < rows.hi; row0 += rows_per_chunk) {
-    const int chunk = static_cast<int>(min<int64_t>(rows_per_chunk, rows.hi - row0));
+    const int chunk = static_cast<int>(min_of<int64_t>(rows_per_chunk, rows.hi - row0));
     for (int i = threadIdx.x; i < chunk * words; i += blockDim.x) toggles[i] = 0u;
     __syncthreads();
 
@@ -105,7 +105,7 @@ __global__ void fill_polygons_kernel(const float* __restrict__ xy, const int64_t
       const double x0 = v[2 * e], x1 = v[2 * e1];
       const double num = __dmul_rn(__dsub_rn(yc, y0), __dsub_rn(x1, x0));
       const double x_cross = __dadd_rn(x0, __ddiv_rn(num, __dsub_rn(y1, y0)));
-      const int64_t x_start = first_centre_after(x_cross, width);
+      const int64_t x_start = first_centre_at_or_after(x_cross, width);
       if (x_start < width) {
         atomicXor(&toggles[r * words + static_cast<int>(x_start / 32)], 1u << static_cast<int>(x_start % 32));
       }

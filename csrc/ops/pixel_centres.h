@@ -21,16 +21,6 @@ C10_HOST_DEVICE inline int64_t first_centre_at_or_after(double v, int64_t n) {
   return i;
 }
 
-// Smallest i in [0, n] with i + 0.5 > v (n when no pixel qualifies).
-C10_HOST_DEVICE inline int64_t first_centre_after(double v, int64_t n) {
-  if (v < 0.5) return 0;
-  if (v >= static_cast<double>(n) - 0.5) return n;
-  int64_t i = static_cast<int64_t>(floor(v - 0.5)) + 1;
-  while (i > 0 && static_cast<double>(i - 1) + 0.5 > v) --i;
-  while (i < n && static_cast<double>(i) + 0.5 <= v) ++i;
-  return i;
-}
-
 // Half-open pixel range [lo, hi) whose centres lie in [a, b), clipped to [0, n).
 struct PixelRange {
   int64_t lo;

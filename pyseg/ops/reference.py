@@ -28,8 +28,9 @@ def _polygon_interior(poly: Tensor, height: int, width: int) -> tuple[int, int, 
 
     Edge i runs from vertex i to vertex i+1 (the last to the first). It crosses the row whose
     centre is yc when (y0 <= yc) != (y1 <= yc), at x = x0 + ((yc - y0) * (x1 - x0)) / (y1 - y0)
-    (float64, in that order). A pixel is inside when an odd number of crossings lie strictly
-    left of its centre.
+    (float64, in that order). A pixel is inside when an odd number of crossings lie at or left
+    of its centre (so, as for boxes, an edge through a centre includes it on the left and top
+    sides and excludes it on the right and bottom sides).
     """
     x, y = poly[:, 0], poly[:, 1]
     # One pixel of margin: crossings may round an ulp outside [min, max] but never a pixel.
@@ -50,7 +51,7 @@ def _polygon_interior(poly: Tensor, height: int, width: int) -> tuple[int, int, 
     parity = torch.zeros((rows, cols), dtype=torch.bool, device=poly.device)
     chunk = max(1, _MAX_CHUNK_ELEMENTS // (rows * cols))
     for start in range(0, poly.shape[0], chunk):
-        left = crosses[start : start + chunk, :, None] & (x_cross[start : start + chunk, :, None] < xc)  # (e, R, C)
+        left = crosses[start : start + chunk, :, None] & (x_cross[start : start + chunk, :, None] <= xc)  # (e, R, C)
         parity ^= (left.sum(0) % 2).bool()
     return row0, col0, parity
 
