@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 namespace pyseg {
 
 void check_polygon_inputs(
@@ -33,10 +35,22 @@ void check_polygon_inputs(
                     "vertices, poly_offsets and poly_to_mask must be on one device, got ", vertices.device(), ", ",
                     poly_offsets.device(), ", ", poly_to_mask.device());
   if (!check_values) return;
-  TORCH_CHECK_VALUE(at::isfinite(vertices).all().item<bool>(),
-                    "vertices must be finite: found NaN or inf; drop or repair those polygons first");
+  // Data checks: plain loops on the CPU (no per-call tensor ops); small host copies for CUDA.
+  if (vertices.device().is_cpu()) {
+    const at::Tensor xy = vertices.contiguous();
+    const float* v = xy.data_ptr<float>();
+    for (int64_t i = 0; i < xy.numel(); ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(v[i]), "vertices must be finite: vertex ", i / 2, " has ", i % 2 ? "y" : "x",
+                        " = ", v[i], "; drop or repair that polygon first");
+    }
+  } else {
+    TORCH_CHECK_VALUE(at::isfinite(vertices).all().item<bool>(),
+                      "vertices must be finite: found NaN or inf; drop or repair those polygons first");
+  }
   const at::Tensor offsets = poly_offsets.cpu().contiguous();
+  const at::Tensor owners = poly_to_mask.cpu().contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* owner = owners.data_ptr<int64_t>();
   const int64_t num_polys = offsets.numel() - 1;
   TORCH_CHECK_VALUE(off[0] == 0, "poly_offsets[0] must be 0, got ", off[0]);
   TORCH_CHECK_VALUE(off[num_polys] == vertices.size(0), "poly_offsets[-1] must equal the number of vertices ",
@@ -44,10 +58,8 @@ void check_polygon_inputs(
   for (int64_t p = 0; p < num_polys; ++p) {
     TORCH_CHECK_VALUE(off[p] <= off[p + 1], "poly_offsets must be non-decreasing, but poly_offsets[", p,
                       "] = ", off[p], " > poly_offsets[", p + 1, "] = ", off[p + 1]);
-  }
-  if (num_polys > 0) {
-    TORCH_CHECK_VALUE(poly_to_mask.min().item<int64_t>() >= 0 && poly_to_mask.max().item<int64_t>() < num_masks,
-                      "poly_to_mask values must lie in [0, num_masks = ", num_masks, ")");
+    TORCH_CHECK_VALUE(owner[p] >= 0 && owner[p] < num_masks, "poly_to_mask values must lie in [0, num_masks = ",
+                      num_masks, "), got poly_to_mask[", p, "] = ", owner[p]);
   }
 }
 
@@ -57,9 +69,12 @@ void check_image_index(const at::Tensor& image_index, int64_t num_masks, int64_t
   TORCH_CHECK_VALUE(image_index.scalar_type() == at::kLong, "image_index must be int64, got ",
                     image_index.scalar_type());
   TORCH_CHECK_VALUE(num_images >= 0, "num_images must be >= 0, got ", num_images);
-  if (check_values && num_masks > 0) {
-    TORCH_CHECK_VALUE(image_index.min().item<int64_t>() >= 0 && image_index.max().item<int64_t>() < num_images,
-                      "image_index values must lie in [0, num_images = ", num_images, ")");
+  if (!check_values) return;
+  const at::Tensor images = image_index.cpu().contiguous();
+  const int64_t* image = images.data_ptr<int64_t>();
+  for (int64_t m = 0; m < num_masks; ++m) {
+    TORCH_CHECK_VALUE(image[m] >= 0 && image[m] < num_images, "image_index values must lie in [0, num_images = ",
+                      num_images, "), got image_index[", m, "] = ", image[m]);
   }
 }
 

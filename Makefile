@@ -1,0 +1,14 @@
+# The quick start: `make run` and `make test` set up everything they need (scripts/with-env.sh).
+.PHONY: run test bench lint
+
+run:
+	scripts/with-env.sh python benchmarks/bench_ops.py --quick
+
+test:
+	scripts/with-env.sh scripts/run-tests.sh -q
+
+bench:
+	scripts/with-env.sh python benchmarks/bench_ops.py
+
+lint:
+	scripts/with-env.sh ruff check pyseg tests benchmarks setup.py

@@ -1,0 +1,329 @@
+"""Benchmarks of pyseg's native ops, each against a baseline measured in the same run.
+
+    python benchmarks/bench_ops.py            # full table (CPU; GPU rows too when CUDA is available)
+    python benchmarks/bench_ops.py --quick    # fewer sizes and repeats
+
+Rows (speedup = baseline time / our time; memory ratio = our peak / baseline peak):
+  rasterize  every COCO128-Seg instance at mask ratio 4 (640 -> 160), one call per batch of 16 images,
+             single thread, vs cv2.fillPoly at 640 + cv2.resize per instance and vs cv2.fillPoly at 160.
+             Without ../shared/datasets/coco128-seg, synthetic star polygons stand in (said in the output).
+  assemble   assemble_masks, K=32, 160x160 protos -> 640x640, threshold 0.5, vs the unfused torch chain
+             (matmul -> interpolate -> sigmoid -> crop -> threshold).
+  mask_loss  forward + backward, K=32, 16 images of 160x160 protos, vs the unfused torch loss; peak memory
+             is the growth of the process's peak RSS (CPU, a fresh process per variant) or
+             torch.cuda.max_memory_allocated (GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pyseg.ops as ops  # noqa: E402
+from pyseg.ops import reference  # noqa: E402
+
+COCO128_LABELS = Path(os.environ.get("PYSEG_COCO128_SEG", ROOT.parent / "shared/datasets/coco128-seg")) / "labels"
+
+
+def timed(fn, repeats: int, warmup: int = 1, sync=None) -> float:
+    """Median seconds of fn() over repeats calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --------------------------------------------------------------------------- rasterization
+
+
+def load_polygons() -> tuple[list[list[np.ndarray]], str]:
+    """Per image, its polygons in normalized xy; COCO128-Seg when present, else synthetic stars."""
+    if COCO128_LABELS.is_dir():
+        images = []
+        for path in sorted(COCO128_LABELS.rglob("*.txt")):
+            polys = []
+            for line in path.read_text().splitlines():
+                values = line.split()
+                if len(values) >= 7 and len(values) % 2 == 1:
+                    polys.append(np.asarray(values[1:], dtype=np.float32).reshape(-1, 2))
+            images.append(polys)
+        return images, f"COCO128-Seg ({COCO128_LABELS.parent})"
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(128):
+        polys = []
+        for _ in range(int(rng.integers(1, 15))):
+            n = int(rng.integers(8, 60))
+            angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+            radius = rng.uniform(0.02, 0.3) * rng.uniform(0.5, 1.0, n)
+            centre = rng.uniform(0.1, 0.9, 2)
+            polys.append(np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1))
+        images.append([p.astype(np.float32) for p in polys])
+    return images, "synthetic stars (COCO128-Seg not found)"
+
+
+def bench_rasterize(repeats: int) -> list[tuple]:
+    import cv2
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    images, source = load_polygons()
+    imgsz, ratio = 640, 4
+    size = imgsz // ratio
+    batches = []
+    for start in range(0, len(images), 16):
+        polys, image_index = [], []
+        for b, image in enumerate(images[start : start + 16]):
+            for poly in image:
+                polys.append(poly * imgsz)
+                image_index.append(b)
+        lengths = [len(p) for p in polys]
+        vertices = torch.from_numpy(np.concatenate(polys) / ratio).float()
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+        batches.append((polys, vertices, offsets, torch.arange(len(polys)), torch.tensor(image_index), 16))
+    num_images = len(images)
+    num_instances = sum(len(b[0]) for b in batches)
+
+    def ours_masks():
+        for _, v, off, owner, _, _ in batches:
+            ops.rasterize_polygons(v, off, owner, len(owner), size, size)
+
+    def ours_overlap():
+        for _, v, off, owner, image_index, n in batches:
+            ops.rasterize_polygons_overlap(v, off, owner, image_index, n, size, size)
+
+    def cv2_full_resize():
+        for polys, *_ in batches:
+            for poly in polys:
+                mask = np.zeros((imgsz, imgsz), np.uint8)
+                cv2.fillPoly(mask, [poly.astype(np.int32)], 1)
+                cv2.resize(mask, (size, size))
+
+    def cv2_direct():
+        for polys, *_ in batches:
+            for poly in polys:
+                mask = np.zeros((size, size), np.uint8)
+                cv2.fillPoly(mask, [(poly / ratio).astype(np.int32)], 1)
+
+    t_ours = timed(ours_masks, repeats)
+    t_overlap = timed(ours_overlap, repeats)
+    t_full = timed(cv2_full_resize, repeats)
+    t_direct = timed(cv2_direct, repeats)
+    torch.set_num_threads(os.cpu_count() or 1)
+    per_image = 1e6 / num_images
+    note = f"{source}: {num_images} images, {num_instances} instances, 1 thread"
+    return [
+        ("rasterize 640->160", "cv2.fillPoly@640 + resize", t_full * per_image, t_ours * per_image, t_full / t_ours,
+         None, note + ", per-instance masks"),
+        ("rasterize 640->160", "cv2.fillPoly@160", t_direct * per_image, t_ours * per_image, t_direct / t_ours, None,
+         "per-instance masks"),
+        ("rasterize overlap 640->160", "cv2.fillPoly@640 + resize", t_full * per_image, t_overlap * per_image,
+         t_full / t_overlap, None, "overlap index maps + areas"),
+        ("rasterize overlap 640->160", "cv2.fillPoly@160", t_direct * per_image, t_overlap * per_image,
+         t_direct / t_overlap, None, "overlap index maps + areas"),
+    ]
+
+
+# --------------------------------------------------------------------------- assemble_masks
+
+
+def assemble_inputs(num: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn((1, 32, 160, 160), generator=g)
+    coeffs = torch.randn((num, 32), generator=g)
+    xy = torch.rand((num, 2), generator=g) * 120
+    wh = torch.rand((num, 2), generator=g) * 60 + 4  # boxes of 4..64 proto pixels (16..256 image pixels)
+    boxes = torch.cat([xy, (xy + wh).clamp(max=160)], 1)
+    return [t.to(device) for t in (protos, coeffs, torch.zeros(num, dtype=torch.int64), boxes)]
+
+
+def assemble_unfused(protos, coeffs, image_index, boxes, out_size, threshold):
+    """The unfused chain on full frames: logits -> bilinear resize -> sigmoid -> crop -> threshold."""
+    _, channels, h, w = protos.shape
+    logits = (coeffs @ protos[0].reshape(channels, h * w)).reshape(-1, h, w)
+    logits = F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    scale = torch.tensor([out_size[1] / w, out_size[0] / h] * 2, device=boxes.device)
+    probs = logits.sigmoid() * reference.box_crop(boxes * scale, *out_size)
+    return probs > threshold
+
+
+def bench_assemble(sizes, repeats: int, device: str) -> list[tuple]:
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows = []
+    for num in sizes:
+        args = assemble_inputs(num, device)
+        ours = timed(lambda: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
+        base = timed(lambda: assemble_unfused(*args, (640, 640), 0.5), repeats, sync=sync)
+        agree = (ops.assemble_masks(*args, (640, 640), 0.5) == assemble_unfused(*args, (640, 640), 0.5)).float().mean()
+        rows.append((f"assemble_masks N={num} ({device})", "unfused torch", base * 1e3, ours * 1e3, base / ours, None,
+                     f"ms per call; pixels agreeing {float(agree):.6f}"))
+    return rows
+
+
+# --------------------------------------------------------------------------- mask_loss
+
+
+def loss_inputs(num: int, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    batch = 16
+    protos = torch.randn((batch, 32, 160, 160), generator=g)
+    coeffs = torch.randn((num, 32), generator=g)
+    image_index = torch.randint(0, batch, (num,), generator=g)
+    gt_masks = torch.randint(0, 6, (batch, 160, 160), generator=g, dtype=torch.int32)
+    gt_index = torch.randint(1, 6, (num,), generator=g)
+    xy = torch.rand((num, 2), generator=g) * 120
+    boxes = torch.cat([xy, (xy + torch.rand((num, 2), generator=g) * 60 + 4).clamp(max=160)], 1)
+    return [t.to(device) for t in (protos, coeffs, image_index, gt_masks, gt_index, boxes)]
+
+
+def loss_unfused(protos, coeffs, image_index, gt_masks, gt_index, boxes):
+    """The usual torch mask loss: per-image logits, BCE on full frames, crop, mean over the box."""
+    _, channels, h, w = protos.shape
+    total = []
+    for b in range(protos.shape[0]):
+        sel = image_index == b
+        logits = (coeffs[sel] @ protos[b].reshape(channels, h * w)).reshape(-1, h, w)
+        target = (gt_masks[b][None] == gt_index[sel][:, None, None]).float()
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        crop = reference.box_crop(boxes[sel], h, w)
+        total.append((bce * crop).sum((1, 2)) / crop.sum((1, 2)).clamp(min=1))
+    return torch.cat(total)
+
+
+def loss_step(variant: str, num: int, device: str):
+    args = loss_inputs(num, device)
+    protos, coeffs = args[0].requires_grad_(), args[1].requires_grad_()
+    fn = ops.mask_loss if variant == "ours" else loss_unfused
+
+    def step():
+        protos.grad = coeffs.grad = None
+        fn(protos, coeffs, *args[2:]).sum().backward()
+
+    return step
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_child(variant: str, num: int, queue) -> None:
+    step = loss_step(variant, num, "cpu")
+    before = _rss_bytes()
+    step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+
+
+def peak_memory(variant: str, num: int, device: str) -> int:
+    """Bytes a loss forward+backward adds to the peak (fresh process on CPU, allocator stats on GPU)."""
+    if device == "cuda":
+        step = loss_step(variant, num, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_rss_child, args=(variant, num, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return max(result, 0)
+
+
+def bench_mask_loss(sizes, repeats: int, device: str) -> list[tuple]:
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    rows = []
+    for num in sizes:
+        ours = timed(loss_step("ours", num, device), repeats, sync=sync)
+        base = timed(loss_step("unfused", num, device), repeats, sync=sync)
+        mem_ours, mem_base = peak_memory("ours", num, device), peak_memory("unfused", num, device)
+        rows.append((f"mask_loss fwd+bwd N={num} ({device})", "unfused torch", base * 1e3, ours * 1e3, base / ours,
+                     mem_ours / max(mem_base, 1),
+                     f"ms per step; peak +{mem_ours / 2**20:.1f} MiB vs +{mem_base / 2**20:.1f} MiB"))
+    return rows
+
+
+# --------------------------------------------------------------------------- GPU bandwidth
+
+
+def bench_bandwidth(repeats: int) -> list[tuple]:
+    """Achieved bytes/s of the CUDA kernels as a fraction of a device-to-device copy."""
+    sync = torch.cuda.synchronize
+    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / timed(lambda: dst.copy_(src), repeats, sync=sync)
+    rows = []
+    args = assemble_inputs(300, "cuda")
+    t = timed(lambda: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
+    moved = 300 * 640 * 640 + args[0].numel() * 4  # bool output written + protos read once
+    rows.append(("assemble_masks N=300 bandwidth", "d2d copy", copy_bw / 1e9, moved / t / 1e9, moved / t / copy_bw,
+                 None, "GB/s (baseline column: copy), ratio = fraction of copy bandwidth"))
+    images, _ = load_polygons()
+    polys = [p * 160 for image in images for p in image]
+    v = torch.from_numpy(np.concatenate(polys)).float().cuda()
+    off = torch.tensor(np.concatenate([[0], np.cumsum([len(p) for p in polys])]), dtype=torch.int64).cuda()
+    owner = torch.arange(len(polys), device="cuda")
+    t = timed(lambda: ops.rasterize_polygons(v, off, owner, len(polys), 160, 160), repeats, sync=sync)
+    moved = len(polys) * 160 * 160 * 2 + v.numel() * 4  # zero-fill + writes of the masks, vertices read
+    rows.append(("rasterize 160x160 bandwidth", "d2d copy", copy_bw / 1e9, moved / t / 1e9, moved / t / copy_bw, None,
+                 "GB/s; an upper bound on bytes (every mask byte counted as written)"))
+    return rows
+
+
+def print_table(rows: list[tuple]) -> None:
+    header = ("op", "baseline", "baseline", "ours", "speedup", "mem ratio", "notes")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, base_name, base, ours, speedup, mem, note in rows:
+        mem_text = "" if mem is None else f"{mem:.3f}"
+        print(f"| {name} | {base_name} | {base:.2f} | {ours:.2f} | {speedup:.2f}x | {mem_text} | {note} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
+    args = parser.parse_args()
+    if not ops.has_ops():
+        sys.exit("pyseg._C is not built: run `pip install --no-build-isolation -e .` first (or `make bench`).")
+    repeats = args.repeats or (3 if args.quick else 7)
+    print(f"pyseg bench_ops: torch {torch.__version__}, {torch.get_num_threads()} threads, build {ops.build_info()}")
+    rows = bench_rasterize(repeats)
+    rows += bench_assemble([10, 100] if args.quick else [10, 100, 300], repeats, "cpu")
+    rows += bench_mask_loss([128] if args.quick else [128, 1024], repeats, "cpu")
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name()}")
+        rows += bench_assemble([10, 100, 300], repeats * 3, "cuda")
+        rows += bench_mask_loss([128, 1024], repeats * 3, "cuda")
+        rows += bench_bandwidth(repeats * 3)
+    print("rasterize columns: microseconds per image; assemble/mask_loss columns: milliseconds per call")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
