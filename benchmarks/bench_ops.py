@@ -135,14 +135,42 @@ def bench_rasterize(repeats: int) -> list[tuple]:
     per_image = 1e6 / num_images
     note = f"{source}: {num_images} images, {num_instances} instances, 1 thread"
     return [
-        ("rasterize 640->160", "cv2.fillPoly@640 + resize", t_full * per_image, t_ours * per_image, t_full / t_ours,
-         None, note + ", per-instance masks"),
-        ("rasterize 640->160", "cv2.fillPoly@160", t_direct * per_image, t_ours * per_image, t_direct / t_ours, None,
-         "per-instance masks"),
-        ("rasterize overlap 640->160", "cv2.fillPoly@640 + resize", t_full * per_image, t_overlap * per_image,
-         t_full / t_overlap, None, "overlap index maps + areas"),
-        ("rasterize overlap 640->160", "cv2.fillPoly@160", t_direct * per_image, t_overlap * per_image,
-         t_direct / t_overlap, None, "overlap index maps + areas"),
+        (
+            "rasterize 640->160",
+            "cv2.fillPoly@640 + resize",
+            t_full * per_image,
+            t_ours * per_image,
+            t_full / t_ours,
+            None,
+            note + ", per-instance masks",
+        ),
+        (
+            "rasterize 640->160",
+            "cv2.fillPoly@160",
+            t_direct * per_image,
+            t_ours * per_image,
+            t_direct / t_ours,
+            None,
+            "per-instance masks",
+        ),
+        (
+            "rasterize overlap 640->160",
+            "cv2.fillPoly@640 + resize",
+            t_full * per_image,
+            t_overlap * per_image,
+            t_full / t_overlap,
+            None,
+            "overlap index maps + areas",
+        ),
+        (
+            "rasterize overlap 640->160",
+            "cv2.fillPoly@160",
+            t_direct * per_image,
+            t_overlap * per_image,
+            t_direct / t_overlap,
+            None,
+            "overlap index maps + areas",
+        ),
     ]
 
 
@@ -174,11 +202,20 @@ def bench_assemble(sizes, repeats: int, device: str) -> list[tuple]:
     rows = []
     for num in sizes:
         args = assemble_inputs(num, device)
-        ours = timed(lambda: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
-        base = timed(lambda: assemble_unfused(*args, (640, 640), 0.5), repeats, sync=sync)
+        ours = timed(lambda args=args: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
+        base = timed(lambda args=args: assemble_unfused(*args, (640, 640), 0.5), repeats, sync=sync)
         agree = (ops.assemble_masks(*args, (640, 640), 0.5) == assemble_unfused(*args, (640, 640), 0.5)).float().mean()
-        rows.append((f"assemble_masks N={num} ({device})", "unfused torch", base * 1e3, ours * 1e3, base / ours, None,
-                     f"ms per call; pixels agreeing {float(agree):.6f}"))
+        rows.append(
+            (
+                f"assemble_masks N={num} ({device})",
+                "unfused torch",
+                base * 1e3,
+                ours * 1e3,
+                base / ours,
+                None,
+                f"ms per call; pixels agreeing {float(agree):.6f}",
+            )
+        )
     return rows
 
 
@@ -262,9 +299,17 @@ def bench_mask_loss(sizes, repeats: int, device: str) -> list[tuple]:
         ours = timed(loss_step("ours", num, device), repeats, sync=sync)
         base = timed(loss_step("unfused", num, device), repeats, sync=sync)
         mem_ours, mem_base = peak_memory("ours", num, device), peak_memory("unfused", num, device)
-        rows.append((f"mask_loss fwd+bwd N={num} ({device})", "unfused torch", base * 1e3, ours * 1e3, base / ours,
-                     mem_ours / max(mem_base, 1),
-                     f"ms per step; peak +{mem_ours / 2**20:.1f} MiB vs +{mem_base / 2**20:.1f} MiB"))
+        rows.append(
+            (
+                f"mask_loss fwd+bwd N={num} ({device})",
+                "unfused torch",
+                base * 1e3,
+                ours * 1e3,
+                base / ours,
+                mem_ours / max(mem_base, 1),
+                f"ms per step; peak +{mem_ours / 2**20:.1f} MiB vs +{mem_base / 2**20:.1f} MiB",
+            )
+        )
     return rows
 
 
@@ -281,8 +326,17 @@ def bench_bandwidth(repeats: int) -> list[tuple]:
     args = assemble_inputs(300, "cuda")
     t = timed(lambda: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
     moved = 300 * 640 * 640 + args[0].numel() * 4  # bool output written + protos read once
-    rows.append(("assemble_masks N=300 bandwidth", "d2d copy", copy_bw / 1e9, moved / t / 1e9, moved / t / copy_bw,
-                 None, "GB/s (baseline column: copy), ratio = fraction of copy bandwidth"))
+    rows.append(
+        (
+            "assemble_masks N=300 bandwidth",
+            "d2d copy",
+            copy_bw / 1e9,
+            moved / t / 1e9,
+            moved / t / copy_bw,
+            None,
+            "GB/s (baseline column: copy), ratio = fraction of copy bandwidth",
+        )
+    )
     images, _ = load_polygons()
     polys = [p * 160 for image in images for p in image]
     v = torch.from_numpy(np.concatenate(polys)).float().cuda()
@@ -290,8 +344,17 @@ def bench_bandwidth(repeats: int) -> list[tuple]:
     owner = torch.arange(len(polys), device="cuda")
     t = timed(lambda: ops.rasterize_polygons(v, off, owner, len(polys), 160, 160), repeats, sync=sync)
     moved = len(polys) * 160 * 160 * 2 + v.numel() * 4  # zero-fill + writes of the masks, vertices read
-    rows.append(("rasterize 160x160 bandwidth", "d2d copy", copy_bw / 1e9, moved / t / 1e9, moved / t / copy_bw, None,
-                 "GB/s; an upper bound on bytes (every mask byte counted as written)"))
+    rows.append(
+        (
+            "rasterize 160x160 bandwidth",
+            "d2d copy",
+            copy_bw / 1e9,
+            moved / t / 1e9,
+            moved / t / copy_bw,
+            None,
+            "GB/s; an upper bound on bytes (every mask byte counted as written)",
+        )
+    )
     return rows
 
 

@@ -23,6 +23,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def use_reference_fallback(monkeypatch) -> None:
+    """Makes pyseg.ops behave as if pyseg._C were missing (its warning already given)."""
+    monkeypatch.setattr("pyseg._extension._C", None)
+    monkeypatch.setattr("pyseg._extension._warned", True)
+
+
 @pytest.fixture(scope="session")
 def coco128_labels() -> list[list[tuple[int, np.ndarray]]]:
     """Polygons of every COCO128-Seg label file: per file, (class, Tensor[n, 2] normalized xy) rows."""

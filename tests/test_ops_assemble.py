@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import use_reference_fallback
 
 import pyseg.ops as ops
 from pyseg.ops import reference
@@ -98,8 +99,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_inputs_raise_value_error(case, backend, monkeypatch):
     if backend == "fallback":
-        monkeypatch.setattr("pyseg._extension._C", None)
-        monkeypatch.setattr("pyseg._extension._warned", True)
+        use_reference_fallback(monkeypatch)
     args = case[1](*head_outputs())
     with pytest.raises(ValueError, match=case[2]):
         ops.assemble_masks(*args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import use_reference_fallback
 
 import pyseg.ops as ops
 from pyseg.ops import reference
@@ -60,8 +61,9 @@ def test_backward_matches_reference_autograd(kind):
 
 @pytest.mark.parametrize("kind", ["overlap", "float"])
 def test_gradcheck_float64(kind):
-    protos, coeffs, image_index, gt_masks, gt_index, boxes = loss_inputs(kind, num=4, batch=2, channels=3, h=6, w=7,
-                                                                         dtype=torch.float64, seed=2)
+    protos, coeffs, image_index, gt_masks, gt_index, boxes = loss_inputs(
+        kind, num=4, batch=2, channels=3, h=6, w=7, dtype=torch.float64, seed=2
+    )
     protos.requires_grad_()
     coeffs.requires_grad_()
     assert torch.autograd.gradcheck(
@@ -116,8 +118,7 @@ BAD = [
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_inputs_raise_value_error(case, backend, monkeypatch):
     if backend == "fallback":
-        monkeypatch.setattr("pyseg._extension._C", None)
-        monkeypatch.setattr("pyseg._extension._warned", True)
+        use_reference_fallback(monkeypatch)
     args = case[1](loss_inputs("uint8"))
     with pytest.raises(ValueError, match=case[2]):
         ops.mask_loss(*args)
@@ -139,7 +140,9 @@ def test_opcheck(kind):
     args = (protos, coeffs, image_index, gt_masks, gt_index, boxes, kind == "overlap")
     torch.library.opcheck(torch.ops.pyseg.mask_loss, args)
     grad = torch.rand(5)
-    torch.library.opcheck(torch.ops.pyseg.mask_loss_backward, (grad, *[a.detach() if torch.is_tensor(a) else a for a in args]))
+    torch.library.opcheck(
+        torch.ops.pyseg.mask_loss_backward, (grad, *[a.detach() if torch.is_tensor(a) else a for a in args])
+    )
 
 
 def test_runs_under_torch_compile():
@@ -165,7 +168,7 @@ def test_cuda_kernel_matches_cpu(kind, dtype):
         (loss * torch.linspace(0.5, 1.5, 64, device=device)).sum().backward()
         results.append([t.detach().cpu().double() for t in (loss, p.grad, c.grad)])
     tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}[dtype]
-    for cpu, gpu in zip(*results):
+    for cpu, gpu in zip(*results, strict=True):
         torch.testing.assert_close(gpu, cpu, atol=tol, rtol=tol)
     cuda_args = [a.cuda() for a in args] + [kind == "overlap"]
     torch.library.opcheck(torch.ops.pyseg.mask_loss, tuple(cuda_args))

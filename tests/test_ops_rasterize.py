@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import pack_polygons, random_polygons
+from conftest import pack_polygons, random_polygons, use_reference_fallback
 
 import pyseg.ops as ops
 from pyseg.ops import reference
@@ -91,8 +91,10 @@ def test_iou_against_cv2_fillpoly_is_reported(coco128_labels, capsys):
             if union:
                 ious.append(np.logical_and(ours, theirs).sum() / union)
     with capsys.disabled():
-        print(f"\n[report] IoU vs cv2.fillPoly at {size}x{size} over {len(ious)} coco128 instances: "
-              f"mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, 5th percentile {np.percentile(ious, 5):.3f}")
+        print(
+            f"\n[report] IoU vs cv2.fillPoly at {size}x{size} over {len(ious)} coco128 instances: "
+            f"mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, 5th percentile {np.percentile(ious, 5):.3f}"
+        )
     assert len(ious) > 900
 
 
@@ -134,8 +136,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_inputs_raise_value_error_naming_the_argument(case, backend, monkeypatch):
     if backend == "fallback":
-        monkeypatch.setattr("pyseg._extension._C", None)
-        monkeypatch.setattr("pyseg._extension._warned", True)
+        use_reference_fallback(monkeypatch)
     _, corrupt, message = case
     v, off, owner = pack_polygons([np.array([[0, 0], [4, 0], [4, 4]], dtype=np.float32)] * 2)
     v, off, owner = corrupt(v, off, owner)
@@ -209,7 +210,9 @@ def test_cuda_kernel_is_bit_identical_to_cpu(seed):
         assert torch.equal(gpu.cpu(), cpu)
     v, off, owner, image_index = overlap_batch(seed)
     cpu_map, cpu_areas = ops.rasterize_polygons_overlap(v, off, owner, image_index, 4, 24, 20)
-    gpu_map, gpu_areas = ops.rasterize_polygons_overlap(v.cuda(), off.cuda(), owner.cuda(), image_index.cuda(), 4, 24, 20)
+    gpu_map, gpu_areas = ops.rasterize_polygons_overlap(
+        v.cuda(), off.cuda(), owner.cuda(), image_index.cuda(), 4, 24, 20
+    )
     assert torch.equal(gpu_map.cpu(), cpu_map) and torch.equal(gpu_areas.cpu(), cpu_areas)
 
 
@@ -221,4 +224,6 @@ def test_cuda_kernel_matches_cpu_on_coco128(coco128_labels, size):
     cpu = ops.rasterize_polygons(v, off, owner, len(polys), size, size)
     gpu = ops.rasterize_polygons(v.cuda(), off.cuda(), owner.cuda(), len(polys), size, size)
     assert torch.equal(gpu.cpu(), cpu)
-    torch.library.opcheck(torch.ops.pyseg.rasterize_polygons, (v.cuda(), off.cuda(), owner.cuda(), len(polys), size, size))
+    torch.library.opcheck(
+        torch.ops.pyseg.rasterize_polygons, (v.cuda(), off.cuda(), owner.cuda(), len(polys), size, size)
+    )

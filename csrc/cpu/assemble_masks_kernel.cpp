@@ -14,27 +14,11 @@
 #include <vector>
 
 #include "../ops/assemble_masks.h"
+#include "../ops/linear_tap.h"
 #include "../ops/pixel_centres.h"
 
 namespace pyseg {
 namespace {
-
-// Source cells and weights of one output coordinate (torch's upsample_bilinear2d rule).
-template <typename acc_t>
-struct LinearTap {
-  int64_t i0, i1;
-  acc_t w0, w1;
-};
-
-template <typename acc_t>
-LinearTap<acc_t> linear_tap(int64_t dst, acc_t scale, int64_t in_size) {
-  acc_t src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
-  if (src < 0) src = 0;
-  const int64_t i0 = static_cast<int64_t>(src);
-  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-  const acc_t w1 = src - static_cast<acc_t>(i0);
-  return {i0, i1, static_cast<acc_t>(1) - w1, w1};
-}
 
 template <typename scalar_t, typename out_t>
 void assemble_masks_impl(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
@@ -120,10 +104,6 @@ at::Tensor assemble_masks_cpu(const at::Tensor& protos, const at::Tensor& coeffs
   check_mask_head_inputs(protos, coeffs, image_index, boxes);
   const auto [out_h, out_w] = assembled_size(protos, out_size);
   const int64_t num = coeffs.size(0);
-  if (num > 0) {
-    TORCH_CHECK_VALUE(image_index.min().item<int64_t>() >= 0 && image_index.max().item<int64_t>() < protos.size(0),
-                      "image_index values must lie in [0, B = ", protos.size(0), ")");
-  }
   const bool resize = out_h != protos.size(2) || out_w != protos.size(3);
   const at::ScalarType out_dtype = threshold.has_value() ? at::kBool : protos.scalar_type();
   at::Tensor out = at::zeros({num, out_h, out_w}, protos.options().dtype(out_dtype));

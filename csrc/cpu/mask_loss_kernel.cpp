@@ -20,25 +20,6 @@
 namespace pyseg {
 namespace {
 
-struct BoxPixels {
-  PixelRange xs, ys;
-  int64_t area() const { return xs.size() * ys.size(); }
-};
-
-inline BoxPixels box_pixels(const float* box, int64_t h, int64_t w) {
-  return {centres_in(box[0], box[2], w), centres_in(box[1], box[3], h)};
-}
-
-// Target of one pixel: overlap maps (int32) compare with the instance id, masks are read as values.
-template <typename acc_t, typename target_t>
-inline acc_t target_value(target_t v, int64_t id) {
-  if constexpr (std::is_same_v<target_t, int32_t>) {
-    return v == id ? acc_t(1) : acc_t(0);
-  } else {
-    return static_cast<acc_t>(v);
-  }
-}
-
 // Logits of instance n on row y, columns [xs.lo, xs.hi), into z[0 : xs.size()].
 template <typename scalar_t, typename acc_t>
 inline void logits_row(const scalar_t* proto_b, const scalar_t* coeff_n, int64_t channels, int64_t h, int64_t w,
@@ -159,22 +140,10 @@ void mask_loss_backward_impl(const LossArgs& a, const at::Tensor& grad_loss, at:
   });
 }
 
-void check_cpu_indices(const at::Tensor& protos, const at::Tensor& image_index, const at::Tensor& gt_masks,
-                       const at::Tensor& gt_index, bool overlap) {
-  if (image_index.numel() == 0) return;
-  TORCH_CHECK_VALUE(image_index.min().item<int64_t>() >= 0 && image_index.max().item<int64_t>() < protos.size(0),
-                    "image_index values must lie in [0, B = ", protos.size(0), ")");
-  if (!overlap) {
-    TORCH_CHECK_VALUE(gt_index.min().item<int64_t>() >= 0 && gt_index.max().item<int64_t>() < gt_masks.size(0),
-                      "gt_index values must lie in [0, G = ", gt_masks.size(0), ") (rows of gt_masks)");
-  }
-}
-
 at::Tensor mask_loss_cpu(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                          const at::Tensor& gt_masks, const at::Tensor& gt_index, const at::Tensor& boxes,
                          bool overlap) {
   check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap);
-  check_cpu_indices(protos, image_index, gt_masks, gt_index, overlap);
   const at::ScalarType acc_dtype = protos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::zeros({coeffs.size(0)}, protos.options().dtype(acc_dtype));
   if (coeffs.size(0) == 0) return loss;
@@ -193,7 +162,6 @@ std::tuple<at::Tensor, at::Tensor> mask_loss_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& gt_masks, const at::Tensor& gt_index,
                                                           const at::Tensor& boxes, bool overlap) {
   check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap);
-  check_cpu_indices(protos, image_index, gt_masks, gt_index, overlap);
   const at::ScalarType acc_dtype = protos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == coeffs.size(0),
                     "grad_loss must have shape [N] = [", coeffs.size(0), "], got ", grad_loss.sizes());

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "../ops/assemble_masks.h"
+#include "../ops/linear_tap.h"
 #include "../ops/pixel_centres.h"
 #include "helpers.cuh"
 
@@ -21,22 +22,6 @@ namespace {
 constexpr int kTile = 32;         // output pixels per tile side
 constexpr int kRowsPerThread = 4;  // block is kTile x (kTile / kRowsPerThread) threads
 constexpr int kRegionMax = 4608;  // proto cells cached per block
-
-template <typename acc_t>
-struct Tap {
-  int64_t i0, i1;
-  acc_t w0, w1;
-};
-
-template <typename acc_t>
-__device__ inline Tap<acc_t> linear_tap(int64_t dst, acc_t scale, int64_t in_size) {
-  acc_t src = scale * (static_cast<acc_t>(dst) + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
-  if (src < 0) src = 0;
-  const int64_t i0 = static_cast<int64_t>(src);
-  const int64_t i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-  const acc_t w1 = src - static_cast<acc_t>(i0);
-  return {i0, i1, static_cast<acc_t>(1) - w1, w1};
-}
 
 template <typename scalar_t, typename acc_t>
 __device__ inline acc_t dot_at(const scalar_t* proto_b, const acc_t* coeff, int64_t channels, int64_t plane,
@@ -60,7 +45,7 @@ __global__ void assemble_masks_kernel(const scalar_t* __restrict__ protos, const
                                       int64_t out_w, bool resize, bool use_threshold, float threshold,
                                       out_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* coeff = reinterpret_cast<acc_t*>(shared_bytes);  // [channels]
   __shared__ acc_t region[kRegionMax];
   const int64_t plane = h * w;
@@ -107,9 +92,9 @@ __global__ void assemble_masks_kernel(const scalar_t* __restrict__ protos, const
     }
     __syncthreads();
     if (x >= xs.hi) continue;
-    const Tap<acc_t> tx = linear_tap<acc_t>(x, src_sx, w);
+    const LinearTap<acc_t> tx = linear_tap<acc_t>(x, src_sx, w);
     for (int64_t y = ys.lo + threadIdx.y; y < ys.hi; y += blockDim.y) {
-      const Tap<acc_t> ty = linear_tap<acc_t>(y, src_sy, h);
+      const LinearTap<acc_t> ty = linear_tap<acc_t>(y, src_sy, h);
       acc_t v00, v01, v10, v11;
       if (cached) {
         v00 = region[(ty.i0 - r_lo) * cols + tx.i0 - c_lo];

@@ -20,23 +20,6 @@
 namespace pyseg {
 namespace {
 
-template <typename acc_t, typename target_t>
-__device__ inline acc_t target_value(target_t v, int64_t id) {
-  if constexpr (std::is_same_v<target_t, int32_t>) {
-    return v == id ? acc_t(1) : acc_t(0);
-  } else {
-    return static_cast<acc_t>(v);
-  }
-}
-
-struct Box {
-  PixelRange xs, ys;
-};
-
-__device__ inline Box box_pixels(const float* box, int64_t h, int64_t w) {
-  return {centres_in(box[0], box[2], w), centres_in(box[1], box[3], h)};
-}
-
 template <typename scalar_t, typename target_t>
 __global__ void mask_loss_forward_kernel(const scalar_t* __restrict__ protos, const scalar_t* __restrict__ coeffs,
                                          const int64_t* __restrict__ image_index, const target_t* __restrict__ targets,
@@ -45,13 +28,13 @@ __global__ void mask_loss_forward_kernel(const scalar_t* __restrict__ protos, co
                                          at::opmath_type<scalar_t>* __restrict__ loss) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kOverlap = std::is_same_v<target_t, int32_t>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* coeff = reinterpret_cast<acc_t*>(shared_bytes);
   __shared__ double warp_sums[32];
   const int64_t plane = h * w;
   for (int64_t n = blockIdx.x; n < num; n += gridDim.x) {
-    const Box box = box_pixels(boxes + 4 * n, h, w);
-    const int64_t cols = box.xs.size(), area = cols * box.ys.size();
+    const BoxPixels box = box_pixels(boxes + 4 * n, h, w);
+    const int64_t cols = box.xs.size(), area = box.area();
     if (area == 0) {
       if (threadIdx.x == 0) loss[n] = 0;
       continue;
@@ -85,13 +68,13 @@ __global__ void mask_loss_backward_kernel(const at::opmath_type<scalar_t>* __res
                                           at::opmath_type<scalar_t>* __restrict__ grad_coeffs) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kOverlap = std::is_same_v<target_t, int32_t>;
-  extern __shared__ unsigned char shared_bytes[];
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
   acc_t* coeff = reinterpret_cast<acc_t*>(shared_bytes);  // [channels]
   acc_t* d_coeff = coeff + channels;                      // [channels]
   const int64_t plane = h * w;
   for (int64_t n = blockIdx.x; n < num; n += gridDim.x) {
-    const Box box = box_pixels(boxes + 4 * n, h, w);
-    const int64_t cols = box.xs.size(), area = cols * box.ys.size();
+    const BoxPixels box = box_pixels(boxes + 4 * n, h, w);
+    const int64_t cols = box.xs.size(), area = box.area();
     if (area == 0) {
       for (int64_t k = threadIdx.x; k < channels; k += blockDim.x) grad_coeffs[n * channels + k] = 0;
       continue;

@@ -6,6 +6,15 @@
 
 namespace pyseg {
 
+void check_index_range(const at::Tensor& index, int64_t upper, const char* name, const char* upper_name) {
+  if (index.numel() == 0) return;
+  const auto [low, high] = at::aminmax(index);
+  const at::Tensor bounds = at::stack({low, high}).cpu();
+  const int64_t* b = bounds.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(b[0] >= 0 && b[1] < upper, name, " values must lie in [0, ", upper_name, " = ", upper,
+                    "), got values from ", b[0], " to ", b[1]);
+}
+
 void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                             const at::Tensor& boxes) {
   TORCH_CHECK_VALUE(protos.dim() == 4, "protos must have shape [B, K, h, w], got ", protos.sizes());
@@ -29,6 +38,7 @@ void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, 
     TORCH_CHECK_VALUE(t->device() == protos.device(), "all inputs must be on the device of protos (",
                       protos.device(), "), got one on ", t->device());
   }
+  check_index_range(image_index, protos.size(0), "image_index", "B");
 }
 
 std::pair<int64_t, int64_t> assembled_size(const at::Tensor& protos, at::OptionalIntArrayRef out_size) {

@@ -7,8 +7,11 @@
 
 namespace pyseg {
 
-// Checks protos [B, K, h, w], coeffs [N, K], image_index [N] and boxes [N, 4]; raises ValueError
-// naming the argument. Shared by assemble_masks and mask_loss.
+// Checks that every value of index lies in [0, upper); one small host copy (a sync on CUDA).
+void check_index_range(const at::Tensor& index, int64_t upper, const char* name, const char* upper_name);
+
+// Checks protos [B, K, h, w], coeffs [N, K], image_index [N] (values in [0, B)) and boxes [N, 4];
+// raises ValueError naming the argument. Shared by assemble_masks and mask_loss.
 void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                             const at::Tensor& boxes);
 

@@ -31,6 +31,7 @@ void check_mask_loss_inputs(const at::Tensor& protos, const at::Tensor& coeffs, 
   TORCH_CHECK_VALUE(gt_index.scalar_type() == at::kLong, "gt_index must be int64, got ", gt_index.scalar_type());
   TORCH_CHECK_VALUE(gt_masks.device() == protos.device() && gt_index.device() == protos.device(),
                     "gt_masks and gt_index must be on the device of protos (", protos.device(), ")");
+  if (!overlap) check_index_range(gt_index, gt_masks.size(0), "gt_index", "G (rows of gt_masks)");
 }
 
 at::Tensor kernel_targets(const at::Tensor& gt_masks, bool overlap) {

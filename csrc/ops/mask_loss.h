@@ -3,8 +3,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace pyseg {
 
@@ -16,6 +18,17 @@ void check_mask_loss_inputs(const at::Tensor& protos, const at::Tensor& coeffs, 
 // gt_masks in the dtype the kernels read: int32 for an overlap index map, uint8 for binary
 // per-instance masks (bool or uint8), float32 for soft per-instance masks (any float dtype).
 at::Tensor kernel_targets(const at::Tensor& gt_masks, bool overlap);
+
+// Target of one pixel: an overlap map (int32) holds instance ids compared with the instance's id;
+// binary and soft masks hold the target itself.
+template <typename acc_t, typename target_t>
+C10_HOST_DEVICE inline acc_t target_value(target_t v, int64_t id) {
+  if constexpr (std::is_same_v<target_t, int32_t>) {
+    return v == id ? acc_t(1) : acc_t(0);
+  } else {
+    return static_cast<acc_t>(v);
+  }
+}
 
 // Calls fn(scalar_t(), target_t()) for the dtype of protos (float, double, half, bfloat16) and of
 // the kernel targets (int32_t overlap map, uint8_t binary masks, float soft masks).

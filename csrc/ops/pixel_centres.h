@@ -32,4 +32,14 @@ C10_HOST_DEVICE inline PixelRange centres_in(double a, double b, int64_t n) {
   return PixelRange{first_centre_at_or_after(a, n), first_centre_at_or_after(b, n)};
 }
 
+// Pixels of a box (x1, y1, x2, y2) on an h x w grid: centres in [x1, x2) x [y1, y2).
+struct BoxPixels {
+  PixelRange xs, ys;
+  C10_HOST_DEVICE int64_t area() const { return xs.size() * ys.size(); }
+};
+
+C10_HOST_DEVICE inline BoxPixels box_pixels(const float* box, int64_t h, int64_t w) {
+  return BoxPixels{centres_in(box[0], box[2], w), centres_in(box[1], box[3], h)};
+}
+
 }  // namespace pyseg

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 
-def check_polygons(vertices: Tensor, poly_offsets: Tensor, poly_to_mask: Tensor, num_masks: int, height: int,
-                   width: int) -> None:
+def check_polygons(
+    vertices: Tensor, poly_offsets: Tensor, poly_to_mask: Tensor, num_masks: int, height: int, width: int
+) -> None:
     if vertices.dim() != 2 or vertices.shape[1] != 2:
         raise ValueError(f"vertices must have shape [V, 2], got {tuple(vertices.shape)}")
     if vertices.dtype != torch.float32:
@@ -31,10 +32,8 @@ def check_polygons(vertices: Tensor, poly_offsets: Tensor, poly_to_mask: Tensor,
     if offsets[0] != 0:
         raise ValueError(f"poly_offsets[0] must be 0, got {offsets[0]}")
     if offsets[-1] != vertices.shape[0]:
-        raise ValueError(
-            f"poly_offsets[-1] must equal the number of vertices {vertices.shape[0]}, got {offsets[-1]}"
-        )
-    if any(a > b for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"poly_offsets[-1] must equal the number of vertices {vertices.shape[0]}, got {offsets[-1]}")
+    if any(a > b for a, b in zip(offsets[:-1], offsets[1:], strict=True)):
         raise ValueError("poly_offsets must be non-decreasing")
     if num_polys and not (0 <= int(poly_to_mask.min()) and int(poly_to_mask.max()) < num_masks):
         raise ValueError(f"poly_to_mask values must lie in [0, num_masks = {num_masks})")
@@ -42,9 +41,7 @@ def check_polygons(vertices: Tensor, poly_offsets: Tensor, poly_to_mask: Tensor,
 
 def check_image_index(image_index: Tensor, num_images: int) -> None:
     if image_index.dim() != 1 or image_index.dtype != torch.int64:
-        raise ValueError(
-            f"image_index must be an int64 Tensor[M], got {image_index.dtype} {tuple(image_index.shape)}"
-        )
+        raise ValueError(f"image_index must be an int64 Tensor[M], got {image_index.dtype} {tuple(image_index.shape)}")
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     if image_index.numel() and not (0 <= int(image_index.min()) and int(image_index.max()) < num_images):
@@ -87,8 +84,7 @@ def check_targets(protos: Tensor, coeffs: Tensor, gt_masks: Tensor, gt_index: Te
         )
     if tuple(gt_index.shape) != (coeffs.shape[0],) or gt_index.dtype != torch.int64:
         raise ValueError(
-            f"gt_index must be an int64 Tensor[N] = [{coeffs.shape[0]}], got {gt_index.dtype} "
-            f"{tuple(gt_index.shape)}"
+            f"gt_index must be an int64 Tensor[N] = [{coeffs.shape[0]}], got {gt_index.dtype} {tuple(gt_index.shape)}"
         )
     if gt_masks.device != protos.device or gt_index.device != protos.device:
         raise ValueError(f"gt_masks and gt_index must be on the device of protos ({protos.device})")
