@@ -10,8 +10,8 @@ Rows (speedup = baseline time / our time; memory ratio = our peak / baseline pea
   assemble   assemble_masks, K=32, 160x160 protos -> 640x640, threshold 0.5, vs the unfused torch chain
              (matmul -> interpolate -> sigmoid -> crop -> threshold).
   mask_loss  forward + backward, K=32, 16 images of 160x160 protos, vs the unfused torch loss; peak memory
-             is the growth of the process's peak RSS (CPU, a fresh process per variant) or
-             torch.cuda.max_memory_allocated (GPU).
+             is what the step adds on top of its inputs (CPU: peak RSS growth in a fresh process;
+             GPU: torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import math
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import sys
 import time
@@ -250,13 +249,13 @@ def loss_unfused(protos, coeffs, image_index, gt_masks, gt_index, boxes):
 
 
 def loss_step(variant: str, num: int, device: str):
+    """A forward + backward of the loss (gradients returned, not accumulated)."""
     args = loss_inputs(num, device)
     protos, coeffs = args[0].requires_grad_(), args[1].requires_grad_()
     fn = ops.mask_loss if variant == "ours" else loss_unfused
 
     def step():
-        protos.grad = coeffs.grad = None
-        fn(protos, coeffs, *args[2:]).sum().backward()
+        return torch.autograd.grad(fn(protos, coeffs, *args[2:]).sum(), (protos, coeffs))
 
     return step
 
@@ -266,17 +265,30 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _peak_rss_child(variant: str, num: int, queue) -> None:
+    loss_step(variant, 4, "cpu")()  # initialise torch's lazy state on a tiny problem
     step = loss_step(variant, num, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
     before = _rss_bytes()
     step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    queue.put(_peak_rss_bytes() - before)
 
 
 def peak_memory(variant: str, num: int, device: str) -> int:
-    """Bytes a loss forward+backward adds to the peak (fresh process on CPU, allocator stats on GPU)."""
+    """Peak bytes a loss forward + backward adds on top of its inputs.
+
+    GPU: torch.cuda.max_memory_allocated. CPU: growth of the peak RSS (VmHWM, reset through
+    /proc/self/clear_refs) over the RSS before the step, in a fresh process warmed up on a tiny problem.
+    """
     if device == "cuda":
         step = loss_step(variant, num, device)
+        step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

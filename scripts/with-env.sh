@@ -19,8 +19,9 @@ if [ ! -f "$venv/.pyseg-complete" ]; then
   echo "pyseg: creating the environment $venv (torch with CUDA 13.0 is large: a few minutes)" >&2
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel
-  "$venv/bin/pip" install --quiet -r "$root/requirements.txt"
+  # (pip's notes about package-index folders of this machine that do not exist are dropped)
+  "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel 2> >(grep -v "is ignored: it is neither" >&2)
+  "$venv/bin/pip" install --quiet -r "$root/requirements.txt" 2> >(grep -v "is ignored: it is neither" >&2)
   touch "$venv/.pyseg-complete"
 fi
 export PATH="$venv/bin:$PATH"
@@ -38,7 +39,7 @@ fi
 
 echo "pyseg: building pyseg._C into $venv" >&2
 log="$(mktemp)"
-if ! (cd "$root" && pip install --no-build-isolation --no-deps -e . >"$log" 2>&1); then
+if ! (cd "$root" && pip install -v --no-build-isolation --no-deps -e . >"$log" 2>&1); then
   cat "$log" >&2
   echo "pyseg: building pyseg._C failed (log above); fix the error or set FORCE_CPU=1 to skip CUDA" >&2
   exit 1
