@@ -78,24 +78,30 @@ def test_cpu_kernel_matches_reference_on_every_coco128_polygon(coco128_labels, s
 
 
 def test_iou_against_cv2_fillpoly_is_reported(coco128_labels, capsys):
+    """A report, not a check: cv2 draws the boundary pixels too, so small instances differ most."""
     cv2 = pytest.importorskip("cv2")
     size = 160
-    ious = []
+    ious = {"integer vertices": [], "subpixel, centre-aligned": []}
     for rows in coco128_labels:
         for _cls, xy in rows:
             v, off, owner = pack_polygons([xy * size])
             ours = ops.rasterize_polygons(v, off, owner, 1, size, size)[0].numpy().astype(bool)
-            theirs = np.zeros((size, size), np.uint8)
-            cv2.fillPoly(theirs, [np.round(xy * size).astype(np.int32)], 1)
-            union = np.logical_or(ours, theirs).sum()
-            if union:
-                ious.append(np.logical_and(ours, theirs).sum() / union)
+            for name, points, shift in (
+                ("integer vertices", np.round(xy * size).astype(np.int32), 0),
+                ("subpixel, centre-aligned", np.round((xy * size - 0.5) * 16).astype(np.int32), 4),
+            ):
+                theirs = np.zeros((size, size), np.uint8)
+                cv2.fillPoly(theirs, [points], 1, shift=shift)
+                union = np.logical_or(ours, theirs).sum()
+                if union:
+                    ious[name].append(np.logical_and(ours, theirs).sum() / union)
     with capsys.disabled():
-        print(
-            f"\n[report] IoU vs cv2.fillPoly at {size}x{size} over {len(ious)} coco128 instances: "
-            f"mean {np.mean(ious):.3f}, median {np.median(ious):.3f}, 5th percentile {np.percentile(ious, 5):.3f}"
-        )
-    assert len(ious) > 900
+        for name, values in ious.items():
+            print(
+                f"\n[report] IoU vs cv2.fillPoly ({name}) at {size}x{size} over {len(values)} coco128 instances: "
+                f"mean {np.mean(values):.3f}, median {np.median(values):.3f}, 5th pct {np.percentile(values, 5):.3f}"
+            )
+    assert all(len(values) > 900 for values in ious.values())
 
 
 def test_non_contiguous_inputs_give_the_same_masks():
