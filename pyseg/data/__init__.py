@@ -1,0 +1,1 @@
+"""Datasets: YAML resolution, download, labels, augmentation, loaders."""

@@ -1,0 +1,139 @@
+"""Batches: collate samples into flat polygon batches (masks made by pyseg.ops), samplers and the DataLoader."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pyseg.ops import rasterize_polygons, rasterize_polygons_overlap
+
+
+def polygon_masks(batch: dict, mask_ratio: int, overlap: bool) -> dict:
+    """Ground-truth masks at mask resolution (S / mask_ratio), rasterized straight from the batch's polygons.
+
+    overlap: {"masks": Tensor[B, h, w] int32 index map (k = the image's k-th instance), "mask_areas": int64 [N]}
+    else:    {"masks": Tensor[N, h, w] uint8 per-instance masks}
+    Works on the device of batch["vertices"] (call it after moving the batch to the GPU).
+    """
+    _, _, height, width = batch["images"].shape
+    h, w = height // mask_ratio, width // mask_ratio
+    vertices = batch["vertices"] / mask_ratio
+    num = batch["classes"].shape[0]
+    owner = torch.arange(num, device=vertices.device)
+    offsets, has_mask = batch["poly_offsets"], batch["has_mask"]
+    if not bool(has_mask.all()):  # box-only instances: no polygon, empty mask
+        lengths = (offsets[1:] - offsets[:-1]) * has_mask
+        keep = torch.repeat_interleave(has_mask, offsets[1:] - offsets[:-1])
+        vertices = vertices[keep]
+        offsets = torch.cat([offsets.new_zeros(1), lengths.cumsum(0)])
+    if overlap:
+        index_map, areas = rasterize_polygons_overlap(
+            vertices, offsets, owner, batch["image_index"], batch["images"].shape[0], h, w
+        )
+        return {"masks": index_map, "mask_areas": areas}
+    return {"masks": rasterize_polygons(vertices, offsets, owner, num, h, w)}
+
+
+class SegCollate:
+    """Concatenates samples into one batch; makes masks here unless make_masks is False (GPU training).
+
+    Batch: images uint8 [B, 3, S, S], vertices float32 [V, 2] px, poly_offsets int64 [N + 1], classes int64 [N],
+    boxes float32 [N, 4] xyxy px, has_mask bool [N], image_index int64 [N], paths, orig_sizes, ratio_pads,
+    and masks (see polygon_masks) when made.
+    """
+
+    def __init__(self, mask_ratio: int = 4, overlap_mask: bool = True, make_masks: bool = True):
+        self.mask_ratio, self.overlap_mask, self.make_masks = mask_ratio, overlap_mask, make_masks
+
+    def __call__(self, samples: list[dict]) -> dict:
+        counts = [s["classes"].shape[0] for s in samples]
+        vertex_counts = torch.tensor([s["vertices"].shape[0] for s in samples])
+        vertex_base = torch.cat([torch.zeros(1, dtype=torch.int64), vertex_counts.cumsum(0)[:-1]])
+        offsets = [s["poly_offsets"][:-1] + base for s, base in zip(samples, vertex_base.tolist(), strict=True)]
+        batch = {
+            "images": torch.stack([s["image"] for s in samples]),
+            "vertices": torch.cat([s["vertices"] for s in samples]),
+            "poly_offsets": torch.cat([*offsets, vertex_counts.sum().reshape(1)]),
+            "classes": torch.cat([s["classes"] for s in samples]),
+            "boxes": torch.cat([s["boxes"] for s in samples]),
+            "has_mask": torch.cat([s["has_mask"] for s in samples]),
+            "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
+            "paths": [s["path"] for s in samples],
+            "orig_sizes": [s["orig_size"] for s in samples],
+            "ratio_pads": [s["ratio_pad"] for s in samples],
+        }
+        if self.make_masks:
+            batch.update(polygon_masks(batch, self.mask_ratio, self.overlap_mask))
+        return batch
+
+
+class EpochSampler(Sampler):
+    """Yields (index, epoch) pairs, so that samples draw their randomness from the epoch even in persistent workers.
+
+    Shuffles with (seed, epoch); with world_size > 1, rank r takes every world_size-th index of the shuffled order
+    (the dataset padded by repetition to a multiple of world_size, as DistributedSampler does).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size = {world_size}), got {rank}")
+        self.size, self.shuffle, self.seed, self.rank, self.world_size = size, shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.size // self.world_size)
+
+    def __iter__(self):
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle
+                 else np.arange(self.size))
+        total = len(self) * self.world_size
+        order = np.concatenate([order, order[: total - self.size]]) if total > self.size else order
+        for index in order[self.rank :: self.world_size].tolist():
+            yield index, self.epoch
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+    torch.set_num_threads(1)  # loader workers must not fight the training threads
+
+
+def build_dataloader(
+    dataset,
+    batch_size: int,
+    *,
+    workers: int = 2,
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    collate: SegCollate | None = None,
+    pin_memory: bool | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader over dataset with an EpochSampler (call loader.sampler.set_epoch(epoch) each epoch)."""
+    workers = max(0, min(workers, os.cpu_count() or 1))
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    generator = torch.Generator().manual_seed(seed + rank)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate or SegCollate(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        drop_last=drop_last,
+    )
