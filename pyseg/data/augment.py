@@ -39,7 +39,9 @@ class Instances:
 
     def select(self, keep: np.ndarray) -> Instances:
         keep = np.asarray(keep, bool)
-        return Instances(self.classes[keep], [p for p, k in zip(self.polygons, keep, strict=True) if k], self.has_mask[keep])
+        return Instances(
+            self.classes[keep], [p for p, k in zip(self.polygons, keep, strict=True) if k], self.has_mask[keep]
+        )
 
     @staticmethod
     def concat(parts: list[Instances]) -> Instances:
@@ -78,11 +80,38 @@ def _clip_half_plane(points: np.ndarray, axis: int, bound: float, keep_greater: 
 
 
 def clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    """The part of a polygon [k, 2] inside the rectangle [x0, x1] x [y0, y1] (Sutherland-Hodgman)."""
-    points = _clip_half_plane(points, 0, x0, True)
-    points = _clip_half_plane(points, 0, x1, False)
-    points = _clip_half_plane(points, 1, y0, True)
-    return _clip_half_plane(points, 1, y1, False)
+    """The part of a polygon [k, 2] inside the rectangle [x0, x1] x [y0, y1] (Sutherland-Hodgman).
+
+    Only the sides the polygon crosses are clipped; a polygon already inside is returned as is.
+    """
+    if len(points) == 0:
+        return points
+    lo, hi = points.min(0), points.max(0)
+    if lo[0] < x0:
+        points = _clip_half_plane(points, 0, x0, True)
+    if hi[0] > x1 and len(points):
+        points = _clip_half_plane(points, 0, x1, False)
+    if lo[1] < y0 and len(points):
+        points = _clip_half_plane(points, 1, y0, True)
+    if hi[1] > y1 and len(points):
+        points = _clip_half_plane(points, 1, y1, False)
+    return points
+
+
+def polygon_areas(points: np.ndarray, lengths: list[int]) -> np.ndarray:
+    """Areas (pixels^2) of polygons stored back to back in points [V, 2] with the given vertex counts."""
+    lengths = np.asarray(lengths, np.int64)
+    areas = np.zeros(len(lengths))
+    if len(points) == 0 or len(lengths) == 0:
+        return areas
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    nxt = np.arange(len(points)) + 1
+    nonempty = lengths > 0
+    nxt[(starts + lengths - 1)[nonempty]] = starts[nonempty]
+    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+    cross = x * y[nxt] - y * x[nxt]
+    areas[nonempty] = 0.5 * np.abs(np.add.reduceat(cross, starts[nonempty]))
+    return areas
 
 
 def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -104,7 +133,12 @@ def scaling(sx: float, sy: float | None = None) -> np.ndarray:
 
 
 def random_affine(
-    rng: np.random.Generator, out_size: int, degrees: float, translate: float, scale: float, shear: float,
+    rng: np.random.Generator,
+    out_size: int,
+    degrees: float,
+    translate: float,
+    scale: float,
+    shear: float,
     perspective: float,
 ) -> np.ndarray:
     """A random 3x3 transform about the output centre: perspective, rotation + scale, shear, translation.
@@ -148,28 +182,37 @@ def warp_into(out: np.ndarray, image: np.ndarray, matrix: np.ndarray) -> None:
 
 
 def transform_instances(
-    instances: Instances, matrix: np.ndarray, visible: tuple[float, float, float, float], out_size: tuple[int, int],
-    min_area_fraction: float = 0.1, min_side_px: float = 2.0,
+    instances: Instances,
+    matrix: np.ndarray,
+    visible: tuple[float, float, float, float],
+    out_size: tuple[int, int],
+    min_area_fraction: float = 0.1,
+    min_side_px: float = 2.0,
 ) -> Instances:
     """Clips instances to the visible source rectangle, transforms them, clips them to the output, filters.
 
     An instance is kept when its clipped area is at least min_area_fraction of its transformed unclipped area
     and its box is at least min_side_px on both sides.
     """
-    keep, polygons = [], []
+    if not len(instances):
+        return instances
     out_h, out_w = out_size
-    for poly in instances.polygons:
-        full_area = polygon_area(transform_points(poly, matrix))
-        clipped = clip_polygon(transform_points(clip_polygon(poly, *visible), matrix), 0, 0, out_w, out_h)
-        ok = len(clipped) >= 3 and full_area > 0 and polygon_area(clipped) >= min_area_fraction * full_area
-        if ok:
-            lo, hi = clipped.min(0), clipped.max(0)
-            ok = bool((hi - lo >= min_side_px).all())
-        keep.append(ok)
-        if ok:
-            polygons.append(clipped)
-    keep = np.asarray(keep, bool)
-    return Instances(instances.classes[keep], polygons, instances.has_mask[keep])
+    lengths = [len(p) for p in instances.polygons]
+    full_area = polygon_areas(transform_points(np.concatenate(instances.polygons), matrix), lengths)
+    clipped = [clip_polygon(p, *visible) for p in instances.polygons]
+    clipped_lengths = [len(p) for p in clipped]
+    moved = transform_points(np.concatenate(clipped), matrix) if sum(clipped_lengths) else np.zeros((0, 2), np.float32)
+    pieces = np.split(moved, np.cumsum(clipped_lengths)[:-1]) if clipped_lengths else []
+    polygons = [clip_polygon(p, 0, 0, out_w, out_h) for p in pieces]
+    final_lengths = [len(p) for p in polygons]
+    areas = polygon_areas(np.concatenate(polygons) if sum(final_lengths) else np.zeros((0, 2)), final_lengths)
+    keep = (np.asarray(final_lengths) >= 3) & (full_area > 0) & (areas >= min_area_fraction * full_area)
+    for i in np.flatnonzero(keep):
+        lo, hi = polygons[i].min(0), polygons[i].max(0)
+        keep[i] = bool((hi - lo >= min_side_px).all())
+    return Instances(
+        instances.classes[keep], [p for p, k in zip(polygons, keep, strict=True) if k], instances.has_mask[keep]
+    )
 
 
 def hsv_jitter(image: np.ndarray, rng: np.random.Generator, hgain: float, sgain: float, vgain: float) -> None:

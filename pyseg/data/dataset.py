@@ -77,8 +77,11 @@ class SegDataset(torch.utils.data.Dataset):
         flag = cv2.IMREAD_COLOR
         shrink = max(item.height, item.width) / self.imgsz
         if item.image.lower().endswith((".jpg", ".jpeg")):
-            for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                                    (2, cv2.IMREAD_REDUCED_COLOR_2)):
+            for factor, reduced in (
+                (8, cv2.IMREAD_REDUCED_COLOR_8),
+                (4, cv2.IMREAD_REDUCED_COLOR_4),
+                (2, cv2.IMREAD_REDUCED_COLOR_2),
+            ):
                 if shrink >= factor:
                     flag = reduced
                     break
@@ -113,8 +116,7 @@ class SegDataset(torch.utils.data.Dataset):
 
     def _random_affine(self, rng: np.random.Generator) -> np.ndarray:
         hyp = self.hyp
-        return augment.random_affine(rng, self.imgsz, hyp.degrees, hyp.translate, hyp.scale, hyp.shear,
-                                     hyp.perspective)
+        return augment.random_affine(rng, self.imgsz, hyp.degrees, hyp.translate, hyp.scale, hyp.shear, hyp.perspective)
 
     def _single(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, Instances, np.ndarray]:
         image, instances = self.load(index)
@@ -161,8 +163,9 @@ class SegDataset(torch.utils.data.Dataset):
         candidates = [j for j in range(len(instances)) if instances.has_mask[j] and rng.random() < self.hyp.copy_paste]
         if not candidates:
             return instances
-        mirrored = augment.flip_instances(instances.select(np.isin(np.arange(len(instances)), candidates)),
-                                          image.shape[1], 0)
+        mirrored = augment.flip_instances(
+            instances.select(np.isin(np.arange(len(instances)), candidates)), image.shape[1], 0
+        )
         boxes = instances.boxes()
         keep = augment.box_ioa(mirrored.boxes(), boxes).max(1, initial=0) < 0.30
         pasted = mirrored.select(keep)

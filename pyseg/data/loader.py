@@ -90,8 +90,11 @@ class EpochSampler(Sampler):
         return -(-self.size // self.world_size)
 
     def __iter__(self):
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.size) if self.shuffle
-                 else np.arange(self.size))
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+            if self.shuffle
+            else np.arange(self.size)
+        )
         total = len(self) * self.world_size
         order = np.concatenate([order, order[: total - self.size]]) if total > self.size else order
         for index in order[self.rank :: self.world_size].tolist():

@@ -4,7 +4,7 @@ Each image is a textured background with 0-8 filled shapes (circle, ellipse, tri
 of random size, rotation, position and colour, some overlapping, some clipped by the image border. Shapes are
 polygons in pixels (pixel (x, y) covers [x, x+1) x [y, y+1), as in pyseg.ops) and are drawn with
 pyseg.ops.rasterize_polygons, so pixels and labels come from the same geometry. Each label row is what is still
-visible of its shape: traced at 4x resolution, accurate to about a quarter pixel; a visible region in several
+visible of its shape, traced at 8x resolution (accurate to about 1/8 pixel); a visible region in several
 pieces, or with a hole where a later shape sits on top, is one polygon joined by zero-width bridges (exact under
 the even-odd rule, as Ultralytics' multi-segment labels).
 
@@ -43,8 +43,8 @@ _MIN_SIZE_PX = 6.0  # smallest diameter, so tiny images still get recognizable s
 _MIN_INSIDE = 0.4  # a shape keeps at least this fraction of its area inside the image
 _MIN_KEPT_VISIBLE = 0.5  # a later shape may hide at most half of an earlier one
 _PLACEMENT_TRIES = 12
-_LABEL_SCALE = 4  # labels are traced at this multiple of the image resolution
-_LABEL_EPSILON = 1.0  # polygon simplification tolerance, in label-scale pixels (0.25 image pixels)
+_LABEL_SCALE = 8  # labels are traced at this multiple of the image resolution
+_LABEL_EPSILON = 1.0  # polygon simplification tolerance, label-scale pixels (1/8 image pixel)
 
 
 @dataclass
@@ -176,21 +176,13 @@ def _render_image(rng: np.random.Generator, imgsz: int) -> tuple[np.ndarray, lis
         class_id = int(rng.integers(len(SHAPES_CLASSES)))
         low, high = max(_SIZE_RANGE[0] * imgsz, _MIN_SIZE_PX), _SIZE_RANGE[1] * imgsz
         diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))
-        placed = None
-        for _ in range(_PLACEMENT_TRIES):
-            centre = rng.uniform(0.0, imgsz, 2)
-            polygon = _shape_polygon(class_id, centre, diameter, rng.uniform(0.0, 2 * math.pi), rng)
-            mask = _rasterize([polygon], imgsz, imgsz)[0]
-            area = int(mask.sum())
-            if area < max(_MIN_INSIDE * _polygon_area(polygon), 4):
-                continue  # mostly outside the image
-            if all((vis & ~mask).sum() >= _MIN_KEPT_VISIBLE * full.sum() for vis, full in zip(visible, full_masks)):
-                placed = polygon, mask
-                break
+        placed = _place_shape(rng, class_id, diameter, imgsz, visible, full_masks)
         if placed is None:
-            continue
+            continue  # no room for it
         polygon, mask = placed
-        colour = _contrasting_colour(rng, background[mask].mean(0), [c for c, v in zip(colours, visible) if v[mask].any()])
+        colour = _contrasting_colour(
+            rng, background[mask].mean(0), [c for c, v in zip(colours, visible, strict=True) if v[mask].any()]
+        )
         _paint(canvas, mask, colour, rng)
         for vis in visible:
             vis &= ~mask
@@ -209,6 +201,29 @@ def _render_image(rng: np.random.Generator, imgsz: int) -> tuple[np.ndarray, lis
         if outline is not None:
             instances.append(_Instance(class_id, outline, visible[i]))
     return image, instances
+
+
+def _place_shape(
+    rng: np.random.Generator,
+    class_id: int,
+    diameter: float,
+    imgsz: int,
+    visible: list[np.ndarray],
+    full_masks: list[np.ndarray],
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A position and rotation where the shape is mostly inside the image and hides at most half of each earlier
+    shape: (polygon float64 [n, 2] pixels, mask bool [imgsz, imgsz]), or None after _PLACEMENT_TRIES tries."""
+    for _ in range(_PLACEMENT_TRIES):
+        centre = rng.uniform(0.0, imgsz, 2)
+        polygon = _shape_polygon(class_id, centre, diameter, rng.uniform(0.0, 2 * math.pi), rng)
+        mask = _rasterize([polygon], imgsz, imgsz)[0]
+        if mask.sum() < max(_MIN_INSIDE * _polygon_area(polygon), 4):
+            continue
+        if all(
+            (vis & ~mask).sum() >= _MIN_KEPT_VISIBLE * full.sum() for vis, full in zip(visible, full_masks, strict=True)
+        ):
+            return polygon, mask
+    return None
 
 
 def _shape_polygon(

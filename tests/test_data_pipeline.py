@@ -1,0 +1,309 @@
+"""Data pipeline: YAML resolution, label verification and cache, augmentation geometry, batches, sharding."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import COCO128_SEG
+
+from pyseg.data import augment
+from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.data.dataset_config import DatasetConfigError, resolve_dataset
+from pyseg.data.labels import ImageLabels, load_split
+from pyseg.data.loader import EpochSampler, SegCollate, build_dataloader
+from pyseg.ops import rasterize_polygons
+
+COCO_YAML = COCO128_SEG.parent / "coco128-seg.yaml"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYSEG_DATASETS_DIR", str(tmp_path / "datasets"))
+
+
+def write_image(path: Path, size=(48, 64), value=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(path)))
+    image = rng.integers(0, 255, (*size, 3), dtype=np.uint8) if value is None else np.full((*size, 3), value, np.uint8)
+    cv2.imwrite(str(path), image)
+
+
+def make_dataset(root: Path, labels: dict[str, str], extra_files: dict[str, bytes] | None = None) -> Path:
+    """A YOLO dataset under root with images/train/<name>.jpg and the given label texts; returns its YAML."""
+    for name, text in labels.items():
+        write_image(root / "images" / "train" / f"{name}.jpg")
+        if text is not None:
+            label = root / "labels" / "train" / f"{name}.txt"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text(text)
+    for relative, content in (extra_files or {}).items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(content)
+    config = root / "data.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    config.write_text(
+        yaml.safe_dump({"path": ".", "train": "images/train", "val": "images/train", "names": ["a", "b"]})
+    )
+    return config
+
+
+# ------------------------------------------------------------------ resolution and verification
+
+
+@pytest.mark.skipif(not COCO_YAML.is_file(), reason="COCO128-Seg not found")
+def test_coco128_counts_match_the_files():
+    config = resolve_dataset(COCO_YAML)
+    assert config.root == COCO128_SEG.resolve() and config.nc == 80
+    split = load_split(config.splits["train"], config.nc, "train")
+    assert len(split.images) == 128
+    assert split.num_backgrounds == 2
+    assert split.num_instances == 929
+    assert len(split.orphan_labels) == 2
+    assert {Path(p).stem for p in split.orphan_labels} == {"000000000656", "000000000659"}
+    assert "128 images (2 backgrounds), 929 instances" in split.summary()
+    again = load_split(config.splits["train"], config.nc, "train")
+    assert again.from_cache and again.num_instances == 929
+    assert all(np.array_equal(a.classes, b.classes) for a, b in zip(split.images, again.images, strict=True))
+
+
+def test_bad_rows_are_dropped_with_file_and_line_and_the_rest_loads(tmp_path):
+    good = "0 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    rows = [
+        good,
+        "1 nan 0.1 0.5 0.1 0.5 0.5\n",  # 2: NaN
+        "0 0.1 0.1 0.5 0.1 0.5\n",  # 3: odd count
+        "0 0.1 0.1\n",  # 4: fewer than 3 points (4 values would be a box row)
+        "7 0.1 0.1 0.5 0.1 0.5 0.5\n",  # 5: class out of range
+        "0 0.1 0.1 3.5 0.1 0.5 0.5\n",  # 6: far outside
+        "1 -0.01 0.2 0.6 0.2 0.6 1.01\n",  # 7: slightly outside: clipped, kept
+        good,  # 8: duplicate
+        "1 0.5 0.5 0.2 0.2\n",  # 9: box row: box-only instance
+        "x y z\n",  # 10: not numbers
+    ]
+    yaml_path = make_dataset(tmp_path / "d", {"one": "".join(rows), "two": good, "three": None})
+    config = resolve_dataset(yaml_path)
+    split = load_split(config.splits["train"], config.nc, "train")
+    messages = {(Path(p.file).name, p.line): p.message for p in split.problems}
+    for line, words in [
+        (2, "NaN"),
+        (3, "odd"),
+        (4, "fewer than 3"),
+        (5, "class 7"),
+        (6, "far outside"),
+        (8, "duplicate"),
+        (10, "numbers"),
+    ]:
+        assert words in messages[("one.txt", line)], (line, messages)
+    assert split.dropped_rows == 7
+    one = next(item for item in split.images if item.image.endswith("one.jpg"))
+    assert one.classes.tolist() == [0, 1, 1]
+    assert one.polygons[1].min() >= 0.0 and one.polygons[1].max() <= 1.0  # clipped
+    assert len(one.polygons[2]) == 0 and one.boxes[2].tolist() == pytest.approx([0.4, 0.4, 0.6, 0.6])
+    assert split.num_backgrounds == 1  # "three" has no label file
+    assert len(split.images) == 3 and split.skipped_images == 0
+
+
+def test_corrupt_empty_and_truncated_images(tmp_path):
+    good = "0 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    yaml_path = make_dataset(tmp_path / "d", {"good": good})
+    images = tmp_path / "d" / "images" / "train"
+    (images / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    (images / "empty.jpg").write_bytes(b"")
+    write_image(images / "cut.jpg", size=(64, 64))
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    before = (images / "cut.jpg").read_bytes()
+    config = resolve_dataset(yaml_path)
+    split = load_split(config.splits["train"], config.nc, "train")
+    by_file = {Path(p.file).name: p.message for p in split.problems}
+    assert "skipped" in by_file["corrupt.jpg"] and "skipped" in by_file["empty.jpg"]
+    assert "truncated" in by_file["cut.jpg"]
+    assert split.skipped_images == 2
+    assert sorted(Path(i.image).name for i in split.images) == ["cut.jpg", "good.jpg"]
+    assert (images / "cut.jpg").read_bytes() == before  # never rewritten
+    sample = SegDataset(split.images, 64, None)[0]
+    assert sample["image"].shape == (3, 64, 64)
+
+
+def test_missing_labels_folder_makes_backgrounds(tmp_path):
+    yaml_path = make_dataset(tmp_path / "d", {"a": None, "b": None})
+    split = load_split(resolve_dataset(yaml_path).splits["train"], 2, "train")
+    assert split.num_backgrounds == 2 and split.num_instances == 0
+
+
+def test_split_without_usable_images_says_why(tmp_path):
+    yaml_path = make_dataset(tmp_path / "d", {})
+    (tmp_path / "d" / "images" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "images" / "train" / "bad.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="none of its 1 images could be read"):
+        load_split(resolve_dataset(yaml_path).splits["train"], 2, "train")
+
+
+def test_wrong_yaml_keys_unknown_builtin_and_bad_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("path: x\ntrian: images/train\nval: images/val\nnames: [a]\n")
+    with pytest.raises(DatasetConfigError, match="did you mean 'train'"):
+        resolve_dataset(bad)
+    with pytest.raises(DatasetConfigError, match="not a built-in dataset"):
+        resolve_dataset("coco-nope.yaml")
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(DatasetConfigError, match="not valid YAML"):
+        resolve_dataset(bad)
+    bad.write_text("train: a\nval: a\nnames: [a]\ndownload: |\n  import os\n  os.system('echo hi')\n")
+    with pytest.raises(DatasetConfigError, match="never runs code"):
+        resolve_dataset(bad)
+
+
+def test_download_to_an_unreachable_url_names_the_url_and_folder(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/data.zip"
+    config = tmp_path / "remote.yaml"
+    config.write_text(
+        yaml.safe_dump({"path": "remote", "train": "images", "val": "images", "names": ["a"], "download": url})
+    )
+    with pytest.raises(Exception, match=str(port)) as error:
+        resolve_dataset(config)
+    assert "remote" in str(error.value) and url in str(error.value)
+
+
+def test_relative_path_resolves_against_the_yaml_then_the_datasets_folder(tmp_path, monkeypatch):
+    yaml_path = make_dataset(tmp_path / "d", {"a": "0 0.1 0.1 0.5 0.1 0.5 0.5\n"})
+    assert resolve_dataset(yaml_path).root == (tmp_path / "d").resolve()
+    elsewhere = tmp_path / "yamls" / "x.yaml"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("path: d\ntrain: images/train\nval: images/train\nnames: [a, b]\n")
+    monkeypatch.setenv("PYSEG_DATASETS_DIR", str(tmp_path))
+    assert resolve_dataset(elsewhere).root == (tmp_path / "d").resolve()
+    assert resolve_dataset(tmp_path / "d").root == (tmp_path / "d").resolve()  # a dataset folder
+
+
+# ------------------------------------------------------------------ augmentation geometry
+
+
+def square_dataset(size=200, square=(60, 50, 140, 130)) -> SegDataset:
+    """One synthetic image: a white square on black, labelled exactly."""
+    x0, y0, x1, y1 = square
+    item = ImageLabels(
+        "<memory>",
+        size,
+        size,
+        np.array([0]),
+        np.array([[x0, y0, x1, y1]], np.float32) / size,
+        [np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32) / size],
+    )
+    dataset = SegDataset(
+        [item],
+        160,
+        AugmentConfig(
+            degrees=30,
+            translate=0.1,
+            scale=0.3,
+            shear=10,
+            perspective=0.0005,
+            mosaic=0.0,
+            fliplr=0.5,
+            flipud=0.5,
+            hsv_h=0,
+            hsv_s=0,
+            hsv_v=0,
+        ),
+    )
+    image = np.zeros((size, size, 3), np.uint8)
+    image[y0:y1, x0:x1] = 255
+    dataset._cache = {0: image}
+    return dataset
+
+
+@pytest.mark.parametrize("mosaic", [0.0, 1.0])
+def test_transformed_polygons_stay_inside_and_match_the_pixels(mosaic):
+    dataset = square_dataset()
+    dataset.hyp.mosaic = mosaic
+    dataset.epochs = 100
+    for epoch in range(12):
+        sample = dataset[(0, epoch)]
+        s = dataset.imgsz
+        v = sample["vertices"]
+        assert bool(((v >= 0) & (v <= s)).all())
+        if sample["classes"].numel() == 0:
+            continue
+        masks = rasterize_polygons(
+            v, sample["poly_offsets"], torch.zeros(len(sample["classes"]), dtype=torch.int64), 1, s, s
+        )[0].bool()
+        white = sample["image"].float().mean(0) > 127
+        inter = (masks & white).sum().item()
+        assert inter / masks.sum().item() > 0.95, epoch  # labelled pixels are the square's pixels
+        if mosaic:  # tiles whose visible part is under 10% of the square are dropped: compare labelled tiles only
+            count, components = cv2.connectedComponents(white.numpy().astype(np.uint8))
+            labelled = torch.from_numpy(np.isin(components, np.unique(components[masks.numpy()]))) & white
+            assert inter / labelled.sum().item() > 0.93, epoch
+        else:
+            assert inter / (masks | white).sum().item() > 0.93, epoch
+
+
+def test_close_mosaic_turns_mosaic_off_for_the_last_epochs():
+    dataset = square_dataset()
+    dataset.hyp.mosaic, dataset.hyp.close_mosaic, dataset.epochs = 1.0, 3, 10
+    assert [dataset.mosaic_active(e) for e in range(10)] == [True] * 7 + [False] * 3
+
+
+def test_clip_polygon_keeps_the_inside_part():
+    square = np.array([[-5, -5], [5, -5], [5, 5], [-5, 5]], np.float32)
+    clipped = augment.clip_polygon(square, 0, 0, 10, 10)
+    assert augment.polygon_area(clipped) == pytest.approx(25.0)
+    assert clipped.min() >= 0
+    assert augment.polygon_areas(np.concatenate([square, clipped]), [4, len(clipped)]).tolist() == [100.0, 25.0]
+
+
+# ------------------------------------------------------------------ batches and sharding
+
+
+def test_collate_offsets_image_index_and_masks():
+    dataset = square_dataset()
+    samples = [dataset[(0, e)] for e in range(4)]
+    batch = SegCollate(mask_ratio=4, overlap_mask=True)(samples)
+    counts = [s["classes"].numel() for s in samples]
+    assert batch["image_index"].tolist() == sum(([i] * c for i, c in enumerate(counts)), [])
+    assert batch["poly_offsets"][-1] == batch["vertices"].shape[0]
+    assert batch["masks"].shape == (4, 40, 40) and batch["masks"].dtype == torch.int32
+    for i, count in enumerate(counts):
+        assert int(batch["masks"][i].max()) == count
+    per_instance = SegCollate(mask_ratio=4, overlap_mask=False)(samples)["masks"]
+    assert per_instance.shape == (sum(counts), 40, 40) and per_instance.dtype == torch.uint8
+
+
+def test_two_rank_shards_are_disjoint_and_cover_the_dataset():
+    for size in (10, 11):
+        shards = [[i for i, _ in EpochSampler(size, seed=3, rank=r, world_size=2)] for r in range(2)]
+        assert len(shards[0]) == len(shards[1])
+        assert set(shards[0]) | set(shards[1]) == set(range(size))
+        if size % 2 == 0:
+            assert not set(shards[0]) & set(shards[1])
+    sampler = EpochSampler(10, seed=3)
+    first = [i for i, _ in sampler]
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != first and all(e == 1 for _, e in sampler)
+
+
+@pytest.mark.skipif(not COCO_YAML.is_file(), reason="COCO128-Seg not found")
+def test_loader_batches_do_not_depend_on_workers():
+    config = resolve_dataset(COCO_YAML)
+    images = load_split(config.splits["train"], config.nc, "train").images[:12]
+    dataset = SegDataset(images, 128, AugmentConfig(mixup=0.5, copy_paste=0.5), epochs=5)
+    batches = []
+    for workers in (0, 2):
+        loader = build_dataloader(dataset, 4, workers=workers, seed=1)
+        loader.sampler.set_epoch(2)
+        batches.append(list(loader))
+    assert len(batches[0]) == 3
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["vertices"], b["vertices"])
+        assert torch.equal(a["masks"], b["masks"])
