@@ -107,7 +107,11 @@ def _seed_worker(worker_id: int) -> None:
     import random
 
     random.seed(seed)
-    torch.set_num_threads(1)  # loader workers must not fight the training threads
+    # Loader workers must not fight the training threads (or each other) for the cores.
+    torch.set_num_threads(1)
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def build_dataloader(
