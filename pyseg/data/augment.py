@@ -181,6 +181,23 @@ def warp_into(out: np.ndarray, image: np.ndarray, matrix: np.ndarray) -> None:
         cv2.warpPerspective(image, local, (x1 - x0, y1 - y0), dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
 
 
+def _bounds(points: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-polygon [n, 2] minima and maxima of polygons stored back to back (all non-empty)."""
+    return np.minimum.reduceat(points, starts, axis=0), np.maximum.reduceat(points, starts, axis=0)
+
+
+def _clip_where_needed(polygons: list[np.ndarray], rect: tuple[float, float, float, float]) -> list[np.ndarray]:
+    """clip_polygon on the polygons that cross rect; the others are returned as they are."""
+    nonempty = [p for p in polygons if len(p)]
+    if not nonempty:
+        return polygons
+    lengths = np.array([len(p) for p in polygons])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]
+    lo, hi = _bounds(np.concatenate(nonempty), starts)
+    crosses = iter(((lo < rect[:2]).any(1) | (hi > rect[2:]).any(1)).tolist())
+    return [clip_polygon(p, *rect) if len(p) and next(crosses) else p for p in polygons]
+
+
 def transform_instances(
     instances: Instances,
     matrix: np.ndarray,
@@ -192,24 +209,30 @@ def transform_instances(
     """Clips instances to the visible source rectangle, transforms them, clips them to the output, filters.
 
     An instance is kept when its clipped area is at least min_area_fraction of its transformed unclipped area
-    and its box is at least min_side_px on both sides.
+    and its box is at least min_side_px on both sides. Works on all polygons at once where it can.
     """
     if not len(instances):
         return instances
     out_h, out_w = out_size
     lengths = [len(p) for p in instances.polygons]
     full_area = polygon_areas(transform_points(np.concatenate(instances.polygons), matrix), lengths)
-    clipped = [clip_polygon(p, *visible) for p in instances.polygons]
-    clipped_lengths = [len(p) for p in clipped]
-    moved = transform_points(np.concatenate(clipped), matrix) if sum(clipped_lengths) else np.zeros((0, 2), np.float32)
-    pieces = np.split(moved, np.cumsum(clipped_lengths)[:-1]) if clipped_lengths else []
-    polygons = [clip_polygon(p, 0, 0, out_w, out_h) for p in pieces]
-    final_lengths = [len(p) for p in polygons]
-    areas = polygon_areas(np.concatenate(polygons) if sum(final_lengths) else np.zeros((0, 2)), final_lengths)
-    keep = (np.asarray(final_lengths) >= 3) & (full_area > 0) & (areas >= min_area_fraction * full_area)
-    for i in np.flatnonzero(keep):
-        lo, hi = polygons[i].min(0), polygons[i].max(0)
-        keep[i] = bool((hi - lo >= min_side_px).all())
+    clipped = _clip_where_needed(instances.polygons, np.asarray(visible, np.float32))
+    clipped_lengths = np.array([len(p) for p in clipped])
+    moved = transform_points(np.concatenate(clipped), matrix) if clipped_lengths.sum() else np.zeros((0, 2), np.float32)
+    pieces = np.split(moved, np.cumsum(clipped_lengths)[:-1])
+    polygons = _clip_where_needed(pieces, np.array([0, 0, out_w, out_h], np.float32))
+    final_lengths = np.array([len(p) for p in polygons])
+    keep = (final_lengths >= 3) & (full_area > 0)
+    if keep.any():
+        kept = [p for p, k in zip(polygons, keep, strict=True) if k]
+        points = np.concatenate(kept)
+        kept_lengths = final_lengths[keep]
+        starts = np.concatenate([[0], np.cumsum(kept_lengths)[:-1]])
+        lo, hi = _bounds(points, starts)
+        big_enough = (polygon_areas(points, kept_lengths) >= min_area_fraction * full_area[keep]) & (
+            (hi - lo) >= min_side_px
+        ).all(1)
+        keep[np.flatnonzero(keep)] = big_enough
     return Instances(
         instances.classes[keep], [p for p, k in zip(polygons, keep, strict=True) if k], instances.has_mask[keep]
     )
