@@ -307,3 +307,22 @@ def test_loader_batches_do_not_depend_on_workers():
     for a, b in zip(*batches, strict=True):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["vertices"], b["vertices"])
         assert torch.equal(a["masks"], b["masks"])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "d"
+    yaml_path = make_dataset(root, {"plain": "0 0.1 0.1 0.5 0.1 0.5 0.5\n"})
+    pixels = np.zeros((40, 100, 3), np.uint8)  # stored 100 wide, 40 high
+    pixels[:, :50] = 255  # left half white
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    image.save(root / "images" / "train" / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    split = load_split(resolve_dataset(yaml_path).splits["train"], 2, "train")
+    rotated = next(item for item in split.images if item.image.endswith("rotated.jpg"))
+    assert (rotated.height, rotated.width) == (100, 40)
+    decoded, _ = SegDataset([rotated], 100, None).load(0)
+    assert decoded.shape[:2] == (100, 40)
+    assert decoded[:45].mean() > 200 and decoded[55:].mean() < 50  # the white half is now on top
