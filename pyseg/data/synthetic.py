@@ -71,13 +71,15 @@ def generate_shapes_seg(root: Path | str, *, train: int = 128, val: int = 32, im
         seed: base seed.
 
     Raises:
-        ValueError: negative counts or imgsz < 32.
+        ValueError: negative counts or seed, or imgsz < 32.
         FileExistsError: root exists but holds something other than a shapes-seg dataset.
     """
     if train < 0 or val < 0:
         raise ValueError(f"train and val must be >= 0 images, got train={train}, val={val}")
     if imgsz < 32:
         raise ValueError(f"imgsz must be >= 32 pixels, got {imgsz}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     root = Path(root)
     params = {"generator": "pyseg.data.synthetic", "version": _VERSION, "train": train, "val": val}
     params |= {"imgsz": imgsz, "seed": seed}
