@@ -326,3 +326,25 @@ def test_exif_orientation_is_applied(tmp_path):
     decoded, _ = SegDataset([rotated], 100, None).load(0)
     assert decoded.shape[:2] == (100, 40)
     assert decoded[:45].mean() > 200 and decoded[55:].mean() < 50  # the white half is now on top
+
+
+@pytest.mark.skipif(not COCO_YAML.is_file(), reason="COCO128-Seg not found")
+def test_workers_start_after_opencv_ran_threads_in_this_process():
+    import subprocess
+    import sys
+
+    script = f"""
+import cv2, numpy as np
+from pyseg.data.dataset_config import resolve_dataset
+from pyseg.data.labels import load_split
+from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.data.loader import build_dataloader
+cv2.setNumThreads(2)
+cv2.warpAffine(np.zeros((2000, 2000, 3), np.uint8), np.eye(2, 3), (2000, 2000))  # starts cv2's pool
+config = resolve_dataset({str(COCO_YAML)!r})
+images = load_split(config.splits["train"], config.nc, "train").images[:8]
+batches = list(build_dataloader(SegDataset(images, 96, AugmentConfig(), epochs=3), 4, workers=2))
+print("batches", len(batches))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "batches 2" in result.stdout, result.stderr[-2000:]

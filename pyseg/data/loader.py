@@ -129,6 +129,12 @@ def build_dataloader(
 ) -> DataLoader:
     """A DataLoader over dataset with an EpochSampler (call loader.sampler.set_epoch(epoch) each epoch)."""
     workers = max(0, min(workers, os.cpu_count() or 1))
+    if workers > 0:
+        import cv2
+
+        # OpenCV's thread pool does not survive fork: a worker forked after this process ran a parallel cv2
+        # call deadlocks in its first one. One cv2 thread here (workers do the image work anyway) avoids it.
+        cv2.setNumThreads(1)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
