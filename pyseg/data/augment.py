@@ -63,39 +63,57 @@ def polygon_area(points: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
-def _clip_half_plane(points: np.ndarray, axis: int, bound: float, keep_greater: bool) -> np.ndarray:
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    return np.cumsum(lengths) - lengths
+
+
+def _next_vertex(lengths: np.ndarray) -> np.ndarray:
+    """Index of each vertex's successor within its own polygon (polygons stored back to back)."""
+    nxt = np.arange(int(lengths.sum())) + 1
+    nonempty = lengths > 0
+    nxt[(_starts(lengths) + lengths - 1)[nonempty]] = _starts(lengths)[nonempty]
+    return nxt
+
+
+def _clip_half_plane(
+    points: np.ndarray, lengths: np.ndarray, axis: int, bound: float, keep_greater: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """One Sutherland-Hodgman pass over all polygons at once: keeps the side of `axis = bound` asked for."""
     if len(points) == 0:
-        return points
-    nxt = np.roll(points, -1, axis=0)
-    v, w = points[:, axis], nxt[:, axis]
+        return points, lengths
+    nxt = _next_vertex(lengths)
+    v = points[:, axis]
     inside = v >= bound if keep_greater else v <= bound
-    inside_next = w >= bound if keep_greater else w <= bound
-    crossing = inside != inside_next
+    crossing = inside != inside[nxt]
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(crossing, (bound - v) / np.where(crossing, w - v, 1.0), 0.0)
-    hit = points + t[:, None] * (nxt - points)
+        t = np.where(crossing, (bound - v) / np.where(crossing, v[nxt] - v, 1.0), 0.0)
+    hit = points + t[:, None] * (points[nxt] - points)
     hit[:, axis] = bound
-    candidates = np.stack([points, hit], 1)  # [k, 2 (vertex, crossing), 2 (x, y)]
-    return candidates[np.stack([inside, crossing], 1)].astype(np.float32)
+    take = np.stack([inside, crossing], 1)  # per vertex: keep it, then the crossing after it
+    counts = take.sum(1)
+    new_lengths = np.zeros_like(lengths)
+    nonempty = lengths > 0
+    new_lengths[nonempty] = np.add.reduceat(counts, _starts(lengths)[nonempty])
+    return np.stack([points, hit], 1)[take].astype(np.float32), new_lengths
+
+
+def clip_polygons(
+    points: np.ndarray, lengths: np.ndarray, rect: tuple[float, float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of polygons (stored back to back, vertex counts `lengths`) inside rect = (x0, y0, x1, y1).
+
+    Sutherland-Hodgman on all polygons at once; sides that no vertex crosses are skipped.
+    """
+    x0, y0, x1, y1 = rect
+    for axis, bound, keep_greater in ((0, x0, True), (0, x1, False), (1, y0, True), (1, y1, False)):
+        if len(points) and (points[:, axis].min() < bound if keep_greater else points[:, axis].max() > bound):
+            points, lengths = _clip_half_plane(points, lengths, axis, bound, keep_greater)
+    return points, lengths
 
 
 def clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    """The part of a polygon [k, 2] inside the rectangle [x0, x1] x [y0, y1] (Sutherland-Hodgman).
-
-    Only the sides the polygon crosses are clipped; a polygon already inside is returned as is.
-    """
-    if len(points) == 0:
-        return points
-    lo, hi = points.min(0), points.max(0)
-    if lo[0] < x0:
-        points = _clip_half_plane(points, 0, x0, True)
-    if hi[0] > x1 and len(points):
-        points = _clip_half_plane(points, 0, x1, False)
-    if lo[1] < y0 and len(points):
-        points = _clip_half_plane(points, 1, y0, True)
-    if hi[1] > y1 and len(points):
-        points = _clip_half_plane(points, 1, y1, False)
-    return points
+    """The part of one polygon [k, 2] inside the rectangle [x0, x1] x [y0, y1]."""
+    return clip_polygons(points.astype(np.float32), np.array([len(points)]), (x0, y0, x1, y1))[0]
 
 
 def polygon_areas(points: np.ndarray, lengths: list[int]) -> np.ndarray:
@@ -181,23 +199,6 @@ def warp_into(out: np.ndarray, image: np.ndarray, matrix: np.ndarray) -> None:
         cv2.warpPerspective(image, local, (x1 - x0, y1 - y0), dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
 
 
-def _bounds(points: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-polygon [n, 2] minima and maxima of polygons stored back to back (all non-empty)."""
-    return np.minimum.reduceat(points, starts, axis=0), np.maximum.reduceat(points, starts, axis=0)
-
-
-def _clip_where_needed(polygons: list[np.ndarray], rect: tuple[float, float, float, float]) -> list[np.ndarray]:
-    """clip_polygon on the polygons that cross rect; the others are returned as they are."""
-    nonempty = [p for p in polygons if len(p)]
-    if not nonempty:
-        return polygons
-    lengths = np.array([len(p) for p in polygons])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[lengths > 0]
-    lo, hi = _bounds(np.concatenate(nonempty), starts)
-    crosses = iter(((lo < rect[:2]).any(1) | (hi > rect[2:]).any(1)).tolist())
-    return [clip_polygon(p, *rect) if len(p) and next(crosses) else p for p in polygons]
-
-
 def transform_instances(
     instances: Instances,
     matrix: np.ndarray,
@@ -209,32 +210,28 @@ def transform_instances(
     """Clips instances to the visible source rectangle, transforms them, clips them to the output, filters.
 
     An instance is kept when its clipped area is at least min_area_fraction of its transformed unclipped area
-    and its box is at least min_side_px on both sides. Works on all polygons at once where it can.
+    and its box is at least min_side_px on both sides. All polygons are processed together.
     """
     if not len(instances):
         return instances
     out_h, out_w = out_size
-    lengths = [len(p) for p in instances.polygons]
-    full_area = polygon_areas(transform_points(np.concatenate(instances.polygons), matrix), lengths)
-    clipped = _clip_where_needed(instances.polygons, np.asarray(visible, np.float32))
-    clipped_lengths = np.array([len(p) for p in clipped])
-    moved = transform_points(np.concatenate(clipped), matrix) if clipped_lengths.sum() else np.zeros((0, 2), np.float32)
-    pieces = np.split(moved, np.cumsum(clipped_lengths)[:-1])
-    polygons = _clip_where_needed(pieces, np.array([0, 0, out_w, out_h], np.float32))
-    final_lengths = np.array([len(p) for p in polygons])
-    keep = (final_lengths >= 3) & (full_area > 0)
+    lengths = np.array([len(p) for p in instances.polygons])
+    points = np.concatenate(instances.polygons).astype(np.float32)
+    full_area = polygon_areas(transform_points(points, matrix), lengths)
+    points, lengths = clip_polygons(points, lengths, visible)
+    points, lengths = clip_polygons(transform_points(points, matrix), lengths, (0, 0, out_w, out_h))
+    keep = (lengths >= 3) & (full_area > 0)
+    pieces = np.split(points, np.cumsum(lengths)[:-1])
     if keep.any():
-        kept = [p for p, k in zip(polygons, keep, strict=True) if k]
-        points = np.concatenate(kept)
-        kept_lengths = final_lengths[keep]
-        starts = np.concatenate([[0], np.cumsum(kept_lengths)[:-1]])
-        lo, hi = _bounds(points, starts)
-        big_enough = (polygon_areas(points, kept_lengths) >= min_area_fraction * full_area[keep]) & (
-            (hi - lo) >= min_side_px
-        ).all(1)
-        keep[np.flatnonzero(keep)] = big_enough
+        areas = polygon_areas(points, lengths)
+        starts = _starts(lengths)[lengths > 0]
+        lo = np.full((len(lengths), 2), np.inf)
+        hi = np.full((len(lengths), 2), -np.inf)
+        lo[lengths > 0] = np.minimum.reduceat(points, starts, axis=0)
+        hi[lengths > 0] = np.maximum.reduceat(points, starts, axis=0)
+        keep &= (areas >= min_area_fraction * full_area) & ((hi - lo) >= min_side_px).all(1)
     return Instances(
-        instances.classes[keep], [p for p, k in zip(polygons, keep, strict=True) if k], instances.has_mask[keep]
+        instances.classes[keep], [p for p, k in zip(pieces, keep, strict=True) if k], instances.has_mask[keep]
     )
 
 
