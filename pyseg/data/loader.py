@@ -37,6 +37,16 @@ def polygon_masks(batch: dict, mask_ratio: int, overlap: bool) -> dict:
     return {"masks": rasterize_polygons(vertices, offsets, owner, num, h, w)}
 
 
+def _stack_shared(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, straight into shared memory inside a loader worker (saves the copy the queue would make)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new(storage).view(first.dtype)[: len(tensors) * first.numel()].view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 class SegCollate:
     """Concatenates samples into one batch; makes masks here unless make_masks is False (GPU training).
 
@@ -54,7 +64,7 @@ class SegCollate:
         vertex_base = torch.cat([torch.zeros(1, dtype=torch.int64), vertex_counts.cumsum(0)[:-1]])
         offsets = [s["poly_offsets"][:-1] + base for s, base in zip(samples, vertex_base.tolist(), strict=True)]
         batch = {
-            "images": torch.stack([s["image"] for s in samples]),
+            "images": _stack_shared([s["image"] for s in samples]),
             "vertices": torch.cat([s["vertices"] for s in samples]),
             "poly_offsets": torch.cat([*offsets, vertex_counts.sum().reshape(1)]),
             "classes": torch.cat([s["classes"] for s in samples]),
