@@ -1,0 +1,1 @@
+"""Training engine: losses, the training loop, evaluation, checkpoints, hooks."""

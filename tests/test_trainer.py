@@ -1,0 +1,161 @@
+"""The trainer on a tiny shapes-seg: a step lowers the loss, outputs, resume, val vs results.csv, bad losses."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from pyseg.config import make_config
+from pyseg.data.synthetic import SHAPES_CLASSES, generate_shapes_seg
+from pyseg.engine.checkpoint import load_checkpoint
+from pyseg.engine.trainer import Hook, NonFiniteLossError, Trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes_seg(root / "shapes", train=8, val=4, imgsz=96, seed=1)
+    config = root / "shapes.yaml"
+    names = "".join(f"\n  {i}: {name}" for i, name in enumerate(SHAPES_CLASSES))
+    config.write_text(f"path: shapes\ntrain: images/train\nval: images/val\nnames:{names}\n")
+    return config
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def tiny_config(data, tmp_path, **overrides):
+    values = {
+        "data": str(data),
+        "epochs": 2,
+        "imgsz": 64,
+        "batch": 4,
+        "workers": 0,
+        "device": "cpu",
+        "project": str(tmp_path / "runs"),
+        "name": "tiny",
+        "close_mosaic": 1,
+        "warmup_epochs": 0.5,
+        "threads": 1,
+    }
+    values.update(overrides)
+    return make_config(values)
+
+
+def test_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path), show_progress=False)
+    trainer.setup()
+    batch = next(iter(trainer.train_loader))
+    images = batch["images"].float() / 255
+    model = trainer.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss, parts = trainer.loss_fn(model(images), batch)
+        losses.append(float(loss))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert set(parts) == {"box", "cls", "dfl", "mask"} and parts["mask"] > 0
+
+
+def test_two_epochs_write_every_output(tiny_data, tmp_path):
+    run_dir = Trainer(tiny_config(tiny_data, tmp_path), show_progress=False).fit()
+    for name in ("args.yaml", "results.csv", "results.png", "weights/last.pt", "weights/best.pt"):
+        assert (run_dir / name).is_file(), name
+    with open(run_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("train/box", "train/mask", "mask/map50", "mask/map", "box/map50", "lr", "epoch_seconds"):
+        assert key in rows[0], key
+    state = load_checkpoint(run_dir / "weights" / "last.pt")
+    assert state["epoch"] == 1 and state["names"] == list(SHAPES_CLASSES)
+    assert {"model", "ema", "optimizer", "config", "rng", "iteration"} <= set(state)
+
+
+class StopAfterFirstEpoch(Hook):
+    def on_epoch_end(self, trainer, row):
+        trainer.stop = True
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    straight = Trainer(tiny_config(tiny_data, tmp_path, name="straight"), show_progress=False).fit()
+    interrupted = Trainer(tiny_config(tiny_data, tmp_path, name="split"), show_progress=False)
+    interrupted.hooks.append(StopAfterFirstEpoch())
+    interrupted.fit()
+    assert load_checkpoint(interrupted.run_dir / "weights" / "last.pt")["epoch"] == 0
+    resumed = Trainer(tiny_config(tiny_data, tmp_path, name="split", resume=True), show_progress=False)
+    resumed.fit()
+    a = load_checkpoint(straight / "weights" / "last.pt")
+    b = load_checkpoint(resumed.run_dir / "weights" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 1 and a["iteration"] == b["iteration"]
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    with open(resumed.run_dir / "results.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+
+
+def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1), show_progress=False).fit()
+    before = (tmp_path / "runs" / "tiny" / "weights" / "last.pt").stat().st_mtime_ns
+    Trainer(tiny_config(tiny_data, tmp_path, epochs=1, resume=True), show_progress=False).fit()
+    assert "already finished" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "tiny" / "weights" / "last.pt").stat().st_mtime_ns == before
+
+
+def test_val_reproduces_results_csv(tiny_data, tmp_path):
+    from pyseg.val import validate
+
+    # About 25 s: long enough that the model finds some instances (metrics above zero).
+    config = tiny_config(
+        tiny_data,
+        tmp_path,
+        epochs=100,
+        imgsz=96,
+        conf=0.0001,
+        mosaic=0.0,
+        val_period=100,
+        patience=0,
+        lr0=0.02,
+        optimizer="sgd",
+        warmup_epochs=1,
+        threads=2,
+    )
+    run_dir = Trainer(config, show_progress=False).fit()
+    with open(run_dir / "results.csv", newline="") as f:
+        row = list(csv.DictReader(f))[-1]
+    assert float(row["mask/map50"]) > 0  # the comparison below must not be between zeros
+    metrics, names = validate(run_dir / "weights" / "last.pt", workers=0, device="cpu")
+    assert names == list(SHAPES_CLASSES)
+    for kind in ("box", "mask"):
+        for key in ("map50", "map", "precision", "recall"):
+            assert metrics[kind][key] == pytest.approx(float(row[f"{kind}/{key}"]), abs=1e-4), (kind, key)
+
+
+def test_non_finite_loss_stops_with_the_loss_parts_and_image_paths(tiny_data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path), show_progress=False)
+    original = trainer.__class__.setup
+
+    def setup_with_bad_loss(self):
+        original(self)
+        loss_fn = self.loss_fn
+
+        def bad(outputs, batch):
+            loss, parts = loss_fn(outputs, batch)
+            return loss * float("nan"), parts
+
+        self.loss_fn = bad
+
+    monkeypatch.setattr(Trainer, "setup", setup_with_bad_loss)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss.*'mask'.*\.jpg"):
+        trainer.fit()
