@@ -2,13 +2,14 @@
 .PHONY: run test bench lint
 
 run:
-	scripts/with-env.sh python benchmarks/bench_ops.py --quick
+	scripts/with-env.sh python -m pyseg.train --imgsz 320 --epochs 30 --name quickstart
 
 test:
 	scripts/with-env.sh scripts/run-tests.sh -q
 
 bench:
 	scripts/with-env.sh python benchmarks/bench_ops.py
+	scripts/with-env.sh python benchmarks/bench_data.py
 
 lint:
 	scripts/with-env.sh ruff check pyseg tests benchmarks setup.py

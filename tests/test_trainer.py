@@ -70,7 +70,15 @@ def test_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
 
 def test_two_epochs_write_every_output(tiny_data, tmp_path):
     run_dir = Trainer(tiny_config(tiny_data, tmp_path), show_progress=False).fit()
-    for name in ("args.yaml", "results.csv", "results.png", "weights/last.pt", "weights/best.pt"):
+    for name in (
+        "args.yaml",
+        "results.csv",
+        "results.png",
+        "weights/last.pt",
+        "weights/best.pt",
+        "train_batch.jpg",
+        "val_predictions.jpg",
+    ):
         assert (run_dir / name).is_file(), name
     with open(run_dir / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -159,3 +167,45 @@ def test_non_finite_loss_stops_with_the_loss_parts_and_image_paths(tiny_data, tm
     monkeypatch.setattr(Trainer, "setup", setup_with_bad_loss)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss.*'mask'.*\.jpg"):
         trainer.fit()
+
+
+def test_predict_api_and_cli_write_drawings_and_coco_json(tiny_data, tmp_path):
+    import json
+
+    import cv2
+
+    from pyseg.predict import Predictor, main
+
+    run_dir = Trainer(tiny_config(tiny_data, tmp_path, epochs=1), show_progress=False).fit()
+    weights = run_dir / "weights" / "last.pt"
+    image_path = sorted((tiny_data.parent / "shapes" / "images" / "val").glob("*.jpg"))[0]
+    image = cv2.imread(str(image_path))
+    prediction = Predictor(weights, imgsz=64, conf=0.0001, device="cpu").predict(image)
+    n = len(prediction.scores)
+    assert n > 0 and prediction.boxes.shape == (n, 4) and prediction.classes.shape == (n,)
+    assert prediction.masks.shape == (n, *image.shape[:2]) and prediction.masks.dtype == bool
+    assert (prediction.boxes[:, [0, 2]] <= image.shape[1]).all() and (prediction.boxes >= 0).all()
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "--weights",
+                str(weights),
+                "--source",
+                str(image_path.parent),
+                "--imgsz",
+                "64",
+                "--conf",
+                "0.0001",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert len(list(out.glob("*.jpg"))) == 4
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    assert main(["--weights", str(weights), "--source", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2

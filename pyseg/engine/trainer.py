@@ -220,6 +220,33 @@ class EarlyStoppingHook(Hook):
             trainer.stop = True
 
 
+class PlotsHook(Hook):
+    """train_batch.jpg (the first augmented batch with its masks) and val_predictions.jpg (labels | predictions)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            from pyseg.engine.plots import plot_batch
+
+            trainer.train_loader.sampler.set_epoch(trainer.start_epoch)
+            plot_batch(
+                next(iter(trainer.train_loader)),
+                list(trainer.dataset_config.names),
+                trainer.run_dir / "train_batch.jpg",
+            )
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            from pyseg.engine.plots import plot_predictions
+
+            plot_predictions(
+                trainer.ema.module,
+                next(iter(trainer.val_loader)),
+                list(trainer.dataset_config.names),
+                trainer.run_dir / "val_predictions.jpg",
+                conf=max(trainer.cfg.conf, 0.25),
+            )
+
+
 def plot_results(csv_path: Path) -> None:
     import matplotlib
 
@@ -246,7 +273,7 @@ def plot_results(csv_path: Path) -> None:
 
 
 def default_hooks() -> list[Hook]:
-    return [CheckpointHook(), ResultsHook(), EarlyStoppingHook()]
+    return [CheckpointHook(), ResultsHook(), EarlyStoppingHook(), PlotsHook()]
 
 
 # ------------------------------------------------------------------ trainer
