@@ -134,8 +134,10 @@ def evaluate(
     """COCO box and mask metrics of model on a letterboxed (augmentation-free) loader.
 
     The evaluator must be built from the same image list as loader.dataset (image ids are list positions).
+    Also returns metrics["detections"]: the number of detections kept and their mean score.
     """
     model.eval()
+    count, score_sum = 0, 0.0
     image_ids = {item.image: index for index, item in enumerate(loader.dataset.images)}  # the evaluator's images
     for batch in tqdm(loader, disable=not show_progress, leave=False, desc="val", dynamic_ncols=True):
         images = batch["images"].to(device).float().div_(255.0)
@@ -145,6 +147,8 @@ def evaluate(
         detections = detect(outputs, model.strides, model.reg_max, cfg.conf, cfg.iou, cfg.max_det)
         masks = masks_in_input(outputs.protos.float(), detections, tuple(images.shape[2:]))
         for i, det in enumerate(detections):
+            count += int(det.scores.numel())
+            score_sum += float(det.scores.float().sum())
             boxes, full_masks = to_original(det.boxes, masks[i], batch["ratio_pads"][i], batch["orig_sizes"][i])
             evaluator.add(
                 image_ids[batch["paths"][i]],
@@ -153,11 +157,17 @@ def evaluate(
                 det.classes.cpu().numpy(),
                 full_masks,
             )
-    return evaluator.evaluate()
+    metrics = evaluator.evaluate()
+    metrics["detections"] = {"count": count, "mean_score": score_sum / max(count, 1)}
+    return metrics
 
 
 def flat_metrics(metrics: dict) -> dict:
-    return {f"{kind}/{key}": float(metrics[kind][key]) for kind in ("box", "mask") for key in METRIC_KEYS}
+    """The results.csv columns of an evaluation."""
+    flat = {f"{kind}/{key}": float(metrics[kind][key]) for kind in ("box", "mask") for key in METRIC_KEYS}
+    flat["val/detections"] = float(metrics["detections"]["count"])
+    flat["val/mean_score"] = float(metrics["detections"]["mean_score"])
+    return flat
 
 
 # ------------------------------------------------------------------ hooks
