@@ -233,11 +233,10 @@ def test_yaml_describes_the_generated_dataset():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ops.has_ops(), reason="pyseg._C is not built (the pure-torch fallback is slow)")
-def test_default_generation_takes_under_30_seconds(tmp_path):
+def test_default_generation_writes_128_train_and_32_val_images(tmp_path):
+    # A report of the time, not a check of it (speed is measured by benchmarks, never asserted in tests).
     start = time.perf_counter()
     root = generate_shapes_seg(tmp_path / "shapes-seg")
-    elapsed = time.perf_counter() - start
-    print(f"shapes-seg default generation (128 + 32 images, 320 px): {elapsed:.2f} s")
+    print(f"shapes-seg default generation (128 + 32 images, 320 px): {time.perf_counter() - start:.2f} s")
     assert len(list((root / "images" / "train").glob("*.jpg"))) == 128
     assert len(list((root / "labels" / "val").glob("*.txt"))) == 32
-    assert elapsed < 30.0
