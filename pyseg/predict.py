@@ -80,19 +80,9 @@ class Predictor:
 
 def draw(image: np.ndarray, prediction: Prediction, names: list[str]) -> np.ndarray:
     """A copy of image with masks (translucent), boxes and 'name score' labels drawn."""
-    out = image.copy()
-    rng = np.random.default_rng(0)
-    palette = rng.integers(64, 255, (max(len(names), 1), 3)).tolist()
-    for mask, cls in zip(prediction.masks, prediction.classes, strict=True):
-        colour = np.array(palette[int(cls) % len(palette)], np.float32)
-        out[mask] = (out[mask] * 0.5 + colour * 0.5).astype(np.uint8)
-    for box, score, cls in zip(prediction.boxes, prediction.scores, prediction.classes, strict=True):
-        colour = tuple(int(c) for c in palette[int(cls) % len(palette)])
-        x0, y0, x1, y1 = (int(round(v)) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), colour, 2)
-        label = f"{names[int(cls)] if int(cls) < len(names) else int(cls)} {score:.2f}"
-        cv2.putText(out, label, (x0, max(y0 - 4, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
-    return out
+    from pyseg.engine.plots import draw_instances
+
+    return draw_instances(image, prediction.boxes, prediction.classes, prediction.masks, names, prediction.scores)
 
 
 def coco_results(image_id: str, prediction: Prediction) -> list[dict]:

@@ -16,7 +16,7 @@ def _palette(n: int) -> np.ndarray:
     return np.random.default_rng(1).integers(64, 255, (max(n, 1), 3))
 
 
-def _draw_instances(
+def draw_instances(
     image: np.ndarray,
     boxes: np.ndarray,
     classes: np.ndarray,
@@ -63,7 +63,7 @@ def plot_batch(batch: dict, names: list[str], path: Path, max_images: int = 16) 
         sel = (batch["image_index"] == i).numpy()
         image = np.ascontiguousarray(batch["images"][i].permute(1, 2, 0).numpy()[:, :, ::-1])
         images.append(
-            _draw_instances(image, batch["boxes"][sel].numpy(), batch["classes"][sel].numpy(), masks[sel], names)
+            draw_instances(image, batch["boxes"][sel].numpy(), batch["classes"][sel].numpy(), masks[sel], names)
         )
     cv2.imwrite(str(path), _tile(images, min(4, len(images))))
 
@@ -84,11 +84,11 @@ def plot_predictions(model, batch: dict, names: list[str], path: Path, conf: flo
         sel = (batch["image_index"] == i).numpy()
         image = np.ascontiguousarray(images[i].permute(1, 2, 0).numpy()[:, :, ::-1])
         pairs.append(
-            _draw_instances(image, batch["boxes"][sel].numpy(), batch["classes"][sel].numpy(), gt_masks[sel], names)
+            draw_instances(image, batch["boxes"][sel].numpy(), batch["classes"][sel].numpy(), gt_masks[sel], names)
         )
         det = detections[i]
         pairs.append(
-            _draw_instances(
+            draw_instances(
                 image,
                 det.boxes.cpu().numpy(),
                 det.classes.cpu().numpy(),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -513,7 +512,3 @@ class Trainer:
         for hook in self.hooks:
             hook.on_fit_end(self)
         return self.run_dir
-
-
-def main_process_count() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
