@@ -25,7 +25,7 @@ class TrainConfig:
     weights: str = ""  # a pyseg checkpoint to start from ("" = from scratch)
     epochs: int = 100  # training epochs
     imgsz: int = 640  # square input size, pixels (multiple of 32)
-    batch: int = 16  # images per batch (per process)
+    batch: int = 16  # images per batch, in total (split evenly over data-parallel workers)
     device: str = ""  # cpu | cuda | 0 | 1 ...; "" = cuda when available
     workers: int = 2  # data loader worker processes
     project: str = "runs"  # parent folder of run folders
@@ -55,6 +55,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16 with a scaler)
     channels_last: bool = True  # channels_last memory format
     compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # SyncBatchNorm across data-parallel workers (CUDA only)
     ema_decay: float = 0.9999  # EMA of weights (ramped up over the first updates)
     # --- loss
     box: float = 7.5  # CIoU box loss gain

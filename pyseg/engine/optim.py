@@ -66,6 +66,17 @@ def apply_schedule(optimizer: torch.optim.Optimizer, cfg, iteration: int, iterat
                 group["momentum"] = cfg.momentum
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 class ModelEMA:
     """Exponential moving average of a model's weights and buffers; decay ramps up over the first updates."""
 
@@ -79,7 +90,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        source = model.state_dict()
+        source = unwrap_model(model).state_dict()
         for key, value in self.module.state_dict().items():
             if value.dtype.is_floating_point:
                 value.mul_(d).add_(source[key].detach(), alpha=1 - d)

@@ -12,6 +12,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -222,11 +223,13 @@ class EarlyStoppingHook(Hook):
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         patience = trainer.cfg.patience
         if patience and trainer.epoch - trainer.best_epoch >= patience:
+            trainer.stop = True
+            if not trainer.is_main:
+                return
             print(
                 f"early stopping: no better mask mAP50-95 for {patience} epochs (best {trainer.best_fitness:.4f} at "
                 f"epoch {trainer.best_epoch + 1})"
             )
-            trainer.stop = True
 
 
 class PlotsHook(Hook):
@@ -301,13 +304,22 @@ def unique_run_dir(project: str, name: str, exist_ok: bool) -> Path:
 
 @dataclass
 class Trainer:
-    """Runs training for a TrainConfig: data, model, loss, optimizer, EMA, hooks, checkpoints, resume."""
+    """Runs training for a TrainConfig: data, model, loss, optimizer, EMA, hooks, checkpoints, resume.
+
+    Data-parallel use (pyseg.distributed): one Trainer per process with its rank and world_size, the process group
+    already initialized, device set to the process's device and wrap_model wrapping the model (e.g. in DDP).
+    cfg.batch is the total batch; each rank takes cfg.batch // world_size. resume_from loads a checkpoint file
+    (e.g. one restored by Ray) instead of project/name/weights/last.pt.
+    """
 
     cfg: TrainConfig
     hooks: list[Hook] = field(default_factory=default_hooks)
     rank: int = 0
     world_size: int = 1
     show_progress: bool = True
+    device: torch.device | None = None
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    resume_from: Path | None = None
 
     def __post_init__(self):
         self.is_main = self.rank == 0
@@ -324,9 +336,9 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         resume_state = None
-        if cfg.resume:
+        if cfg.resume or self.resume_from is not None:
             self.run_dir = Path(cfg.project) / cfg.name
-            last = self.run_dir / "weights" / "last.pt"
+            last = self.resume_from or self.run_dir / "weights" / "last.pt"
             resume_state = load_checkpoint(last)
             saved = dict(resume_state["config"])
             saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
@@ -334,7 +346,7 @@ class Trainer:
         else:
             self.run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
         self.weights_dir = self.run_dir / "weights"
-        self.device = select_device(cfg.device)
+        self.device = self.device or select_device(cfg.device)
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
         self._seed(cfg.seed + self.rank)
@@ -361,9 +373,12 @@ class Trainer:
         )
         val_set = SegDataset(val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
         collate = SegCollate(cfg.mask_ratio, cfg.overlap_mask, make_masks=not on_cuda)
+        self.batch_per_rank = max(cfg.batch // self.world_size, 1)
+        if self.is_main and cfg.batch % self.world_size:
+            print(f"batch {cfg.batch} does not split evenly over {self.world_size} ranks: {self.batch_per_rank} each")
         self.train_loader = build_dataloader(
             train_set,
-            cfg.batch,
+            self.batch_per_rank,
             workers=cfg.workers,
             seed=cfg.seed,
             rank=self.rank,
@@ -387,6 +402,11 @@ class Trainer:
                 )
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.world_size > 1:
+            if on_cuda:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            elif self.is_main:
+                print("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per rank on CPU")
         if self.is_main:
             info = model_info(self.model, 640)
             print(f"{cfg.model}: {info['parameters'] / 1e6:.2f} M parameters, {info['gflops']:.1f} GFLOPs at 640")
@@ -397,11 +417,12 @@ class Trainer:
             {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask},
             cfg.overlap_mask,
         )
-        self.accumulate = max(round(cfg.nbs / (cfg.batch * self.world_size)), 1)
-        weight_decay = cfg.weight_decay * cfg.batch * self.world_size * self.accumulate / cfg.nbs
+        total_batch = self.batch_per_rank * self.world_size
+        self.accumulate = max(round(cfg.nbs / total_batch), 1)
+        weight_decay = cfg.weight_decay * total_batch * self.accumulate / cfg.nbs
         optimizer_name, lr = cfg.optimizer, cfg.lr0
         if optimizer_name == "auto":
-            steps = cfg.epochs * math.ceil(len(train_set) / (cfg.batch * self.world_size)) / self.accumulate
+            steps = cfg.epochs * math.ceil(len(train_set) / total_batch) / self.accumulate
             optimizer_name, lr = ("sgd", cfg.lr0) if steps > 10_000 else ("adamw", 0.002)
         self.optimizer = build_optimizer(self.model, optimizer_name, lr, cfg.momentum, weight_decay)
         if optimizer_name == "adamw" and cfg.optimizer == "auto":
@@ -410,7 +431,9 @@ class Trainer:
         amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.autocast = torch.autocast("cuda", dtype=amp_dtype) if on_cuda and cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if on_cuda and cfg.amp and amp_dtype == torch.float16 else None
-        self.train_model = torch.compile(self.model) if cfg.compile else self.model
+        self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         if resume_state is not None:
             self._load_state(resume_state)
         if self.is_main:
@@ -451,6 +474,15 @@ class Trainer:
         self.iteration = state["iteration"]
         self.best_fitness, self.best_epoch = state["best_fitness"], state["best_epoch"]
         restore_rng_state(state["rng"])
+
+    def _share_evaluation(self, metrics: dict) -> dict:
+        """Rank 0 evaluates; the other ranks wait here and receive its metrics and best-so-far bookkeeping."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return metrics
+        shared = [metrics, self.best_fitness, self.best_epoch, self.improved]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        metrics, self.best_fitness, self.best_epoch, self.improved = shared
+        return metrics
 
     # ---------------------------------------------------------------- loop
 
@@ -497,6 +529,7 @@ class Trainer:
             self.improved = fitness > self.best_fitness or self.best_epoch < 0
             if self.improved:
                 self.best_fitness, self.best_epoch = fitness, epoch
+            metrics = self._share_evaluation(metrics)
             row = {
                 "epoch": epoch + 1,
                 **{k: round(v, 5) for k, v in train.items()},

@@ -1,0 +1,206 @@
+"""Data-parallel training on Ray Train (TorchTrainer, Train V2): one Trainer per worker, DDP through
+ray.train.torch.prepare_model (gloo on CPU, NCCL on GPU), one ray.train.report per epoch from every worker with
+rank 0 attaching weights/last.pt as the Ray checkpoint, and restarts from that checkpoint after a worker failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyseg.config import TrainConfig, make_config
+from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
+from pyseg.tracking import MlflowHook, TrackingConfig
+
+# Environment that must reach the workers (they may start before a test or a user sets it in this process).
+FORWARDED_ENV = (
+    "PYSEG_CACHE_DIR",
+    "PYSEG_DATASETS_DIR",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+)
+CHECKPOINT_FILE = "last.pt"
+
+
+@dataclass
+class RayScaling:
+    """Workers of one training: count, resources per worker, the cluster, and restarts after failures."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None: RAY_ADDRESS or a new local Ray; "auto": the running cluster; or a URL
+    max_failures: int = 2  # worker-group restarts from the last checkpoint (-1 = unlimited)
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"--ray-workers must be >= 1, got {self.workers}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError(
+                f"--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got {self.gpus_per_worker} and "
+                f"{self.cpus_per_worker}"
+            )
+
+    def resources_per_worker(self) -> dict[str, float]:
+        resources = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """cfg with data (when it is a path), project and weights made absolute, so that they mean the same in
+    every worker, whatever its working directory."""
+    values = cfg.to_dict()
+    data = Path(cfg.data).expanduser()
+    if data.exists():
+        values["data"] = str(data.resolve())
+    values["project"] = str(Path(cfg.project).expanduser().resolve())
+    if cfg.weights:
+        values["weights"] = str(Path(cfg.weights).expanduser().resolve())
+    return make_config(values)
+
+
+def forwarded_env() -> dict[str, str]:
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    # Ray Train reroutes print() to its logger, which would bypass the contextlib.redirect_stdout that keeps
+    # pycocotools quiet and print every line twice; plain stdout still reaches the driver.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Connects to (address, or RAY_ADDRESS) or starts a local Ray, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, **kwargs)
+    except ConnectionError as error:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {error}. Start one with "
+            "`ray start --head`, pass its address with --address (e.g. auto, or ray://HEAD:10001), or leave "
+            "--address out to start a local Ray."
+        ) from error
+
+
+class RayReportHook(Hook):
+    """Every worker calls ray.train.report once per epoch (it is a barrier); rank 0 attaches weights/last.pt."""
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        import ray.train
+
+        metrics = {key: value for key, value in row.items() if isinstance(value, int | float)}
+        metrics["best_fitness"] = trainer.best_fitness
+        if not trainer.is_main:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="pyseg-ckpt-") as folder:
+            source = trainer.weights_dir / CHECKPOINT_FILE
+            try:
+                os.link(source, Path(folder) / CHECKPOINT_FILE)
+            except OSError:
+                shutil.copy2(source, Path(folder) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The function each Ray Train worker runs: a Trainer for this rank, restored from Ray's last checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    cfg = make_config(loop_config["config"])
+    if cfg.threads == 0:
+        torch.set_num_threads(max(int(loop_config["cpus_per_worker"]), 1))
+    resume_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        folder = Path(tempfile.mkdtemp(prefix=f"pyseg-restore-rank{rank}-"))
+        checkpoint.to_directory(folder)
+        resume_from = folder / CHECKPOINT_FILE
+        if rank == 0:
+            print(f"restoring from Ray checkpoint {checkpoint.path}")
+    tracking = TrackingConfig(**loop_config["tracking"])
+    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), RayReportHook()]
+    trainer = Trainer(
+        cfg,
+        hooks,
+        rank=rank,
+        world_size=world_size,
+        show_progress=False,
+        device=ray.train.torch.get_device(),
+        wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+        resume_from=resume_from,
+    )
+    trainer.fit()
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    """Absolute paths and a fixed run folder (decided once here, so restarted workers find the same one)."""
+    cfg = absolute_paths(cfg)
+    if cfg.resume:
+        run_dir = Path(cfg.project) / cfg.name
+    else:
+        run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
+        cfg = dataclasses.replace(cfg, name=run_dir.name, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, run_dir
+
+
+def fit_with_ray(
+    cfg: TrainConfig,
+    scaling: RayScaling,
+    tracking: TrackingConfig | None = None,
+    *,
+    extra_hooks: Sequence[Hook] = (),
+    callbacks: Sequence = (),
+):
+    """Trains cfg on scaling.workers Ray Train workers; returns (run folder, ray.train.Result).
+
+    The Ray checkpoints live in <run folder>/ray_train; running again with cfg.resume (same project and name)
+    continues from the latest one. extra_hooks run on every worker after the default hooks.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg, run_dir = prepare_run(cfg)
+    tracking = tracking or TrackingConfig()
+    init_ray(scaling.address)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "tracking": dataclasses.asdict(tracking),
+            "hooks": list(extra_hooks),
+            "cpus_per_worker": scaling.cpus_per_worker,
+        },
+        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=bool(scaling.gpus_per_worker),
+            resources_per_worker=scaling.resources_per_worker(),
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray_train",
+            storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": forwarded_env()},
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    result = trainer.fit()
+    return run_dir, result

@@ -1,0 +1,246 @@
+"""MLflow tracking that never stops training: one run per training, parent and child runs for tuning.
+
+Every write goes through a queue. When the tracking server is unreachable or fails, pyseg warns once, keeps the
+writes queued (results stay in results.csv either way) and sends them, in order, at the next epoch that reaches
+the server. Only rank 0 logs.
+
+Tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file next to the run folders
+(sqlite:///<project>/mlflow.db, artifacts in <project>/mlartifacts). Open it with
+`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyseg.engine.trainer import Hook, Trainer
+
+# A training must not hang on a dead server: MLflow's defaults retry for minutes (7 retries, 120 s timeout).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+RUN_ID_FILE = "mlflow_run.json"
+ARTIFACTS = ("results.csv", "results.png", "args.yaml", "train_batch.jpg", "val_predictions.jpg")
+
+
+class TrackingWarning(UserWarning):
+    """MLflow could not be reached or refused a write; training goes on."""
+
+
+@dataclass
+class TrackingConfig:
+    """Where and how a run is logged. uri "" = MLFLOW_TRACKING_URI or sqlite:///<project>/mlflow.db."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "pyseg"
+    parent_run_id: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_best_weights: bool = False
+
+
+def resolve_tracking_uri(uri: str, project: str | Path) -> str:
+    """The tracking URI to use; a bare local path becomes an absolute sqlite:/// URI."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{(Path(project).resolve() / 'mlflow.db').as_posix()}"
+    if "://" not in uri and not uri.startswith(("databricks", "file:")):
+        return f"sqlite:///{Path(uri).resolve().as_posix()}"
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact location for new experiments of a local SQLite store (next to the .db); None = the server's."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the checkout holding path (default: pyseg's own), or None outside git."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=path or Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def numeric_metrics(row: dict) -> dict[str, float]:
+    """The float-valued entries of an epoch row, without the epoch itself."""
+    metrics = {}
+    for key, value in row.items():
+        if key == "epoch" or isinstance(value, bool):
+            continue
+        try:
+            metrics[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return metrics
+
+
+class MlflowRun:
+    """One MLflow run written through a queue of deferred calls; failures warn once and retry later."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str | None = None):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from mlflow.tracking import MlflowClient
+
+        self.uri, self.experiment = uri, experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+        self.pending: list[tuple[str, Callable[[], None]]] = []
+        self.failing = False
+        self.failures = 0
+
+    # ---------------------------------------------------------------- queue
+
+    def queue(self, what: str, call: Callable[[], None]) -> None:
+        self.pending.append((what, call))
+
+    def flush(self) -> bool:
+        """Sends the queued writes in order; True when nothing is left queued."""
+        sent = 0
+        while self.pending:
+            what, call = self.pending[0]
+            try:
+                call()
+            except Exception as error:  # a tracking problem of any kind must not stop training
+                self.failures += 1
+                if not self.failing:
+                    warnings.warn(
+                        f"MLflow at {self.uri}: {what} failed ({type(error).__name__}: {str(error)[:300]}). "
+                        "Training goes on; results stay in results.csv and logging retries every epoch.",
+                        TrackingWarning,
+                        stacklevel=2,
+                    )
+                self.failing = True
+                return False
+            self.pending.pop(0)
+            sent += 1
+        if self.failing:
+            print(f"MLflow at {self.uri} is reachable again: sent {sent} queued writes")
+            self.failing = False
+        return True
+
+    # ---------------------------------------------------------------- writes
+
+    def start(self, run_name: str | None, tags: dict[str, str], parent_run_id: str | None = None) -> None:
+        def create():
+            if self.run_id is not None:
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                experiment_id = found.experiment_id
+            else:
+                experiment_id = self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_root(self.uri)
+                )
+            all_tags = {k: str(v) for k, v in tags.items() if v is not None}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            self.run_id = run.info.run_id
+
+        self.queue("creating the run", create)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            chunk = items[start : start + 100]
+            self.queue("logging params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        items = [Metric(k, v, stamp, step) for k, v in metrics.items()]
+        self.queue(f"logging metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=items))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.queue("setting tags", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_file():
+            self.queue(
+                f"uploading {path.name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path)
+            )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.queue("closing the run", lambda: self.client.set_terminated(self.run_id, status))
+
+
+class MlflowHook(Hook):
+    """Logs a training to MLflow on rank 0: params and tags at the start, metrics every epoch (step = epoch),
+    artifacts at the end. The run id is kept in the run folder, so --resume continues the same run."""
+
+    def __init__(self, tracking: TrackingConfig):
+        self.tracking = tracking
+        self.run: MlflowRun | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not (trainer.is_main and self.tracking.enabled):
+            return
+        cfg = trainer.cfg
+        uri = resolve_tracking_uri(self.tracking.uri, cfg.project)
+        saved = trainer.run_dir / RUN_ID_FILE
+        run_id = None
+        if trainer.start_epoch > 0 and saved.is_file():
+            record = json.loads(saved.read_text())
+            run_id = record["run_id"] if record.get("uri") == uri else None
+        self.run = MlflowRun(uri, self.tracking.experiment, run_id)
+        tags = {
+            "pyseg.data": cfg.data,
+            "pyseg.model": cfg.model,
+            "pyseg.run_dir": str(trainer.run_dir.resolve()),
+            "mlflow.source.git.commit": git_commit(),
+            **self.tracking.tags,
+        }
+        self.run.start(self.tracking.run_name or trainer.run_dir.name, tags, self.tracking.parent_run_id)
+        if run_id is None:
+            self.run.log_params(cfg.to_dict())
+        if self.run.flush():
+            saved.write_text(json.dumps({"uri": uri, "run_id": self.run.run_id}))
+            print(f"MLflow: run {self.run.run_id} in experiment {self.tracking.experiment!r} at {uri}")
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        if self.run is None:
+            return
+        self.run.log_metrics(numeric_metrics(row), step=int(row["epoch"]))
+        if self.run.flush() and not (trainer.run_dir / RUN_ID_FILE).is_file():
+            (trainer.run_dir / RUN_ID_FILE).write_text(json.dumps({"uri": self.run.uri, "run_id": self.run.run_id}))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.run is None:
+            return
+        for name in ARTIFACTS:
+            self.run.log_artifact(trainer.run_dir / name)
+        if self.tracking.log_best_weights:
+            self.run.log_artifact(trainer.weights_dir / "best.pt", "weights")
+        self.run.finish("FINISHED")
+        if not self.run.flush():
+            warnings.warn(
+                f"MLflow at {self.run.uri}: {len(self.run.pending)} writes could not be sent "
+                f"({self.run.failures} failed attempts); every result is in {trainer.run_dir}/results.csv",
+                TrackingWarning,
+                stacklevel=2,
+            )

@@ -1,0 +1,105 @@
+"""python -m pyseg.tune: hyperparameter search on Ray Tune, every trial a Ray Train run, every run in MLflow.
+
+Examples:
+    python -m pyseg.tune                                            # small CPU search on the built-in shapes-seg
+    python -m pyseg.tune --data coco128-seg.yaml --samples 16 --epochs 30 --imgsz 320
+    python -m pyseg.tune --data coco128-seg.yaml --address auto --gpus-per-trial 1 --samples 64   # on a cluster
+    python -m pyseg.tune --resume --name tune                       # continue an interrupted search
+
+Results: runs/<name>/tune_results.csv, runs/<name>/best.yaml (python -m pyseg.train --cfg runs/<name>/best.yaml),
+the best checkpoint runs/<name>/trials/<trial>/weights/best.pt, and MLflow (parent run + one child per trial):
+mlflow ui --backend-store-uri sqlite:///runs/mlflow.db
+Any training flag (--imgsz, --batch, --model, ...) sets the value shared by all trials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyseg.config import add_config_arguments, config_from_args
+from pyseg.train import add_tracking_arguments
+
+DEFAULT_SPACE = "tune/default.yaml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyseg.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    group = parser.add_argument_group("search")
+    group.add_argument("--space", default=None, help=f"search-space YAML (default {DEFAULT_SPACE})")
+    group.add_argument("--samples", type=int, default=16, help="trials to sample (default 16)")
+    group.add_argument("--scheduler", default="asha", choices=("asha", "none"), help="early stopping (default asha)")
+    group.add_argument("--search", default="random", choices=("random", "optuna"), help="search (default random)")
+    group.add_argument("--grace-period", type=int, default=0, help="ASHA: epochs before stopping (0 = epochs // 10)")
+    group.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    group.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, split over its workers")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker (default 1)")
+    group.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster fits)")
+    group.add_argument("--time-budget", type=float, default=0.0, help="stop the search after S seconds (0 = none)")
+    group.add_argument("--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: local Ray)")
+    add_tracking_arguments(parser)
+    add_config_arguments(parser)
+    parser.set_defaults(name=None, epochs=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tune_resume = bool(args.resume)  # --resume continues the experiment --name (not one training)
+    args.resume = None
+    from pyseg.tuning import SearchSpaceError, TuneSettings, load_search_space, run_tune
+
+    try:
+        name = args.name or "tune"
+        args.name = None
+        if args.epochs is None:
+            args.epochs = 30
+        base = config_from_args(args)
+        space = load_search_space(args.space or _default_space())
+        if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
+            print("optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
+            base.optimizer = "adamw"
+        settings = TuneSettings(
+            samples=args.samples,
+            scheduler=args.scheduler,
+            search=args.search,
+            workers_per_trial=args.workers_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            cpus_per_worker=args.cpus_per_worker,
+            max_concurrent=args.max_concurrent,
+            time_budget=args.time_budget,
+            address=args.address,
+            resume=tune_resume,
+            name=name,
+            grace_period=args.grace_period,
+        )
+    except (SearchSpaceError, ValueError) as error:
+        print(f"pyseg.tune: {error}", file=sys.stderr)
+        return 2
+    from pyseg.tracking import TrackingConfig
+
+    tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+    try:
+        summary = run_tune(base, space, settings, tracking)
+    except (FileNotFoundError, FileExistsError, ConnectionError, ValueError) as error:
+        print(f"pyseg.tune: {error}", file=sys.stderr)
+        return 2
+    errored = sum(row["status"] == "ERROR" for row in summary.rows)
+    if errored:
+        print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; their errors are in {summary.experiment_dir}")
+    return 0 if summary.best_config else 1
+
+
+def _default_space() -> str:
+    from pathlib import Path
+
+    local = Path(DEFAULT_SPACE)
+    if local.is_file():
+        return str(local)
+    return str(Path(__file__).resolve().parent.parent / DEFAULT_SPACE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

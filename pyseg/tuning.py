@@ -1,0 +1,453 @@
+"""Hyperparameter search with Ray Tune: search spaces from YAML, one TorchTrainer per trial, ASHA early stopping,
+MLflow parent and child runs, and the results (table, tune_results.csv, best config, best checkpoint).
+
+Layout of an experiment <project>/<name>/: the Tune experiment state (what --resume restores), trials/<trial>/
+(each trial's run folder: args.yaml, results.csv, weights/, ray_train/), tune_results.csv, best.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pyseg.config import TrainConfig, make_config
+from pyseg.distributed.ray_train import RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.tracking import MlflowRun, TrackingConfig, resolve_tracking_uri
+
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
+# Keys that describe the run rather than the model; the tuner sets them itself.
+NOT_SEARCHABLE = {"data", "project", "name", "exist_ok", "resume", "device", "workers", "val", "val_period", "epochs"}
+METRIC = "mask/map"
+PARENT_RUN_FILE = "mlflow_parent.json"
+TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
+
+
+class SearchSpaceError(ValueError):
+    """A search-space file is malformed; the message names the file and the key."""
+
+
+# ------------------------------------------------------------------ search spaces
+
+
+def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
+    """Reads and checks a search-space YAML: {key: (distribution, arguments)}, distribution "fixed" for constants."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise SearchSpaceError(f"cannot read search space {path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise SearchSpaceError(f"search space {path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict) or not raw:
+        raise SearchSpaceError(f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    space = {}
+    for key, entry in raw.items():
+        where = f"search space {path}, key {key!r}"
+        if key not in known:
+            raise SearchSpaceError(f"{where}: not a training config key (see python -m pyseg.train --help)")
+        if key in NOT_SEARCHABLE:
+            raise SearchSpaceError(f"{where}: describes the run, not the model; set it on the command line instead")
+        if not isinstance(entry, dict):
+            _check_value(where, key, entry)
+            space[key] = ("fixed", entry)
+            continue
+        if len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
+            raise SearchSpaceError(
+                f"{where}: give a fixed value or exactly one of {', '.join(DISTRIBUTIONS)}, got {entry!r}"
+            )
+        kind, args = next(iter(entry.items()))
+        if not isinstance(args, list) or not args:
+            raise SearchSpaceError(f"{where}: {kind} takes a list, got {args!r}")
+        count = DISTRIBUTIONS[kind]
+        if count is not None:
+            if len(args) != count or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+                raise SearchSpaceError(f"{where}: {kind} takes {count} numbers, got {args!r}")
+            low, high = args[0], args[1]
+            if not low < high:
+                raise SearchSpaceError(f"{where}: {kind} needs low < high, got {args!r}")
+            if kind == "loguniform" and low <= 0:
+                raise SearchSpaceError(f"{where}: loguniform needs low > 0, got {args!r}")
+            if kind == "quniform" and args[2] <= 0:
+                raise SearchSpaceError(f"{where}: quniform needs q > 0, got {args!r}")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise SearchSpaceError(f"{where}: randint takes integers, got {args!r}")
+            samples = [low, high - 1] if kind == "randint" else [low, high]
+        else:
+            samples = args
+        for sample in samples:
+            _check_value(where, key, sample)
+        space[key] = (kind, args)
+    return space
+
+
+def _check_value(where: str, key: str, value) -> None:
+    try:
+        make_config({key: value})
+    except ValueError as error:
+        raise SearchSpaceError(f"{where}: {error}") from error
+
+
+def to_tune_space(space: dict[str, tuple[str, object]]) -> dict:
+    """Ray Tune domains for a checked search space."""
+    from ray import tune
+
+    build = {
+        "fixed": lambda a: a,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "quniform": lambda a: tune.quniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": lambda a: tune.choice(a),
+    }
+    return {key: build[kind](args) for key, (kind, args) in space.items()}
+
+
+# ------------------------------------------------------------------ trials
+
+
+def trial_config(base: dict, sampled: dict, trials_dir: str, trial_id: str) -> TrainConfig:
+    """The TrainConfig of one trial: the base config with the sampled values, in the run folder trials/<trial_id>."""
+    values = {**base, **sampled}
+    values.update(project=trials_dir, name=trial_id, exist_ok=True, resume=False, val=True, val_period=1)
+    return make_config(values)
+
+
+def run_trial(config: dict, *, base: dict, scaling: dict, tracking: dict, trials_dir: str, hooks=()) -> None:
+    """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
+
+    A restored trial (--resume) finds its Ray Train checkpoints in trials/<trial>/ray_train and continues.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    context = ray.tune.get_context()
+    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    cfg = trial_config(base, config, trials_dir, trial_id)
+    tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
+    trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
+    fit_with_ray(cfg, RayScaling(**scaling), trial_tracking, extra_hooks=hooks, callbacks=[TuneReportCallback()])
+
+
+# ------------------------------------------------------------------ progress
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _progress_callback(searched: list[str], every_s: float):
+    from ray.tune import Callback
+
+    class ProgressTable(Callback):
+        """Prints the trials (status, epoch, mask mAP, searched values) at most every every_s seconds."""
+
+        def __init__(self):
+            self.last_print = 0.0
+            self.latest: dict[str, dict] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.latest[trial.trial_id] = result
+            if time.monotonic() - self.last_print >= every_s:
+                self.print(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.print(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.print(trials)
+
+        def print(self, trials):
+            self.last_print = time.monotonic()
+            rows = []
+            for trial in trials:
+                result = self.latest.get(trial.trial_id, {})
+                row = {"trial": trial.trial_id, "status": trial.status, "epoch": result.get("epoch")}
+                row.update({"mask mAP50-95": result.get(METRIC), "mask mAP50": result.get("mask/map50")})
+                row.update({key: trial.config.get(key) for key in searched})
+                rows.append(row)
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            header = f"--- pyseg.tune: {done}/{len(trials)} trials finished ---"
+            print(f"{header}\n{format_table(rows, list(rows[0]) if rows else ['trial'])}", flush=True)
+
+    return ProgressTable()
+
+
+# ------------------------------------------------------------------ experiment
+
+
+@dataclass
+class TuneSettings:
+    """How a search runs (python -m pyseg.tune flags)."""
+
+    samples: int = 16
+    scheduler: str = "asha"  # asha | none
+    search: str = "random"  # random | optuna
+    workers_per_trial: int = 1
+    gpus_per_trial: float = 0.0  # in total per trial, split over its workers
+    cpus_per_worker: float = 1.0
+    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) allow
+    time_budget: float = 0.0  # seconds, 0 = none
+    address: str | None = None
+    resume: bool = False
+    name: str = "tune"
+    grace_period: int = 0  # ASHA: epochs before a trial can be stopped (0 = max(1, epochs // 10))
+    progress_every_s: float = 15.0
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        if self.scheduler not in ("asha", "none"):
+            raise ValueError(f"--scheduler must be asha or none, got {self.scheduler!r}")
+        if self.search not in ("random", "optuna"):
+            raise ValueError(f"--search must be random or optuna, got {self.search!r}")
+
+    def scaling(self) -> RayScaling:
+        gpus = self.gpus_per_trial / self.workers_per_trial
+        return RayScaling(self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=2)
+
+
+@dataclass
+class TuneSummary:
+    experiment_dir: Path
+    results_csv: Path
+    best_config: Path | None
+    best_checkpoint: Path | None
+    best_trial: str | None
+    best_metric: float | None
+    rows: list[dict]
+
+
+def default_concurrency(settings: TuneSettings) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    scaling = settings.scaling()
+    if scaling.gpus_per_worker:
+        fit = resources.get("GPU", 0) / (scaling.gpus_per_worker * scaling.workers)
+    else:
+        fit = resources.get("CPU", 1) / (scaling.cpus_per_worker * scaling.workers)
+    return max(int(fit), 1)
+
+
+def _search_algorithm(settings: TuneSettings):
+    if settings.search == "random":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:
+        raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
+    try:
+        return OptunaSearch(metric=METRIC, mode="max")
+    except (ImportError, AssertionError) as error:
+        raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
+
+
+def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConfig, trials_dir: Path, hooks):
+    from ray import tune
+
+    trainable = tune.with_parameters(
+        run_trial,
+        base=base.to_dict(),
+        scaling=dataclasses.asdict(settings.scaling()),
+        tracking=dataclasses.asdict(tracking),
+        trials_dir=str(trials_dir),
+        hooks=list(hooks),
+    )
+    # The trial function only drives its TorchTrainer; the Train workers hold the CPUs and GPUs. A trial must
+    # request something, and any CPU fraction would leave less than a whole CPU for the workers: it requests memory.
+    return tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+
+
+def run_tune(
+    base: TrainConfig,
+    space: dict[str, tuple[str, object]],
+    settings: TuneSettings,
+    tracking: TrackingConfig | None = None,
+    *,
+    hooks=(),
+) -> TuneSummary:
+    """Runs (or with settings.resume continues) a search; returns where everything landed."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = absolute_paths(base)
+    tracking = tracking or TrackingConfig()
+    experiment_dir = Path(base.project) / settings.name
+    trials_dir = experiment_dir / "trials"
+    if settings.resume and not tune.Tuner.can_restore(str(experiment_dir)):
+        raise FileNotFoundError(
+            f"--resume: no Tune experiment to continue in {experiment_dir}; check --project and --name"
+        )
+    if not settings.resume and experiment_dir.exists():
+        raise FileExistsError(
+            f"{experiment_dir} already holds an experiment: pass --resume to continue it or another --name"
+        )
+    searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
+    init_ray(settings.address)
+
+    parent = None
+    if tracking.enabled:
+        tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri, base.project))
+        parent = _start_parent_run(base, space, settings, tracking, experiment_dir)
+        tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
+
+    trainable = _trainable(base, settings, tracking, trials_dir, hooks)
+    progress = _progress_callback(searched, settings.progress_every_s)
+    if settings.resume:
+        tuner = tune.Tuner.restore(
+            str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+        print(f"resuming {experiment_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
+    else:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        scheduler = None
+        if settings.scheduler == "asha":
+            grace = settings.grace_period or max(1, base.epochs // 10)
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=min(grace, base.epochs))
+        max_concurrent = settings.max_concurrent or default_concurrency(settings)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=to_tune_space(space),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                scheduler=scheduler,
+                search_alg=_search_algorithm(settings),
+                num_samples=settings.samples,
+                max_concurrent_trials=max_concurrent,
+                time_budget_s=settings.time_budget or None,
+            ),
+            run_config=tune.RunConfig(
+                name=settings.name,
+                storage_path=str(Path(base.project)),
+                callbacks=[progress],
+                verbose=0,
+            ),
+        )
+        print(
+            f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to {max_concurrent} at "
+            f"a time, {settings.workers_per_trial} worker(s) each; searching {', '.join(searched) or 'nothing'}"
+        )
+    results = tuner.fit()
+    summary = summarize(results, base, searched, experiment_dir, trials_dir)
+    if parent is not None:
+        _finish_parent_run(parent, summary)
+    return summary
+
+
+# ------------------------------------------------------------------ results
+
+
+def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: Path, trials_dir: Path) -> TuneSummary:
+    """tune_results.csv (best epoch of every trial, sorted by mask mAP50-95), best.yaml and the best checkpoint."""
+    rows = []
+    for result in results:
+        config = result.config or {}
+        history = result.metrics_dataframe
+        best = {}
+        if history is not None and METRIC in history and history[METRIC].notna().any():
+            best = history.loc[history[METRIC].idxmax()].to_dict()
+        trial_id = (result.metrics or {}).get("trial_id")
+        row = {
+            "trial": trial_id,
+            "status": "ERROR" if result.error else "TERMINATED",
+            "epochs": (result.metrics or {}).get("epoch"),
+            METRIC: best.get(METRIC),
+            "mask/map50": best.get("mask/map50"),
+            "box/map": best.get("box/map"),
+            "best_epoch": best.get("epoch"),
+        }
+        row.update({key: config.get(key) for key in searched})
+        row["run_dir"] = str(trials_dir / trial_id) if trial_id else None
+        row["_config"] = config
+        rows.append(row)
+    rows.sort(key=lambda r: -1.0 if r[METRIC] is None or math.isnan(r[METRIC]) else r[METRIC], reverse=True)
+    columns = [c for c in (rows[0] if rows else {"trial": None}) if not c.startswith("_")]
+    results_csv = experiment_dir / "tune_results.csv"
+    with open(results_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(format_table(rows, columns))
+
+    best_config = best_checkpoint = best_trial = best_metric = None
+    if rows and rows[0][METRIC] is not None:
+        best = rows[0]
+        best_trial, best_metric = best["trial"], best[METRIC]
+        values = {**base.to_dict(), **best["_config"]}
+        values.update(name=f"{experiment_dir.name}-best", exist_ok=False, resume=False)
+        best_config = experiment_dir / "best.yaml"
+        best_config.write_text(
+            f"# best trial {best_trial} of {experiment_dir} (mask mAP50-95 {best_metric:.4f}); "
+            f"python -m pyseg.train --cfg {best_config}\n" + yaml.safe_dump(make_config(values).to_dict(), sort_keys=False)
+        )
+        candidate = Path(best["run_dir"]) / "weights" / "best.pt"
+        best_checkpoint = candidate if candidate.is_file() else None
+        print(f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f} at epoch {best['best_epoch']}")
+        print(f"best config: {best_config}   (python -m pyseg.train --cfg {best_config})")
+        print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
+    print(f"all trials: {results_csv}")
+    return TuneSummary(experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows)
+
+
+def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> MlflowRun:
+    record = experiment_dir / PARENT_RUN_FILE
+    run_id = None
+    if settings.resume and record.is_file():
+        saved = json.loads(record.read_text())
+        run_id = saved["run_id"] if saved.get("uri") == tracking.uri else None
+    parent = MlflowRun(tracking.uri, tracking.experiment, run_id)
+    tags = {"pyseg.data": base.data, "pyseg.model": base.model, "pyseg.tune": settings.name, **tracking.tags}
+    parent.start(settings.name, tags)
+    if run_id is None:
+        params = {f"space.{key}": f"{kind} {args}" for key, (kind, args) in space.items()}
+        params.update(samples=settings.samples, scheduler=settings.scheduler, search=settings.search)
+        params.update(epochs=base.epochs, imgsz=base.imgsz, model=base.model, data=base.data)
+        parent.log_params(params)
+    if parent.flush():
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"uri": tracking.uri, "run_id": parent.run_id}))
+        print(f"MLflow: parent run {parent.run_id} in experiment {tracking.experiment!r} at {tracking.uri}")
+    return parent
+
+
+def _finish_parent_run(parent: MlflowRun, summary: TuneSummary) -> None:
+    if summary.best_metric is not None:
+        parent.log_metrics({"best/" + METRIC: summary.best_metric}, step=0)
+        parent.set_tags({"pyseg.best_trial": summary.best_trial})
+    parent.log_artifact(summary.results_csv)
+    if summary.best_config:
+        parent.log_artifact(summary.best_config)
+    if summary.best_checkpoint and summary.best_trial:
+        # The best trial's own child run gets its best weights.
+        def log_best_weights():
+            runs = parent.client.search_runs(
+                [parent.client.get_run(parent.run_id).info.experiment_id],
+                filter_string=f"tags.`pyseg.trial_id` = '{summary.best_trial}'",
+            )
+            if runs:
+                parent.client.log_artifact(runs[0].info.run_id, str(summary.best_checkpoint), "weights")
+
+        parent.queue("uploading the best trial's weights", log_best_weights)
+    parent.finish("FINISHED")
+    parent.flush()
