@@ -96,14 +96,21 @@ class MlflowRun:
     def __init__(self, uri: str, experiment: str, run_id: str | None = None):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
-        from mlflow.tracking import MlflowClient
-
         self.uri, self.experiment = uri, experiment
-        self.client = MlflowClient(tracking_uri=uri)
+        self._client = None
         self.run_id = run_id
         self.pending: list[tuple[str, Callable[[], None]]] = []
         self.failing = False
         self.failures = 0
+
+    @property
+    def client(self):
+        """The MlflowClient, made on first use (inside a queued write, so that a bad store only warns)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     # ---------------------------------------------------------------- queue
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     errored = sum(row["status"] == "ERROR" for row in summary.rows)
     if errored:
-        print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; their errors are in {summary.experiment_dir}")
+        print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")
     return 0 if summary.best_config else 1
 
 

@@ -46,7 +46,9 @@ def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
     except yaml.YAMLError as error:
         raise SearchSpaceError(f"search space {path} is not valid YAML: {error}") from error
     if not isinstance(raw, dict) or not raw:
-        raise SearchSpaceError(f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)")
+        raise SearchSpaceError(
+            f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)"
+        )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     space = {}
     for key, entry in raw.items():
@@ -397,10 +399,11 @@ def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: P
         values = {**base.to_dict(), **best["_config"]}
         values.update(name=f"{experiment_dir.name}-best", exist_ok=False, resume=False)
         best_config = experiment_dir / "best.yaml"
-        best_config.write_text(
+        header = (
             f"# best trial {best_trial} of {experiment_dir} (mask mAP50-95 {best_metric:.4f}); "
-            f"python -m pyseg.train --cfg {best_config}\n" + yaml.safe_dump(make_config(values).to_dict(), sort_keys=False)
+            f"python -m pyseg.train --cfg {best_config}\n"
         )
+        best_config.write_text(header + yaml.safe_dump(make_config(values).to_dict(), sort_keys=False))
         candidate = Path(best["run_dir"]) / "weights" / "best.pt"
         best_checkpoint = candidate if candidate.is_file() else None
         print(f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f} at epoch {best['best_epoch']}")

@@ -1,4 +1,4 @@
-"""Shared fixtures: the needs_cuda mark, the COCO128-Seg location, polygon batches."""
+"""Shared fixtures: the needs_cuda mark, the COCO128-Seg location, polygon batches, a tiny shapes-seg."""
 
 from __future__ import annotations
 
@@ -78,3 +78,103 @@ def random_polygons(rng: np.random.Generator, height: int, width: int) -> list[n
     polys.append(np.array([[2.0, 1.0], [6.0, 1.0], [6.0, 5.0], [2.0, 5.0]]))
     polys.append(np.array([[-1e6, -1e6], [1e6, -1e6], [1e6, 1e6]]))  # huge, covers half the grid
     return [p.astype(np.float32) for p in polys]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny shapes-seg (8 train, 4 val images at 96 px); returns its dataset YAML."""
+    from pyseg.data.synthetic import SHAPES_CLASSES, generate_shapes_seg
+
+    root = tmp_path_factory.mktemp("data")
+    generate_shapes_seg(root / "shapes", train=8, val=4, imgsz=96, seed=1)
+    config = root / "shapes.yaml"
+    names = "".join(f"\n  {i}: {name}" for i, name in enumerate(SHAPES_CLASSES))
+    config.write_text(f"path: shapes\ntrain: images/train\nval: images/val\nnames:{names}\n")
+    return config
+
+
+def tiny_config(data, tmp_path, **overrides):
+    """A TrainConfig of a few seconds per epoch on tiny_data (64 px, batch 4, CPU, one thread)."""
+    from pyseg.config import make_config
+
+    values = {
+        "data": str(data),
+        "epochs": 2,
+        "imgsz": 64,
+        "batch": 4,
+        "workers": 0,
+        "device": "cpu",
+        "project": str(tmp_path / "runs"),
+        "name": "tiny",
+        "close_mosaic": 1,
+        "warmup_epochs": 0.5,
+        "threads": 1,
+    }
+    values.update(overrides)
+    return make_config(values)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """An `mlflow server` on 127.0.0.1 with a SQLite store under root; stop() and start() keep its URI."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        command += ["--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"mlflow server on {self.uri} did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    pytest.importorskip("mlflow")
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -7,46 +7,18 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
-from pyseg.config import make_config
-from pyseg.data.synthetic import SHAPES_CLASSES, generate_shapes_seg
+from pyseg.data.synthetic import SHAPES_CLASSES
 from pyseg.engine.checkpoint import load_checkpoint
 from pyseg.engine.trainer import Hook, NonFiniteLossError, Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    generate_shapes_seg(root / "shapes", train=8, val=4, imgsz=96, seed=1)
-    config = root / "shapes.yaml"
-    names = "".join(f"\n  {i}: {name}" for i, name in enumerate(SHAPES_CLASSES))
-    config.write_text(f"path: shapes\ntrain: images/train\nval: images/val\nnames:{names}\n")
-    return config
-
-
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def tiny_config(data, tmp_path, **overrides):
-    values = {
-        "data": str(data),
-        "epochs": 2,
-        "imgsz": 64,
-        "batch": 4,
-        "workers": 0,
-        "device": "cpu",
-        "project": str(tmp_path / "runs"),
-        "name": "tiny",
-        "close_mosaic": 1,
-        "warmup_epochs": 0.5,
-        "threads": 1,
-    }
-    values.update(overrides)
-    return make_config(values)
 
 
 def test_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_data, tmp_path):

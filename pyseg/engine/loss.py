@@ -195,8 +195,8 @@ class SegLoss:
             "dfl": dfl * self.gains["dfl"],
             "mask": mask * self.gains["mask"],
         }
-        # Zero-valued terms keep every head in the graph when a batch has no (masked) foreground: DistributedDataParallel
-        # requires every parameter to receive a gradient in each step.
+        # Zero-valued terms keep every head in the graph when a batch has no (masked) foreground:
+        # DistributedDataParallel requires every parameter to receive a gradient in each step.
         connected = (distribution.sum() + outputs.mask_coeffs.sum() + outputs.protos.sum()).float() * 0.0
         total = (sum(parts.values()) + connected) * batch_size
         return total, {k: float(v.detach()) for k, v in parts.items()}
