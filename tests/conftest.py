@@ -175,6 +175,7 @@ def mlflow_server(tmp_path_factory):
 def local_ray():
     """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine)."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None)
     yield ray
     ray.shutdown()

@@ -1,0 +1,139 @@
+"""python -m pyseg.submit: run a pyseg command on a Ray cluster as a Ray Job, follow its logs, exit with its status.
+
+Examples:
+    python -m pyseg.submit --address http://HEAD:8265 -- tune --data coco128-seg.yaml --gpus-per-trial 1
+    python -m pyseg.submit --address http://HEAD:8265 --pip requirements.txt -- train --ray-workers 4 --epochs 100
+    python -m pyseg.submit --address http://HEAD:8265 --no-wait -- tune --samples 64
+
+The job runs `python -m pyseg.<command> ...` in a copy of --working-dir (default: this directory, without run
+outputs, build folders and .git), with pip packages from --pip installed by Ray when given. Inside the job,
+Ray commands reach the cluster by themselves (RAY_ADDRESS is set by Ray Jobs).
+
+Token authentication (Ray 2.60 default): the token is read from $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token (copy it from the head node) and sent with every request; pyseg never turns authentication off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+from pathlib import Path
+
+COMMANDS = ("tune", "train", "val", "predict")
+EXCLUDES = [
+    ".git",
+    "runs",
+    "build",
+    "mlruns",
+    "mlflow.db",
+    "mlartifacts",
+    "benchmarks/out",
+    "*.egg-info",
+    "__pycache__",
+]
+FORWARDED_ENV = ("PYSEG_DATASETS_DIR", "PYSEG_CACHE_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyseg.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="the cluster's dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)",
+    )
+    parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following it")
+    parser.add_argument("--working-dir", default=".", help="folder shipped to the cluster (default: .)")
+    parser.add_argument("--pip", default="", help="a requirements file (or comma-separated packages) Ray installs")
+    parser.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- tune|train|val|predict [its flags]")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or command[0] not in COMMANDS:
+        parser.error(f"give the pyseg command after --, one of {', '.join(COMMANDS)} (e.g. -- tune --samples 8)")
+    if not args.address:
+        parser.error("--address is required (the cluster's dashboard, e.g. http://HEAD:8265)")
+    args.command = command
+    return args
+
+
+def use_token_if_available() -> bool:
+    """Turns on token mode for the client when a token is at hand and the mode is unset; True if a token is used."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return False
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser()
+    if os.environ.get("RAY_AUTH_TOKEN") or path.is_file():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        return True
+    return False
+
+
+def runtime_env(working_dir: str, pip: str) -> dict:
+    folder = Path(working_dir).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"--working-dir {working_dir}: not a folder")
+    env = {"working_dir": str(folder), "excludes": EXCLUDES}
+    if pip:
+        requirements = Path(pip).expanduser()
+        env["pip"] = str(requirements.resolve()) if requirements.is_file() else [p for p in pip.split(",") if p]
+    forwarded = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    if forwarded:
+        env["env_vars"] = forwarded
+    return env
+
+
+def entrypoint(command: list[str]) -> str:
+    return f"python -m pyseg.{command[0]} {shlex.join(command[1:])}".rstrip()
+
+
+async def follow_logs(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        print(lines, end="", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    token = use_token_if_available()
+    try:
+        env = runtime_env(args.working_dir, args.pip)
+    except ValueError as error:
+        print(f"pyseg.submit: {error}", file=sys.stderr)
+        return 2
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(args.address)
+        job_id = client.submit_job(entrypoint=entrypoint(args.command), runtime_env=env, submission_id=args.job_id)
+    except Exception as error:  # connection refused, 401, bad runtime env: all end here with a next step
+        hint = (
+            "the cluster refused the token: use the head node's ~/.ray/auth_token (or $RAY_AUTH_TOKEN)"
+            if "nauthorized" in str(error) or "401" in str(error)
+            else "check --address (the dashboard, port 8265) and that the cluster is up (ray status on the head)"
+        )
+        if "nauthorized" in str(error) and not token:
+            hint = "the cluster wants a token: copy the head node's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
+        print(f"pyseg.submit: cannot submit to {args.address}: {str(error)[:500]}\n  {hint}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id}: {entrypoint(args.command)}", flush=True)
+    follow = f"ray job logs --follow {job_id} --address {args.address}"
+    if args.no_wait:
+        print(f"follow it with: {follow}\nstop it with: ray job stop {job_id} --address {args.address}")
+        return 0
+    try:
+        asyncio.run(follow_logs(client, job_id))
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. {follow}   or stop it: ray job stop {job_id}", file=sys.stderr)
+        return 130
+    info = client.get_job_info(job_id)
+    status = str(getattr(info.status, "value", info.status))
+    print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message and status != "SUCCEEDED" else ""))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
