@@ -35,7 +35,6 @@ EXCLUDES = [
     "__pycache__",
 ]
 FORWARDED_ENV = ("PYSEG_DATASETS_DIR", "PYSEG_CACHE_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN")
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
