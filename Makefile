@@ -2,7 +2,7 @@
 .PHONY: run test bench lint
 
 run:
-	scripts/with-env.sh python -m pyseg.train --imgsz 320 --epochs 30 --name quickstart
+	scripts/with-env.sh python -m pyseg.tune --samples 4 --epochs 15 --imgsz 160 --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test:
 	scripts/with-env.sh scripts/run-tests.sh -q

@@ -115,13 +115,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for imgsz in args.sizes:
         for workers in args.workers:
-            for cache in ([False, True] if args.cache else [False]):
+            for cache in [False, True] if args.cache else [False]:
                 rate, parts = run(split.images, imgsz, workers, args.batch, args.epochs, cache)
                 ref = REFERENCE_IMG_S.get((imgsz, workers))
                 ratio = f"{rate / ref:.2f}x" if ref and COCO_YAML.is_file() else ""
                 detail = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-                print(f"| {imgsz} | {workers} | {'ram' if cache else 'no'} | {rate:.1f} | {ref or ''} | {ratio} | "
-                      f"{detail} |")
+                print(
+                    f"| {imgsz} | {workers} | {'ram' if cache else 'no'} | {rate:.1f} | {ref or ''} | {ratio} | "
+                    f"{detail} |"
+                )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ NOT_SEARCHABLE = {"data", "project", "name", "exist_ok", "resume", "device", "wo
 METRIC = "mask/map"
 PARENT_RUN_FILE = "mlflow_parent.json"
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
+TRIAL_STOP_GRACE_S = 20  # seconds a stopped trial gets before Tune kills it
 
 
 class SearchSpaceError(ValueError):
@@ -305,6 +307,9 @@ def run_tune(
             f"{experiment_dir} already holds an experiment: pass --resume to continue it or another --name"
         )
     searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
+    # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
+    # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     init_ray(settings.address)
 
     parent = None
@@ -325,7 +330,9 @@ def run_tune(
         scheduler = None
         if settings.scheduler == "asha":
             grace = settings.grace_period or max(1, base.epochs // 10)
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=min(grace, base.epochs))
+            # max_t one past the last epoch: ASHA never stops a trial at its last report, which would race the
+            # trial's own ending (final plots, MLflow artifacts) and kill it half-way.
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=min(grace, base.epochs))
         max_concurrent = settings.max_concurrent or default_concurrency(settings)
         tuner = tune.Tuner(
             trainable,

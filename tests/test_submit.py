@@ -26,7 +26,8 @@ def test_submit_needs_a_pyseg_command_and_an_address(capsys):
     assert submit.entrypoint(args.command) == "python -m pyseg.tune --samples 2 --name 'a b'"
 
 
-def test_unreachable_cluster_gets_a_next_step(capsys):
+def test_unreachable_cluster_gets_a_next_step(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # submit.main may set it; keep it out of later tests
     code = submit.main(["--address", f"http://127.0.0.1:{free_port()}", "--no-wait", "--", "train", "--epochs", "1"])
     assert code == 1
     assert "check --address" in capsys.readouterr().err

@@ -93,7 +93,10 @@ def test_three_trial_asha_search_gives_each_trial_its_hyperparameters_and_logs_t
     )
     space = load_search_space(space_path)
     base = tiny_config(tiny_data, tmp_path, epochs=2, name="unused")
-    settings = TuneSettings(samples=3, scheduler="asha", name="search", max_concurrent=2, progress_every_s=0)
+    # The time budget only guards CI against a stuck trial: the search takes about 80 s here.
+    settings = TuneSettings(
+        samples=3, scheduler="asha", name="search", max_concurrent=2, progress_every_s=0, time_budget=400
+    )
     tracking = TrackingConfig(uri=mlflow_server.uri, experiment="tune-test")
     summary = run_tune(base, space, settings, tracking)
 
@@ -155,3 +158,20 @@ def test_an_existing_experiment_needs_resume_or_a_new_name(tiny_data, tmp_path):
         run_tune(base, space, TuneSettings(name="taken"), TrackingConfig(enabled=False))
     with pytest.raises(FileNotFoundError, match="no Tune experiment to continue"):
         run_tune(base, space, TuneSettings(name="missing", resume=True), TrackingConfig(enabled=False))
+
+
+def test_optuna_search_is_used_when_installed_and_named_when_missing():
+    from pyseg.tuning import _search_algorithm
+
+    assert _search_algorithm(TuneSettings(search="random")) is None
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install optuna"):
+            _search_algorithm(TuneSettings(search="optuna"))
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        assert isinstance(_search_algorithm(TuneSettings(search="optuna")), OptunaSearch)
+    with pytest.raises(ValueError, match="--search must be random or optuna"):
+        TuneSettings(search="grid")

@@ -115,13 +115,10 @@ class RayReportHook(Hook):
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function each Ray Train worker runs: a Trainer for this rank, restored from Ray's last checkpoint."""
-    import logging
-
     import ray.train
     import ray.train.torch
     import torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report and checkpoint otherwise
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = make_config(loop_config["config"])
