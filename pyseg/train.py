@@ -36,7 +36,12 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray-workers", type=int, default=0, help="data-parallel Ray Train workers (0 = this process, no Ray)"
     )
-    group.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker (default 0: CPU, gloo)")
+    group.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per worker (default: 1 if the cluster has GPUs, else 0)",
+    )
     group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
     group.add_argument(
         "--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: $RAY_ADDRESS or a local Ray)"

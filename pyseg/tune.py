@@ -34,7 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--search", default="random", choices=("random", "optuna"), help="search (default random)")
     group.add_argument("--grace-period", type=int, default=0, help="ASHA: epochs before stopping (0 = epochs // 10)")
     group.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
-    group.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, split over its workers")
+    group.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs, else 0)",
+    )
     group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker (default 1)")
     group.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster fits)")
     group.add_argument("--time-budget", type=float, default=0.0, help="stop the search after S seconds (0 = none)")

@@ -207,7 +207,7 @@ class TuneSettings:
     scheduler: str = "asha"  # asha | none
     search: str = "random"  # random | optuna
     workers_per_trial: int = 1
-    gpus_per_trial: float = 0.0  # in total per trial, split over its workers
+    gpus_per_trial: float | None = None  # in total per trial, split over its workers; None: 1 per worker with GPUs
     cpus_per_worker: float = 1.0
     max_concurrent: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) allow
     time_budget: float = 0.0  # seconds, 0 = none
@@ -226,7 +226,7 @@ class TuneSettings:
             raise ValueError(f"--search must be random or optuna, got {self.search!r}")
 
     def scaling(self) -> RayScaling:
-        gpus = self.gpus_per_trial / self.workers_per_trial
+        gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
         return RayScaling(self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=2)
 
 
@@ -311,6 +311,9 @@ def run_tune(
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     init_ray(settings.address)
+    if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
+        gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
+        settings = dataclasses.replace(settings, gpus_per_trial=gpus)
 
     parent = None
     if tracking.enabled:

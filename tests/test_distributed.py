@@ -74,6 +74,7 @@ def test_ray_scaling_rejects_impossible_resources():
     with pytest.raises(ValueError, match="--cpus-per-worker"):
         RayScaling(workers=1, cpus_per_worker=0)
     assert RayScaling(2, gpus_per_worker=1).resources_per_worker() == {"CPU": 1.0, "GPU": 1}
+    assert RayScaling(2, gpus_per_worker=0).resources_per_worker() == {"CPU": 1.0}
 
 
 @pytest.mark.slow
@@ -89,6 +90,7 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
         extra_hooks=[RecordStart(starts), CrashOnce(rank=1, epoch=2, marker=marker)],
     )
     assert result.error is None and marker.is_file()
+    assert "GPU" not in local_ray.cluster_resources()  # so the unset gpus_per_worker resolved to CPU workers
     assert result.metrics["epoch"] == 3
 
     records = [json.loads(line) for line in starts.read_text().splitlines()]

@@ -34,7 +34,7 @@ class RayScaling:
     """Workers of one training: count, resources per worker, the cluster, and restarts after failures."""
 
     workers: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has a GPU for every worker, else 0 (CPU)
     cpus_per_worker: float = 1.0
     address: str | None = None  # None: RAY_ADDRESS or a new local Ray; "auto": the running cluster; or a URL
     max_failures: int = 2  # worker-group restarts from the last checkpoint (-1 = unlimited)
@@ -42,11 +42,20 @@ class RayScaling:
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"--ray-workers must be >= 1, got {self.workers}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+        if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker <= 0:
             raise ValueError(
                 f"--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got {self.gpus_per_worker} and "
                 f"{self.cpus_per_worker}"
             )
+
+    def resolved(self) -> RayScaling:
+        """A copy with gpus_per_worker decided from the connected cluster's GPUs when it was left unset."""
+        if self.gpus_per_worker is not None:
+            return self
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        return dataclasses.replace(self, gpus_per_worker=1.0 if gpus >= self.workers else 0.0)
 
     def resources_per_worker(self) -> dict[str, float]:
         resources = {"CPU": self.cpus_per_worker}
@@ -178,6 +187,7 @@ def fit_with_ray(
     cfg, run_dir = prepare_run(cfg)
     tracking = tracking or TrackingConfig()
     init_ray(scaling.address)
+    scaling = scaling.resolved()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
