@@ -115,8 +115,8 @@ def run_tune_search(args, project: Path) -> dict:
     from pyseg.tracking import TrackingConfig
     from pyseg.tuning import TuneSettings, load_search_space, run_tune
 
-    cfg = make_config({**base_config(args, project, "unused").to_dict(), "val": True, "epochs": args.tune_epochs})
-    cfg.imgsz = args.tune_imgsz
+    values = {**base_config(args, project, "unused").to_dict(), "val": True}
+    cfg = make_config({**values, "epochs": args.tune_epochs, "imgsz": args.tune_imgsz})
     space = load_search_space(ROOT / "tune" / "default.yaml")
     settings = TuneSettings(samples=4, scheduler="none", name="tune4", max_concurrent=2, progress_every_s=60)
     wall = time.perf_counter()

@@ -90,6 +90,19 @@ def numeric_metrics(row: dict) -> dict[str, float]:
     return metrics
 
 
+def read_run_id(record: Path, uri: str) -> str | None:
+    """The run id saved in record (JSON {uri, run_id}) when it belongs to the same tracking URI."""
+    if not record.is_file():
+        return None
+    saved = json.loads(record.read_text())
+    return saved["run_id"] if saved.get("uri") == uri else None
+
+
+def write_run_id(record: Path, run: MlflowRun) -> None:
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}))
+
+
 class MlflowRun:
     """One MLflow run written through a queue of deferred calls; failures warn once and retry later."""
 
@@ -209,11 +222,7 @@ class MlflowHook(Hook):
             return
         cfg = trainer.cfg
         uri = resolve_tracking_uri(self.tracking.uri, cfg.project)
-        saved = trainer.run_dir / RUN_ID_FILE
-        run_id = None
-        if trainer.start_epoch > 0 and saved.is_file():
-            record = json.loads(saved.read_text())
-            run_id = record["run_id"] if record.get("uri") == uri else None
+        run_id = read_run_id(trainer.run_dir / RUN_ID_FILE, uri) if trainer.start_epoch > 0 else None
         self.run = MlflowRun(uri, self.tracking.experiment, run_id)
         tags = {
             "pyseg.data": cfg.data,
@@ -226,7 +235,7 @@ class MlflowHook(Hook):
         if run_id is None:
             self.run.log_params(cfg.to_dict())
         if self.run.flush():
-            saved.write_text(json.dumps({"uri": uri, "run_id": self.run.run_id}))
+            write_run_id(trainer.run_dir / RUN_ID_FILE, self.run)
             print(f"MLflow: run {self.run.run_id} in experiment {self.tracking.experiment!r} at {uri}")
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
@@ -234,7 +243,7 @@ class MlflowHook(Hook):
             return
         self.run.log_metrics(numeric_metrics(row), step=int(row["epoch"]))
         if self.run.flush() and not (trainer.run_dir / RUN_ID_FILE).is_file():
-            (trainer.run_dir / RUN_ID_FILE).write_text(json.dumps({"uri": self.run.uri, "run_id": self.run.run_id}))
+            write_run_id(trainer.run_dir / RUN_ID_FILE, self.run)  # the run was created after an outage
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.run is None:

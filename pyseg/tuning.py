@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import time
@@ -20,7 +19,7 @@ import yaml
 
 from pyseg.config import TrainConfig, make_config
 from pyseg.distributed.ray_train import RayScaling, absolute_paths, fit_with_ray, init_ray
-from pyseg.tracking import MlflowRun, TrackingConfig, resolve_tracking_uri
+from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
 # Keys that describe the run rather than the model; the tuner sets them itself.
@@ -425,10 +424,7 @@ def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: P
 
 def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> MlflowRun:
     record = experiment_dir / PARENT_RUN_FILE
-    run_id = None
-    if settings.resume and record.is_file():
-        saved = json.loads(record.read_text())
-        run_id = saved["run_id"] if saved.get("uri") == tracking.uri else None
+    run_id = read_run_id(record, tracking.uri) if settings.resume else None
     parent = MlflowRun(tracking.uri, tracking.experiment, run_id)
     tags = {"pyseg.data": base.data, "pyseg.model": base.model, "pyseg.tune": settings.name, **tracking.tags}
     parent.start(settings.name, tags)
@@ -438,8 +434,7 @@ def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> 
         params.update(epochs=base.epochs, imgsz=base.imgsz, model=base.model, data=base.data)
         parent.log_params(params)
     if parent.flush():
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"uri": tracking.uri, "run_id": parent.run_id}))
+        write_run_id(record, parent)
         print(f"MLflow: parent run {parent.run_id} in experiment {tracking.experiment!r} at {tracking.uri}")
     return parent
 
