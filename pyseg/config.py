@@ -37,7 +37,8 @@ class TrainConfig:
     patience: int = 50  # stop after this many epochs without a better mask mAP50-95 (0 = never)
     val: bool = True  # validate after every epoch
     val_period: int = 1  # validate every N epochs (and always on the last)
-    cache_images: bool = False  # keep decoded images in RAM
+    cache_images: bool = False  # decode every image once, up front, and keep it in RAM
+    buffer_mb: float = 256.0  # RAM (MiB) per loader process for recently decoded training images (0 = none)
     save_period: int = 0  # also keep weights/epochN.pt every N epochs (0 = never)
     threads: int = 0  # torch intra-op threads on CPU (0 = all cores)
     # --- optimization
@@ -65,9 +66,9 @@ class TrainConfig:
     overlap_mask: bool = True  # ground truth as one index map per image (smaller instances on top)
     mask_ratio: int = 4  # mask resolution = imgsz / mask_ratio (must match the prototype stride, 4)
     # --- augmentation
-    hsv_h: float = 0.015  # hue gain, fraction
-    hsv_s: float = 0.7  # saturation gain
-    hsv_v: float = 0.4  # value gain
+    hsv_h: float = 0.015  # hue rotation, +/- fraction of the colour circle
+    hsv_s: float = 0.7  # saturation gain, +/- fraction
+    hsv_v: float = 0.4  # value (brightness) gain, +/- fraction
     degrees: float = 0.0  # rotation, +/- degrees
     translate: float = 0.1  # translation, +/- fraction
     scale: float = 0.5  # scale gain, +/- fraction

@@ -457,5 +457,21 @@ def _finish_parent_run(parent: MlflowRun, summary: TuneSummary) -> None:
                 parent.client.log_artifact(runs[0].info.run_id, str(summary.best_checkpoint), "weights")
 
         parent.queue("uploading the best trial's weights", log_best_weights)
+
+    # A trial the scheduler stopped early (or that failed) never reached its on_fit_end: close its child run.
+    failed = {row["trial"] for row in summary.rows if row["status"] == "ERROR"}
+
+    def close_stopped_trial_runs():
+        experiment_id = parent.client.get_run(parent.run_id).info.experiment_id
+        running = parent.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in running:
+            is_failed = run.data.tags.get("pyseg.trial_id") in failed
+            parent.client.set_tag(run.info.run_id, "pyseg.ended", "failed" if is_failed else "stopped early")
+            parent.client.set_terminated(run.info.run_id, "FAILED" if is_failed else "KILLED")
+
+    parent.queue("closing the runs of stopped trials", close_stopped_trial_runs)
     parent.finish("FINISHED")
     parent.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 from pathlib import Path
 
@@ -224,9 +225,12 @@ def square_dataset(size=200, square=(60, 50, 140, 130)) -> SegDataset:
 
 
 @pytest.mark.parametrize("mosaic", [0.0, 1.0])
-def test_transformed_polygons_stay_inside_and_match_the_pixels(mosaic):
+@pytest.mark.parametrize("geometry", ["rotate_shear_perspective", "scale_translate"])
+def test_transformed_polygons_stay_inside_and_match_the_pixels(mosaic, geometry):
     dataset = square_dataset()
     dataset.hyp.mosaic = mosaic
+    if geometry == "scale_translate":  # the snapped cv2.resize path
+        dataset.hyp.degrees = dataset.hyp.shear = dataset.hyp.perspective = 0.0
     dataset.epochs = 100
     for epoch in range(12):
         sample = dataset[(0, epoch)]
@@ -263,6 +267,97 @@ def test_clip_polygon_keeps_the_inside_part():
     assert augment.polygon_areas(np.concatenate([square, clipped]), [4, len(clipped)]).tolist() == [100.0, 25.0]
 
 
+def test_snapped_warp_draws_exactly_the_transform_it_returns():
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), (0, 0), 2)
+    for scale, tx, ty in [(0.7, 13.3, -5.2), (1.6, -40.5, 20.25), (0.5, 0.0, 0.0), (1.0, 60.4, 70.6)]:
+        requested = augment.translation(tx, ty) @ augment.scaling(scale)
+        snapped = np.full((100, 100, 3), 114, np.uint8)
+        drawn, visible = augment.warp_into(snapped, image, requested, snap=True)
+        corners = np.array([visible[:2], visible[2:]], np.float32)
+        edges = augment.transform_points(corners, drawn)
+        assert np.allclose(edges, np.round(edges), atol=1e-3)  # whole output pixels
+        assert np.abs(edges - augment.transform_points(corners, requested)).max() <= 1.0  # within a pixel
+        general = np.full_like(snapped, 114)
+        assert augment.warp_into(general, image, drawn, visible) is not None
+        (x0, y0), (x1, y1) = np.round(edges).astype(int)
+        inner = (slice(y0 + 1, y1 - 1), slice(x0 + 1, x1 - 1))
+        assert (snapped != 114).any(2).sum() > 0
+        difference = np.abs(snapped[inner].astype(int) - general[inner].astype(int))
+        assert difference.max() <= 2, (scale, tx, ty)  # same pixels as a general warp by the returned transform
+    assert augment.warp_into(snapped, image, augment.translation(500, 0), snap=True) is None
+
+
+def test_colour_matrix_keeps_grey_turns_hue_and_scales():
+    assert np.allclose(augment.colour_matrix(0.0, 1.0, 1.0), np.eye(3), atol=1e-6)
+    grey = np.array([80.0, 80.0, 80.0])
+    for hue in (0.1, 1 / 3, -0.2):
+        assert np.allclose(augment.colour_matrix(hue, 1.0, 1.0) @ grey, grey, atol=1e-3)
+    blue = np.array([255.0, 0.0, 0.0])
+    turned = augment.colour_matrix(1 / 3, 1.0, 1.0) @ blue  # a third of a turn carries a primary to another
+    assert np.allclose(sorted(turned), [0, 0, 255], atol=1e-3) and not np.allclose(turned, blue)
+    pixel = np.array([30.0, 120.0, 200.0])  # B, G, R
+    luma = 0.114 * 30 + 0.587 * 120 + 0.299 * 200
+    assert np.allclose(augment.colour_matrix(0.0, 0.0, 1.0) @ pixel, luma, atol=1e-3)  # no saturation: grey
+    assert np.allclose(augment.colour_matrix(0.0, 1.0, 0.5) @ pixel, pixel / 2, atol=1e-3)
+    image = np.full((4, 4, 3), 90, np.uint8)
+    augment.hsv_jitter(image, np.random.default_rng(1), 0.5, 0.0, 0.0)  # in place; grey stays grey
+    assert np.abs(image.astype(int) - 90).max() <= 1
+
+
+def test_instances_store_polygons_back_to_back():
+    a = np.array([[0, 0], [4, 0], [4, 2]], np.float32)
+    b = np.array([[1, 1], [3, 1], [3, 5], [1, 5]], np.float32)
+    instances = augment.Instances.from_polygons([0, 1], [a, b], [True, False])
+    assert instances.offsets().tolist() == [0, 3, 7]
+    assert instances.boxes().tolist() == [[0, 0, 4, 2], [1, 1, 3, 5]]
+    second = instances.select([False, True])
+    assert np.array_equal(second.points, b) and second.has_mask.tolist() == [False] and second.classes.tolist() == [1]
+    both = augment.Instances.concat([second, augment.Instances.empty(), instances])
+    assert [len(p) for p in both.polygons] == [4, 3, 4] and both.classes.tolist() == [1, 0, 1]
+    flipped = augment.flip_instances(instances, 10, 0)
+    assert np.array_equal(flipped.points[:, 0], 10 - instances.points[:, 0])
+    assert np.array_equal(flipped.points[:, 1], instances.points[:, 1])
+    assert augment.Instances.empty().boxes().shape == (0, 4) and augment.Instances.empty().polygons == []
+
+
+def test_buffer_keeps_recent_images_decoded_within_its_budget(tmp_path, monkeypatch):
+    yaml_path = make_dataset(tmp_path / "d", {f"im{i}": "0 0.1 0.1 0.5 0.1 0.5 0.5\n" for i in range(4)})
+    images = load_split(resolve_dataset(yaml_path).splits["train"], 2, "train").images
+    one_image = 48 * 64 * 3
+    dataset = SegDataset(images, 64, AugmentConfig(), epochs=5, buffer_mb=2.5 * one_image / 2**20)
+    reads = []
+    original_read = SegDataset._read
+    monkeypatch.setattr(SegDataset, "_read", lambda self, i: reads.append(i) or original_read(self, i))
+    for index in (0, 1, 2, 1, 0):
+        dataset.image(index)
+    assert reads == [0, 1, 2, 0]  # 1 was still buffered; 0 had made room for 2 (least recently used first)
+    assert list(dataset._buffer) == [1, 0] and dataset._buffered_bytes == 2 * one_image
+    with pytest.raises(ValueError):
+        dataset.image(1)[0, 0, 0] = 7  # buffered images are read-only: augmentation never changes them
+    unbuffered = SegDataset(images, 64, AugmentConfig(copy_paste=0.5, mixup=0.5), epochs=5)
+    buffered = SegDataset(images, 64, AugmentConfig(copy_paste=0.5, mixup=0.5), epochs=5, buffer_mb=1.0)
+    for key in [(i, e) for e in range(3) for i in range(4)]:  # same samples with or without the buffer
+        a, b = unbuffered[key], buffered[key]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["vertices"], b["vertices"])
+    assert len(buffered._buffer) == 4 and len(pickle.loads(pickle.dumps(buffered))._buffer) == 0
+
+
+def test_mosaic_skips_only_tiles_that_miss_the_output(monkeypatch):
+    dataset = square_dataset()
+    dataset.hyp.mosaic, dataset.hyp.scale, dataset.epochs = 1.0, 0.5, 100
+    loads = []
+    original_load = SegDataset.load
+    monkeypatch.setattr(SegDataset, "load", lambda self, i: loads.append(i) or original_load(self, i))
+    skipping = [dataset[(0, epoch)] for epoch in range(30)]
+    skipped_loads = len(loads)
+    monkeypatch.setattr(SegDataset, "_lands_in_output", lambda self, *args: True)
+    every_tile = [dataset[(0, epoch)] for epoch in range(30)]
+    assert skipped_loads < len(loads) - len(skipping)  # some tiles were never decoded...
+    for a, b in zip(skipping, every_tile, strict=True):  # ...and none of them would have shown
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["vertices"], b["vertices"])
+
+
 # ------------------------------------------------------------------ batches and sharding
 
 
@@ -291,6 +386,31 @@ def test_two_rank_shards_are_disjoint_and_cover_the_dataset():
     first = [i for i, _ in sampler]
     sampler.set_epoch(1)
     assert [i for i, _ in sampler] != first and all(e == 1 for _, e in sampler)
+
+
+def test_training_loader_streams_across_epochs_and_restarts_when_asked_out_of_order():
+    single = square_dataset()
+    dataset = SegDataset(single.images * 10, single.imgsz, single.hyp, epochs=10)
+    dataset._cache = dict.fromkeys(range(10), single._cache[0])
+    streaming = build_dataloader(dataset, 4, workers=2, seed=1)
+    reference = build_dataloader(dataset, 4, workers=0, seed=1)
+    assert type(streaming).__name__ == "SegLoader" and len(streaming) == len(reference) == 3
+
+    def epoch_batches(loader, epoch, stop=None):
+        loader.sampler.set_epoch(epoch)
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == stop:
+                break
+        return out
+
+    # in order, then a jump back, then an epoch left half read and asked again from its start
+    for epoch, stop in [(0, None), (1, None), (2, None), (0, None), (4, 1), (4, None), (5, None)]:
+        got, want = epoch_batches(streaming, epoch, stop), epoch_batches(reference, epoch, stop)
+        assert len(got) == len(want) == (stop or 3)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["vertices"], b["vertices"]), epoch
 
 
 @pytest.mark.skipif(not COCO_YAML.is_file(), reason="COCO128-Seg not found")

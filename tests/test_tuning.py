@@ -138,6 +138,8 @@ def test_three_trial_asha_search_gives_each_trial_its_hyperparameters_and_logs_t
         assert float(child.data.params["lr0"]) == pytest.approx(trained[trial])
         steps = [m.step for m in client.get_metric_history(child.info.run_id, METRIC)]
         assert steps[0] == 1 and steps == sorted(steps) and len(steps) >= 1
+        # a trial ASHA stopped early is closed as KILLED, never left RUNNING
+        assert child.info.status == ("FINISHED" if len(steps) == 2 else "KILLED"), (trial, steps)
         artifacts = {Path(a.path).name for a in client.list_artifacts(child.info.run_id)}
         assert {"results.csv", "args.yaml"} <= artifacts
         if trial == summary.best_trial:

@@ -18,39 +18,64 @@ PAD_VALUE = 114  # grey of the letterbox border and of uncovered mosaic areas
 
 @dataclass
 class Instances:
-    """Instances of one image, in pixels of that image."""
+    """Instances of one image, in pixels of that image, with their polygons stored back to back."""
 
     classes: np.ndarray  # int64 [n]
-    polygons: list[np.ndarray]  # n arrays float32 [k, 2]; a box-only instance carries its 4 box corners
+    points: np.ndarray  # float32 [V, 2]; a box-only instance carries its 4 box corners
+    lengths: np.ndarray  # int64 [n] vertex count of each polygon
     has_mask: np.ndarray  # bool [n]; False for box-only instances
 
     @staticmethod
     def empty() -> Instances:
-        return Instances(np.zeros(0, np.int64), [], np.zeros(0, bool))
+        return Instances(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
+
+    @staticmethod
+    def from_polygons(classes, polygons: list[np.ndarray], has_mask) -> Instances:
+        """From one [k, 2] array per instance."""
+        if not len(polygons):
+            return Instances.empty()
+        return Instances(
+            np.asarray(classes, np.int64),
+            np.concatenate(polygons).astype(np.float32).reshape(-1, 2),
+            np.array([len(p) for p in polygons], np.int64),
+            np.asarray(has_mask, bool),
+        )
 
     def __len__(self) -> int:
         return len(self.classes)
 
+    @property
+    def polygons(self) -> list[np.ndarray]:
+        """One [k, 2] view per instance."""
+        return np.split(self.points, np.cumsum(self.lengths)[:-1]) if len(self.lengths) else []
+
+    def offsets(self) -> np.ndarray:
+        """int64 [n + 1]: polygon i is points[offsets[i]:offsets[i + 1]]."""
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
     def boxes(self) -> np.ndarray:
-        """float32 [n, 4] xyxy bounds of the polygons."""
-        if not self.polygons:
+        """float32 [n, 4] xyxy bounds of the polygons (every polygon has at least one vertex)."""
+        if not len(self):
             return np.zeros((0, 4), np.float32)
-        return np.stack([np.concatenate([p.min(0), p.max(0)]) for p in self.polygons]).astype(np.float32)
+        starts = _starts(self.lengths)
+        lo, hi = np.minimum.reduceat(self.points, starts), np.maximum.reduceat(self.points, starts)
+        return np.concatenate([lo, hi], 1).astype(np.float32)
 
     def select(self, keep: np.ndarray) -> Instances:
         keep = np.asarray(keep, bool)
         return Instances(
-            self.classes[keep], [p for p, k in zip(self.polygons, keep, strict=True) if k], self.has_mask[keep]
+            self.classes[keep], self.points[np.repeat(keep, self.lengths)], self.lengths[keep], self.has_mask[keep]
         )
 
     @staticmethod
     def concat(parts: list[Instances]) -> Instances:
         parts = [p for p in parts if len(p)]
-        if not parts:
-            return Instances.empty()
+        if len(parts) < 2:
+            return parts[0] if parts else Instances.empty()
         return Instances(
             np.concatenate([p.classes for p in parts]),
-            [poly for p in parts for poly in p.polygons],
+            np.concatenate([p.points for p in parts]),
+            np.concatenate([p.lengths for p in parts]),
             np.concatenate([p.has_mask for p in parts]),
         )
 
@@ -136,9 +161,10 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """points [k, 2] through a 3x3 matrix (affine or perspective)."""
     if len(points) == 0:
         return points.astype(np.float32)
-    homogeneous = np.concatenate([points, np.ones((len(points), 1), points.dtype)], 1) @ matrix.T
     if matrix[2, 0] == 0 and matrix[2, 1] == 0:
-        return (homogeneous[:, :2] / matrix[2, 2]).astype(np.float32)
+        affine = matrix[:2] / matrix[2, 2]
+        return (points @ affine[:, :2].T + affine[:, 2]).astype(np.float32)
+    homogeneous = np.concatenate([points, np.ones((len(points), 1), points.dtype)], 1) @ matrix.T
     return (homogeneous[:, :2] / np.maximum(homogeneous[:, 2:3], 1e-9)).astype(np.float32)
 
 
@@ -175,28 +201,66 @@ def random_affine(
     return t @ s @ rotation @ p
 
 
-def warp_into(out: np.ndarray, image: np.ndarray, matrix: np.ndarray) -> None:
-    """Warps image (source pixels) through matrix into out, writing only the pixels the image covers.
+Rect = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
-    Only the output rectangle the image can reach is computed (a ROI), so four mosaic tiles cost about
-    one full warp.
+
+def _snapped_span(lo: float, hi: float, scale: float, shift: float, out_len: int) -> tuple[int, int, int, int] | None:
+    """Integer source span [s0, s1) and output span [d0, d1) closest to u = scale * p + shift of [lo, hi],
+    clipped to the output [0, out_len]; None when nothing lands inside."""
+    a, b = max(lo, -shift / scale), min(hi, (out_len - shift) / scale)
+    s0, s1 = round(a), round(b)
+    d0, d1 = max(0, round(scale * a + shift)), min(out_len, round(scale * b + shift))
+    if s1 <= s0 or d1 <= d0:
+        return None
+    return s0, s1, d0, d1
+
+
+def warp_into(
+    out: np.ndarray, image: np.ndarray, matrix: np.ndarray, visible: Rect | None = None, snap: bool = False
+) -> tuple[np.ndarray, Rect] | None:
+    """Warps the visible part of image (source pixels, default all) through matrix into out, in place.
+
+    Only the output rectangle the image can reach is computed (a ROI), so four mosaic tiles cost about one full
+    warp. With snap=True a scale + translation (no rotation, shear or perspective) is rounded to whole pixels at
+    the visible part's edges (under a pixel of difference) and done by cv2.resize into the ROI, about 3x faster
+    than a general warp. Returns the transform and visible source rectangle actually drawn (give both to
+    transform_instances so polygons match the pixels), or None when nothing lands in out.
     """
     h, w = image.shape[:2]
-    corners = transform_points(np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32), matrix)
     out_h, out_w = out.shape[:2]
-    x0, y0 = (max(0, int(math.floor(v))) for v in corners.min(0))
-    x1, y1 = min(out_w, int(math.ceil(corners[:, 0].max()))), min(out_h, int(math.ceil(corners[:, 1].max())))
-    if x0 >= x1 or y0 >= y1:
-        return
-    roi = out[y0:y1, x0:x1]
-    local = translation(-x0, -y0) @ matrix
+    x0, y0, x1, y1 = visible if visible is not None else (0.0, 0.0, float(w), float(h))
+    axis_aligned = matrix[0, 1] == 0 and matrix[1, 0] == 0 and matrix[2, 0] == 0 and matrix[2, 1] == 0
+    if snap and axis_aligned and matrix[0, 0] > 0 and matrix[1, 1] > 0:
+        m = matrix / matrix[2, 2]
+        xs = _snapped_span(x0, x1, m[0, 0], m[0, 2], out_w)
+        ys = _snapped_span(y0, y1, m[1, 1], m[1, 2], out_h)
+        if xs is None or ys is None:
+            return None
+        (sx0, sx1, dx0, dx1), (sy0, sy1, dy0, dy1) = xs, ys
+        cv2.resize(
+            image[sy0:sy1, sx0:sx1], (dx1 - dx0, dy1 - dy0), dst=out[dy0:dy1, dx0:dx1], interpolation=cv2.INTER_LINEAR
+        )
+        kx, ky = (dx1 - dx0) / (sx1 - sx0), (dy1 - dy0) / (sy1 - sy0)
+        return translation(dx0 - kx * sx0, dy0 - ky * sy0) @ scaling(kx, ky), (sx0, sy0, sx1, sy1)
+    cx0, cy0 = int(math.floor(x0)), int(math.floor(y0))
+    crop = image[cy0 : int(math.ceil(y1)), cx0 : int(math.ceil(x1))]
+    local = matrix @ translation(cx0, cy0)
+    ch, cw = crop.shape[:2]
+    corners = transform_points(np.array([[0, 0], [cw, 0], [cw, ch], [0, ch]], np.float32), local)
+    rx0, ry0 = (max(0, int(math.floor(v))) for v in corners.min(0))
+    rx1, ry1 = min(out_w, int(math.ceil(corners[:, 0].max()))), min(out_h, int(math.ceil(corners[:, 1].max())))
+    if rx0 >= rx1 or ry0 >= ry1 or cw == 0 or ch == 0:
+        return None
+    roi = out[ry0:ry1, rx0:rx1]
+    local = translation(-rx0, -ry0) @ local
     # cv2 maps destination pixel centres at integer coordinates; our pixels have centres at +0.5.
     local = translation(-0.5, -0.5) @ local @ translation(0.5, 0.5)
-    flags = cv2.INTER_LINEAR
+    flags, size = cv2.INTER_LINEAR, (rx1 - rx0, ry1 - ry0)
     if local[2, 0] == 0 and local[2, 1] == 0:
-        cv2.warpAffine(image, local[:2], (x1 - x0, y1 - y0), dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
+        cv2.warpAffine(crop, local[:2], size, dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
     else:
-        cv2.warpPerspective(image, local, (x1 - x0, y1 - y0), dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
+        cv2.warpPerspective(crop, local, size, dst=roi, flags=flags, borderMode=cv2.BORDER_TRANSPARENT)
+    return matrix, (x0, y0, x1, y1)
 
 
 def transform_instances(
@@ -215,13 +279,11 @@ def transform_instances(
     if not len(instances):
         return instances
     out_h, out_w = out_size
-    lengths = np.array([len(p) for p in instances.polygons])
-    points = np.concatenate(instances.polygons).astype(np.float32)
+    points, lengths = instances.points, instances.lengths
     full_area = polygon_areas(transform_points(points, matrix), lengths)
     points, lengths = clip_polygons(points, lengths, visible)
     points, lengths = clip_polygons(transform_points(points, matrix), lengths, (0, 0, out_w, out_h))
     keep = (lengths >= 3) & (full_area > 0)
-    pieces = np.split(points, np.cumsum(lengths)[:-1])
     if keep.any():
         areas = polygon_areas(points, lengths)
         starts = _starts(lengths)[lengths > 0]
@@ -230,33 +292,40 @@ def transform_instances(
         lo[lengths > 0] = np.minimum.reduceat(points, starts, axis=0)
         hi[lengths > 0] = np.maximum.reduceat(points, starts, axis=0)
         keep &= (areas >= min_area_fraction * full_area) & ((hi - lo) >= min_side_px).all(1)
-    return Instances(
-        instances.classes[keep], [p for p, k in zip(pieces, keep, strict=True) if k], instances.has_mask[keep]
-    )
+    return Instances(instances.classes[keep], points[np.repeat(keep, lengths)], lengths[keep], instances.has_mask[keep])
+
+
+_LUMA_BGR = np.array([0.114, 0.587, 0.299])  # Rec. 601 weights in B, G, R order
+
+
+def colour_matrix(hue: float, saturation: float, value: float) -> np.ndarray:
+    """3x3 float32 matrix on BGR pixels: hue rotation about the grey axis by `hue` turns, saturation gain about
+    the pixel's luma, value (brightness) gain. Grey stays grey for any hue; gains of 1 and hue 0 give identity."""
+    angle = 2 * math.pi * hue
+    axis = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = math.cos(angle) * np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * np.outer(axis, axis)
+    saturate = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), _LUMA_BGR)
+    return (value * saturate @ rotation).astype(np.float32)
 
 
 def hsv_jitter(image: np.ndarray, rng: np.random.Generator, hgain: float, sgain: float, vgain: float) -> None:
-    """Random hue/saturation/value gains on a BGR uint8 image, in place (lookup tables, uint8 throughout)."""
+    """Random hue/saturation/value change of a BGR uint8 image, in place, as one 3x3 colour matrix.
+
+    Hue turns by uniform(-hgain, hgain) of the colour circle; saturation and value scale by 1 + uniform(-g, g).
+    One cv2.transform pass (saturating to uint8), several times cheaper than converting to HSV and back.
+    """
     if not (hgain or sgain or vgain):
         return
-    gains = rng.uniform(-1, 1, 3) * np.array([hgain, sgain, vgain]) + 1
-    hue, sat, val = cv2.split(cv2.cvtColor(image, cv2.COLOR_BGR2HSV))
-    x = np.arange(256, dtype=np.float32)
-    lut_hue = ((x * gains[0]) % 180).astype(np.uint8)
-    lut_sat = np.clip(x * gains[1], 0, 255).astype(np.uint8)
-    lut_val = np.clip(x * gains[2], 0, 255).astype(np.uint8)
-    merged = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
-    cv2.cvtColor(merged, cv2.COLOR_HSV2BGR, dst=image)
+    hue, saturation, value = rng.uniform(-1, 1, 3) * np.array([hgain, sgain, vgain]) + np.array([0, 1, 1])
+    cv2.transform(image, colour_matrix(hue, saturation, value), dst=image)
 
 
 def flip_instances(instances: Instances, size: float, axis: int) -> Instances:
     """Mirrors polygons across the image: axis 0 flips x (left-right), axis 1 flips y (up-down)."""
-    polygons = []
-    for poly in instances.polygons:
-        mirrored = poly.copy()
-        mirrored[:, axis] = size - mirrored[:, axis]
-        polygons.append(mirrored)
-    return Instances(instances.classes, polygons, instances.has_mask)
+    points = instances.points.copy()
+    points[:, axis] = size - points[:, axis]
+    return Instances(instances.classes, points, instances.lengths, instances.has_mask)
 
 
 def box_ioa(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:

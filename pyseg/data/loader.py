@@ -99,16 +99,68 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return -(-self.size // self.world_size)
 
-    def __iter__(self):
-        order = (
-            np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-            if self.shuffle
-            else np.arange(self.size)
-        )
+    def pairs(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's (index, epoch) pairs of an epoch, in order."""
+        order = np.arange(self.size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
         total = len(self) * self.world_size
         order = np.concatenate([order, order[: total - self.size]]) if total > self.size else order
-        for index in order[self.rank :: self.world_size].tolist():
-            yield index, self.epoch
+        return [(index, epoch) for index in order[self.rank :: self.world_size].tolist()]
+
+    def __iter__(self):
+        return iter(self.pairs(self.epoch))
+
+
+class EpochBatches(Sampler):
+    """Batches of an EpochSampler for epochs start_epoch, start_epoch + 1, ... without end: one stream, so the
+    loader's workers run on into the next epoch instead of idling at every epoch boundary."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool = False):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.start_epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __iter__(self):
+        epoch = self.start_epoch
+        while True:
+            pairs = self.sampler.pairs(epoch)
+            for k in range(len(self)):
+                yield pairs[k * self.batch_size : (k + 1) * self.batch_size]
+            epoch += 1
+
+
+class SegLoader:
+    """A DataLoader whose workers stream batches across epoch boundaries (as a DataLoader, minus the stall).
+
+    Use it as a DataLoader: loader.sampler.set_epoch(epoch), then `for batch in loader` gives that epoch's
+    len(loader) batches. Reading epochs e, e + 1, ... in order, each to its end, reads one continuous stream;
+    anything else (another epoch, an epoch left half read) restarts the stream at the epoch asked for.
+    """
+
+    def __init__(self, loader: DataLoader, sampler: EpochSampler, batches: EpochBatches):
+        self.loader, self.sampler, self.batches = loader, sampler, batches
+        self.dataset = loader.dataset
+        self._stream = None
+        self._next: tuple[int, int] | None = None  # (epoch, batch) the stream yields next
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        if self._stream is None or self._next != (epoch, 0):
+            self.batches.start_epoch = epoch
+            self._stream = iter(self.loader)  # persistent workers: the old stream's batches in flight are dropped
+        for k in range(len(self)):
+            batch = next(self._stream)
+            self._next = (epoch, k + 1)
+            yield batch
+        self._next = (epoch + 1, 0)
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -136,8 +188,13 @@ def build_dataloader(
     collate: SegCollate | None = None,
     pin_memory: bool | None = None,
     drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader over dataset with an EpochSampler (call loader.sampler.set_epoch(epoch) each epoch)."""
+) -> DataLoader | SegLoader:
+    """A loader over dataset with an EpochSampler (call loader.sampler.set_epoch(epoch) each epoch).
+
+    A shuffled (training) loader with workers is a SegLoader: its workers start the next epoch's batches while
+    this one's last batches are used. Others are plain DataLoaders (a validation pass runs once per epoch and
+    must not take the cores from training in between).
+    """
     workers = max(0, min(workers, os.cpu_count() or 1))
     if workers > 0:
         import cv2
@@ -146,11 +203,14 @@ def build_dataloader(
         # call deadlocks in its first one. One cv2 thread here (workers do the image work anyway) avoids it.
         cv2.setNumThreads(1)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+    continuous = shuffle and workers > 0
+    batches = EpochBatches(sampler, batch_size, drop_last) if continuous else None
     generator = torch.Generator().manual_seed(seed + rank)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_size=1 if continuous else batch_size,  # 1: the batch sampler makes the batches
+        sampler=None if continuous else sampler,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate or SegCollate(),
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -158,5 +218,6 @@ def build_dataloader(
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_seed_worker,
         generator=generator,
-        drop_last=drop_last,
+        drop_last=drop_last if not continuous else False,
     )
+    return SegLoader(loader, sampler, batches) if continuous else loader

@@ -370,6 +370,7 @@ class Trainer:
             epochs=cfg.epochs,
             seed=cfg.seed,
             cache_images=cfg.cache_images,
+            buffer_mb=cfg.buffer_mb,
         )
         val_set = SegDataset(val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
         collate = SegCollate(cfg.mask_ratio, cfg.overlap_mask, make_masks=not on_cuda)
