@@ -71,6 +71,8 @@ class SegDataset(torch.utils.data.Dataset):
         self._arrays: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         if cache_images:
             self._cache = {i: self._read(i) for i in range(len(images))}
+            for image in self._cache.values():
+                image.flags.writeable = False  # augmentation must never write into a cached image
 
     def __len__(self) -> int:
         return len(self.images)
@@ -210,7 +212,8 @@ class SegDataset(torch.utils.data.Dataset):
         if x1 <= x0 or y1 <= y0:
             return False
         corners = augment.transform_points(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), canvas_to_out)
-        return bool((corners.max(0) > 0).all() and (corners.min(0) < s).all())
+        # A pixel of slack: a tile decoded at a reduced size may differ from item's size by a rounding.
+        return bool((corners.max(0) > -1).all() and (corners.min(0) < s + 1).all())
 
     def _copy_paste(self, image: np.ndarray, instances: Instances, rng: np.random.Generator) -> Instances:
         """Pastes mirrored copies of instances where they cover < 30% of any existing box."""
