@@ -68,6 +68,18 @@ def test_absolute_paths_resolve_data_project_and_weights(tmp_path, monkeypatch):
     assert absolute_paths(make_config({"data": "shapes-seg.yaml"})).data == "shapes-seg.yaml"  # built-in name
 
 
+def test_ray_trains_per_report_info_line_is_silenced():
+    import logging
+
+    from ray.train.v2._internal.execution import context as ray_context
+
+    from pyseg.distributed.ray_train import _quiet_report_log
+
+    _quiet_report_log()
+    assert not ray_context.logger.isEnabledFor(logging.INFO)  # the logger Ray's report() writes to
+    assert ray_context.logger.isEnabledFor(logging.WARNING)
+
+
 def test_ray_scaling_rejects_impossible_resources():
     with pytest.raises(ValueError, match="--ray-workers"):
         RayScaling(workers=0)

@@ -6,6 +6,7 @@ rank 0 attaching weights/last.pt as the Ray checkpoint, and restarts from that c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -122,12 +123,22 @@ class RayReportHook(Hook):
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every ray.train.report with its whole metrics dict at INFO; pyseg prints its own epoch line."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_context  # internal: skip quietly if it moves
+    except ImportError:
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)  # Ray names that logger by its file
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """The function each Ray Train worker runs: a Trainer for this rank, restored from Ray's last checkpoint."""
     import ray.train
     import ray.train.torch
     import torch
 
+    _quiet_report_log()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     cfg = make_config(loop_config["config"])
