@@ -1,7 +1,7 @@
 """Training-loader throughput on COCO128-Seg (or shapes-seg when it is absent), with a time breakdown.
 
     python benchmarks/bench_data.py [--epochs 2] [--batch 16] [--sizes 640 320] [--workers 0 2]
-                                    [--modes off buffer ram] [--repeats 5] [--no-ultralytics]
+                                    [--modes off buffer ram] [--repeats 5] [--no-ultralytics] [--replicas 1]
 
 Prints images/s for each (imgsz, workers), mosaic on, two epochs after a warm-up epoch (workers started); for
 workers 0 also where the time goes (decode, warp = mosaic/letterbox/affine pixels, polygons, colour, masks,
@@ -16,6 +16,8 @@ table prints the measured ratio. Ultralytics always keeps a buffer of recently l
 127 of COCO128's 128 images) and draws mosaic partners from it, so its default is compared with pyseg's off and
 buffer rows, and its cache=ram with pyseg's ram rows. Without it, the figures issue 3 quotes are printed.
 Both loaders run with OpenCV single-threaded in this process (Ultralytics sets that on import).
+--replicas N makes a larger dataset of N linked copies of every COCO128 image (distinct files to both loaders),
+to see the loaders where no buffer holds the whole dataset.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import cv2
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,6 +112,21 @@ def run(images, imgsz: int, workers: int, batch: int, epochs: int, mode: str) ->
     return count / elapsed, {k: v / count * 1e3 for k, v in breakdown.seconds.items()}
 
 
+def replicate(root: Path, target: Path, copies: int) -> Path:
+    """A dataset of `copies` linked copies of every image and label of root's train2017 split (nothing copied)."""
+    for kind in ("images", "labels"):
+        folder = target / kind / "train2017"
+        folder.mkdir(parents=True)
+        for source in sorted((root / kind / "train2017").iterdir()):
+            for k in range(copies):
+                (folder / f"r{k}_{source.name}").symlink_to(source)
+    names = yaml.safe_load(COCO_YAML.read_text())["names"]
+    (target / "data.yaml").write_text(
+        yaml.safe_dump({"path": str(target), "train": "images/train2017", "val": "images/train2017", "names": names})
+    )
+    return target
+
+
 def ultralytics_available() -> bool:
     try:
         import ultralytics  # noqa: F401
@@ -161,13 +179,23 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5, help="runs per row; the median is printed")
     parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics loader even if installed")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="a larger dataset: N linked copies of every COCO128 image and label"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    coco = COCO_YAML.is_file()
+    workspace = tempfile.TemporaryDirectory()
+    dataset_root = COCO_YAML.parent / "coco128-seg"
+    data = COCO_YAML if coco else "shapes-seg.yaml"
+    if coco and args.replicas > 1:
+        dataset_root = replicate(dataset_root, Path(workspace.name) / "replicas", args.replicas)
+        data = dataset_root / "data.yaml"
 
     with tempfile.TemporaryDirectory() as cache_dir:
         os.environ["PYSEG_CACHE_DIR"] = cache_dir  # a cold label cache, measured
-        config = resolve_dataset(COCO_YAML if COCO_YAML.is_file() else "shapes-seg.yaml")
+        config = resolve_dataset(data)
         start = time.perf_counter()
         split = load_split(config.splits["train"], config.nc, "train")
         first = time.perf_counter() - start
@@ -177,7 +205,6 @@ def main() -> None:
     assert cached.from_cache
     print(f"dataset: {config.yaml_path}; {split.summary()}")
     print(f"label verification: first pass {first * 1e3:.0f} ms, cached second pass {second * 1e3:.0f} ms")
-    coco = COCO_YAML.is_file()
     measure_peer = coco and ultralytics_available() and not args.no_ultralytics
     peer = "Ultralytics img/s (measured)" if measure_peer else "Ultralytics img/s (quoted)"
     print(f"median of {args.repeats} runs each; cv2 single-threaded in this process")
@@ -193,9 +220,8 @@ def main() -> None:
             return None if ram or not coco else QUOTED_IMG_S.get((imgsz, workers))
         key = (imgsz, workers, ram)
         if key not in peer_rates:
-            root = COCO_YAML.parent / "coco128-seg"
             peer_rates[key] = statistics.median(
-                run_ultralytics(root, "train2017", imgsz, workers, args.batch, args.epochs, ram)
+                run_ultralytics(dataset_root, "train2017", imgsz, workers, args.batch, args.epochs, ram)
                 for _ in range(args.repeats)
             )
             cv2.setNumThreads(1)  # Ultralytics' import set 0; keep both sides alike

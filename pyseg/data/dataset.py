@@ -112,7 +112,7 @@ class SegDataset(torch.utils.data.Dataset):
         """Decoded image (BGR uint8, read-only): from the RAM cache, the buffer of recent images, or the file.
 
         The buffer (buffer_mb per process, least recently used out first) keeps every image of a small dataset
-        decoded after one epoch, and the mosaic partners of a larger one while they are still near.
+        decoded after one epoch; on a larger one it saves about (images it holds / dataset size) of the decodes.
         """
         if self._cache is not None:
             return self._cache[index]
