@@ -15,6 +15,7 @@ Any training flag (--imgsz, --batch, --model, ...) sets the value shared by all 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from pyseg.config import add_config_arguments, config_from_args
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyseg.tuning import SearchSpaceError, TuneSettings, load_search_space, run_tune
 
     try:
-        name = args.name or "tune"
+        args_name, name = args.name, args.name or "tune"
         args.name = None
         if args.epochs is None:
             args.epochs = 30
@@ -94,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     errored = sum(row["status"] == "ERROR" for row in summary.rows)
     if errored:
         print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")
+    if summary.unfinished:
+        given = list(sys.argv[1:] if argv is None else argv)
+        again = given + (["--name", name] if args_name is None else []) + ([] if tune_resume else ["--resume"])
+        print(
+            f"pyseg.tune: {summary.unfinished} of {settings.samples} trials did not finish (interrupted or out of "
+            f"time); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
+        )
     return 0 if summary.best_config else 1
 
 

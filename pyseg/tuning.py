@@ -238,6 +238,7 @@ class TuneSummary:
     best_trial: str | None
     best_metric: float | None
     rows: list[dict]
+    unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of time
 
 
 def default_concurrency(settings: TuneSettings) -> int:
@@ -361,6 +362,7 @@ def run_tune(
         )
     results = tuner.fit()
     summary = summarize(results, base, searched, experiment_dir, trials_dir)
+    summary.unfinished = max(settings.samples - results.num_terminated - results.num_errors, 0)
     if parent is not None:
         _finish_parent_run(parent, summary)
     return summary
@@ -379,10 +381,12 @@ def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: P
         if history is not None and METRIC in history and history[METRIC].notna().any():
             best = history.loc[history[METRIC].idxmax()].to_dict()
         trial_id = (result.metrics or {}).get("trial_id")
+        epochs = (result.metrics or {}).get("epoch")
         row = {
             "trial": trial_id,
-            "status": "ERROR" if result.error else "TERMINATED",
-            "epochs": (result.metrics or {}).get("epoch"),
+            # STOPPED: fewer epochs than asked, stopped early by the scheduler or by an interruption
+            "status": "ERROR" if result.error else "TERMINATED" if epochs == base.epochs else "STOPPED",
+            "epochs": epochs,
             METRIC: best.get(METRIC),
             "mask/map50": best.get("mask/map50"),
             "box/map": best.get("box/map"),

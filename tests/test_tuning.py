@@ -18,6 +18,7 @@ from pyseg.tuning import (
     METRIC,
     SearchSpaceError,
     TuneSettings,
+    TuneSummary,
     format_table,
     load_search_space,
     run_tune,
@@ -79,6 +80,23 @@ def test_tune_cli_reports_a_bad_space_without_starting_ray(tmp_path, capsys):
     assert "uniform needs low < high" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, added", [([], ["--name", "tune", "--resume"]), (["--name", "a", "--resume"], [])])
+def test_tune_cli_says_how_to_continue_an_unfinished_search(tmp_path, capsys, monkeypatch, extra, added):
+    import shlex
+
+    import pyseg.tuning
+
+    def interrupted_search(base, space, settings, tracking):
+        return TuneSummary(tmp_path, tmp_path / "t.csv", tmp_path / "best.yaml", None, "t0", 0.1, [], unfinished=2)
+
+    monkeypatch.setattr(pyseg.tuning, "run_tune", interrupted_search)
+    given = ["--samples", "3", "--project", str(tmp_path / "runs"), "--no-mlflow", *extra]
+    assert tune_cli.main(given) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 trials did not finish" in out
+    assert out.rstrip().endswith("python -m pyseg.tune " + shlex.join(given + added))
+
+
 def test_format_table_aligns_columns_and_marks_missing_values():
     text = format_table([{"a": 1.23456789, "b": None}, {"a": float("nan"), "b": "x"}], ["a", "b"])
     assert text.splitlines() == ["a      b", "1.235  -", "-      x"]
@@ -101,7 +119,8 @@ def test_three_trial_asha_search_gives_each_trial_its_hyperparameters_and_logs_t
     summary = run_tune(base, space, settings, tracking)
 
     # Every trial ran with its own sampled values: what it trained with (args.yaml) is what Tune sampled.
-    assert len(summary.rows) == 3 and all(row["status"] == "TERMINATED" for row in summary.rows)
+    assert len(summary.rows) == 3 and summary.unfinished == 0
+    assert all(row["status"] == ("TERMINATED" if row["epochs"] == 2 else "STOPPED") for row in summary.rows)
     trained = {}
     for row in summary.rows:
         args = yaml.safe_load((Path(row["run_dir"]) / "args.yaml").read_text())
