@@ -361,8 +361,7 @@ def run_tune(
             f"a time, {settings.workers_per_trial} worker(s) each; searching {', '.join(searched) or 'nothing'}"
         )
     results = tuner.fit()
-    summary = summarize(results, base, searched, experiment_dir, trials_dir)
-    summary.unfinished = max(settings.samples - results.num_terminated - results.num_errors, 0)
+    summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
     if parent is not None:
         _finish_parent_run(parent, summary)
     return summary
@@ -371,7 +370,9 @@ def run_tune(
 # ------------------------------------------------------------------ results
 
 
-def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: Path, trials_dir: Path) -> TuneSummary:
+def summarize(
+    results, base: TrainConfig, searched: list[str], experiment_dir: Path, trials_dir: Path, samples: int
+) -> TuneSummary:
     """tune_results.csv (best epoch of every trial, sorted by mask mAP50-95), best.yaml and the best checkpoint."""
     rows = []
     for result in results:
@@ -423,7 +424,10 @@ def summarize(results, base: TrainConfig, searched: list[str], experiment_dir: P
         print(f"best config: {best_config}   (python -m pyseg.train --cfg {best_config})")
         print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
     print(f"all trials: {results_csv}")
-    return TuneSummary(experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows)
+    unfinished = max(samples - results.num_terminated - results.num_errors, 0)  # interrupted, or never started
+    return TuneSummary(
+        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished
+    )
 
 
 def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> MlflowRun:
