@@ -19,6 +19,7 @@ import yaml
 
 from pyseg.config import TrainConfig, make_config
 from pyseg.distributed.ray_train import RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.errors import ConfigError
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
@@ -30,7 +31,7 @@ TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver proce
 TRIAL_STOP_GRACE_S = 20  # seconds a stopped trial gets before Tune kills it
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(ConfigError):
     """A search-space file is malformed; the message names the file and the key."""
 
 

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import yaml
 
+from pyseg.errors import UserError
+
 BUILTIN_DATASETS = ("shapes-seg.yaml", "coco128-seg.yaml")
 DEFAULT_DATASET = "shapes-seg.yaml"
 KNOWN_KEYS = {"path", "train", "val", "test", "names", "nc", "download", "sha256", "generate"}
 SPLITS = ("train", "val", "test")
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError, ValueError):
     """A dataset YAML or --data value that pyseg cannot use; the message says how to fix it."""
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pyseg.errors import UserError
+
 CHUNK_BYTES = 1 << 20  # read/write/hash granularity (bytes)
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
@@ -29,7 +31,7 @@ NETWORK_SCHEMES = ("http", "https", "ftp")
 IGNORED_TOP_LEVEL = ("__MACOSX",)  # resource-fork folders that macOS zips add; not part of the dataset
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A dataset could not be downloaded, verified or extracted; the message says what to do next."""
 
 

@@ -1,0 +1,43 @@
+"""User errors and how every `python -m pyseg.X` command answers them.
+
+A user error is something the user can fix: a bad flag value, a missing or malformed file, an unreadable
+checkpoint, an unreachable cluster or server. It is raised as a `UserError` (or a subclass) whose message names
+the flag, file or value and says what to do; `run_command` turns it into one line on stderr and exit code 2.
+Anything else is a bug and keeps its traceback. `PYSEG_DEBUG=1` shows the traceback of a user error too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A flag, config file or search-space value outside what is allowed."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A file that is not a readable pyseg checkpoint."""
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("PYSEG_DEBUG", "0") not in ("", "0")
+
+
+def run_command(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Runs an entry point's main(argv); a UserError becomes `prog: message` on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as error:
+        if debug_enabled():
+            traceback.print_exc()
+        print(f"{prog}: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT
