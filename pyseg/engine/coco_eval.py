@@ -1,15 +1,22 @@
-"""COCO box and mask mAP of YOLO-format ground truth, computed by pycocotools' COCOeval.
+"""COCO box and mask metrics of YOLO-format ground truth, computed by pycocotools' COCOeval.
 
-The ground truth is converted once: every polygon is rasterized at the image's original resolution with
-pyseg.ops.rasterize_polygons (the same pixel rule as training) and stored as RLE. Predictions are added per image
-in original pixels (undo the letterbox first: original pixel = (output pixel - pad) / r, see SegDataset's
-ratio_pad) and evaluated with iouType 'bbox' and 'segm', maxDets [1, 10, 100], per category.
+The ground truth is converted once per CocoEvaluator: every polygon is rasterized at the image's original resolution
+with pyseg.ops.rasterize_polygons (the same pixel rule as training) and stored as RLE; one evaluator serves any number
+of evaluations (evaluate() starts the next one). Predictions are added per image in original pixels (undo the
+letterbox first: original pixel = (output pixel - pad) / r, see SegDataset's ratio_pad) and evaluated with iouType
+'bbox' and 'segm', maxDets [1, 10, 100], per category.
+
+mAP50 and mAP50-95 are COCO's. Precision and recall are reported at one operating point, as YOLO tools do: at IoU 0.5
+(COCOeval's own matching), at the confidence threshold that maximizes the F1 averaged over the classes with ground
+truth; that confidence is reported with them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +28,11 @@ from torch import Tensor
 from pyseg.data.labels import ImageLabels
 from pyseg.ops import rasterize_polygons
 
+# The summary metrics of every kind (metrics["box"], metrics["mask"]), in the order results.csv lists them. Each kind's
+# dict also holds "conf" and "f1" (the operating point of precision and recall) and "per_class".
 METRIC_KEYS = ("precision", "recall", "map50", "map")
+METRIC_LABELS = {"precision": "P", "recall": "R", "map50": "mAP50", "map": "mAP50-95"}  # names in the table
+IOU_OF_PRECISION_RECALL = 0.5  # the IoU threshold at which precision and recall are reported
 
 
 def _to_numpy(array: np.ndarray | Tensor) -> np.ndarray:
@@ -111,17 +122,134 @@ def ground_truth_to_coco(images: list[ImageLabels], names: list[str]) -> dict:
     return {"images": image_entries, "annotations": annotations, "categories": categories}
 
 
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Precision and recall at one confidence threshold: detections with score >= conf count.
+
+    conf: the threshold (0.0 when no detection of a class with ground truth exists); f1: the class-mean F1 there;
+    precision, recall: (K,) float64 per class, in the order the classes were given.
+    """
+
+    conf: float
+    f1: float
+    precision: np.ndarray
+    recall: np.ndarray
+
+
+def _sorted_by_score(scores: np.ndarray, true_positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores sorted highest first (D,), running true-positive count (D,)) of one class's detections."""
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], np.cumsum(true_positive[order])
+
+
+def _precision_recall_at(
+    sorted_scores: np.ndarray, true_positive_count: np.ndarray, num_ground_truth: int, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) (U,) of one class at each threshold in thresholds (U,); precision is 0 where no detection
+    reaches the threshold."""
+    kept = np.searchsorted(-sorted_scores, -thresholds, side="right")  # detections with score >= threshold
+    true_positives = np.where(kept > 0, true_positive_count[np.maximum(kept - 1, 0)], 0).astype(np.float64)
+    precision = true_positives / np.maximum(kept, 1)
+    recall = true_positives / num_ground_truth
+    return precision, recall
+
+
+def max_f1_operating_point(
+    scores: list[np.ndarray], true_positive: list[np.ndarray], num_ground_truth: list[int]
+) -> OperatingPoint:
+    """The confidence threshold that maximizes the class-mean F1, and each class's precision and recall there.
+
+    Args:
+        scores: per class (K entries, every one with ground truth), the (D_k,) scores of its detections.
+        true_positive: per class, (D_k,) bool: the detection matched a ground-truth instance.
+        num_ground_truth: per class, its number of ground-truth instances (> 0).
+
+    Per class, P(c) = TP(c) / (TP(c) + FP(c)) (0 when it keeps no detection) and R(c) = TP(c) / num_ground_truth over
+    the detections with score >= c, and F1(c) = 2 P R / (P + R) (0 when P + R = 0). The candidate thresholds are the
+    detections' scores, where these step curves change; the threshold with the largest mean F1 over the K classes is
+    chosen (the highest of equal ones). Exact, no grid or smoothing.
+    """
+    count = len(num_ground_truth)
+    if not len(scores) == len(true_positive) == count or min(num_ground_truth, default=1) <= 0:
+        raise ValueError(
+            f"scores, true_positive and num_ground_truth must describe the same classes, each with ground truth; got "
+            f"{len(scores)}, {len(true_positive)} and {num_ground_truth}"
+        )
+    classes = [
+        _sorted_by_score(np.asarray(s, dtype=np.float64).reshape(-1), np.asarray(tp, dtype=bool).reshape(-1))
+        for s, tp in zip(scores, true_positive, strict=True)
+    ]
+    thresholds = np.unique(np.concatenate([s for s, _ in classes] + [np.zeros(0)]))[::-1]  # highest first
+    if count == 0 or thresholds.size == 0:
+        return OperatingPoint(0.0, 0.0, np.zeros(count), np.zeros(count))
+    f1_sum = np.zeros(len(thresholds))
+    for (sorted_scores, true_positive_count), ground_truth in zip(classes, num_ground_truth, strict=True):
+        precision, recall = _precision_recall_at(sorted_scores, true_positive_count, ground_truth, thresholds)
+        total = precision + recall
+        f1_sum += np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
+    best = int(np.argmax(f1_sum))  # the first maximum: the highest threshold among equal F1s
+    conf = thresholds[best : best + 1]
+    per_class = [_precision_recall_at(s, tp, n, conf) for (s, tp), n in zip(classes, num_ground_truth, strict=True)]
+    return OperatingPoint(
+        conf=float(conf[0]),
+        f1=float(f1_sum[best] / count),
+        precision=np.array([p[0] for p, _ in per_class]),
+        recall=np.array([r[0] for _, r in per_class]),
+    )
+
+
+def matches_at_iou(coco_eval: COCOeval, iou_threshold: float) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    """Per category id: (scores (D,), true_positive (D,) bool, number of ground-truth instances) at one of the
+    evaluation's IoU thresholds, read from the matching that COCOeval.evaluate() did (its evalImgs).
+
+    As COCOeval.accumulate does for area 'all' and the largest maxDets: the highest-scoring maxDets[-1] detections
+    per image and class, detections and ground truth that COCOeval ignores (crowd) left out. Categories without
+    ground truth and detections are absent.
+    """
+    params = coco_eval.params
+    thresholds = np.asarray(params.iouThrs)
+    iou_index = int(np.argmin(np.abs(thresholds - iou_threshold)))
+    if not np.isclose(thresholds[iou_index], iou_threshold):
+        raise ValueError(f"COCOeval evaluated IoU thresholds {thresholds.tolist()}, not {iou_threshold}")
+    all_areas, max_detections = list(params.areaRng[0]), params.maxDets[-1]
+    scores: dict[int, list[np.ndarray]] = defaultdict(list)
+    true_positive: dict[int, list[np.ndarray]] = defaultdict(list)
+    ground_truth: dict[int, int] = defaultdict(int)
+    for entry in coco_eval.evalImgs:  # one per (category, area range, image) with ground truth or detections
+        if entry is None or list(entry["aRng"]) != all_areas or entry["maxDet"] != max_detections:
+            continue
+        category = entry["category_id"]
+        counted = ~np.asarray(entry["dtIgnore"], dtype=bool).reshape(len(thresholds), -1)[iou_index]  # (D,)
+        matched = np.asarray(entry["dtMatches"]).reshape(len(thresholds), -1)[iou_index] != 0  # (D,) gt id or 0
+        scores[category].append(np.asarray(entry["dtScores"], dtype=np.float64)[counted])
+        true_positive[category].append(matched[counted])
+        ground_truth[category] += int((np.asarray(entry["gtIgnore"]) == 0).sum())
+    return {
+        category: (np.concatenate(scores[category]), np.concatenate(true_positive[category]), ground_truth[category])
+        for category in scores
+    }
+
+
 def _empty_metrics(class_has_gt: list[bool], names: list[str]) -> dict:
     metrics: dict = {key: 0.0 for key in METRIC_KEYS}
-    metrics["per_class_ap"] = {name: 0.0 for name, has_gt in zip(names, class_has_gt, strict=True) if has_gt}
+    metrics.update(conf=0.0, f1=0.0)
+    metrics["per_class"] = {
+        name: {key: 0.0 for key in METRIC_KEYS} for name, has_gt in zip(names, class_has_gt, strict=True) if has_gt
+    }
+    metrics["per_class_ap"] = {name: 0.0 for name in metrics["per_class"]}
     return metrics
 
 
 class CocoEvaluator:
-    """Collects predictions in original pixels and computes COCO box and mask mAP against the verified labels.
+    """Collects predictions in original pixels and computes COCO box and mask metrics against the verified labels.
 
     Usage: evaluator = CocoEvaluator(split.images, names); evaluator.add(image_index, ...) for each image (several
-    calls for one image add up); evaluator.evaluate().
+    calls for one image add up); metrics = evaluator.evaluate().
+
+    Reuse: build one evaluator per image list and keep it. The constructor converts the ground truth once (every
+    polygon rasterized and RLE-encoded); evaluate() consumes the predictions added since the last evaluate() and
+    leaves the evaluator empty, ready for the next evaluation (e.g. the next epoch's validation), box-only or not.
+    reset() discards added predictions without evaluating them (e.g. after an interrupted validation pass).
     """
 
     def __init__(self, images: list[ImageLabels], names: list[str]):
@@ -138,6 +266,11 @@ class CocoEvaluator:
         self.class_has_gt = has_gt.tolist()
         self.predictions: list[dict] = []
         self.box_only: bool | None = None  # None until an add() with predictions says whether masks come
+
+    def reset(self) -> None:
+        """Discards the predictions added so far (the ground truth stays): the next add() starts a new evaluation."""
+        self.predictions = []
+        self.box_only = None
 
     def add(
         self,
@@ -236,52 +369,80 @@ class CocoEvaluator:
             coco_eval.summarize()
         stats = coco_eval.stats
         precision = coco_eval.eval["precision"]  # (T=10 IoU, R=101 recall, K classes, A=4 areas, M=3 maxDets)
-        at_50 = precision[0, :, :, 0, -1]
-        at_50 = at_50[at_50 > -1]
-        per_class_ap = {}
-        for k, name in enumerate(self.names):
-            values = precision[:, :, k, 0, -1]
-            values = values[values > -1]
-            if values.size:
-                per_class_ap[name] = float(values.mean())
+        category_ids = list(coco_eval.params.catIds)
+        matches = matches_at_iou(coco_eval, IOU_OF_PRECISION_RECALL)
+        with_gt = [k for k, category in enumerate(category_ids) if category in matches and matches[category][2] > 0]
+        point = max_f1_operating_point(
+            [matches[category_ids[k]][0] for k in with_gt],
+            [matches[category_ids[k]][1] for k in with_gt],
+            [matches[category_ids[k]][2] for k in with_gt],
+        )
+        per_class = {}
+        for i, k in enumerate(with_gt):
+            at_50 = precision[0, :, k, 0, -1]  # -1 marks classes without ground truth: none here
+            per_class[self.names[category_ids[k] - 1]] = {
+                "precision": float(point.precision[i]),
+                "recall": float(point.recall[i]),
+                "map50": float(at_50.mean()),
+                "map": float(precision[:, :, k, 0, -1].mean()),
+            }
         return {
-            "precision": float(at_50.mean()) if at_50.size else 0.0,
-            "recall": max(float(stats[8]), 0.0),  # AR@100; -1 when there is no ground truth
-            "map50": max(float(stats[1]), 0.0),
+            "precision": float(point.precision.mean()) if with_gt else 0.0,
+            "recall": float(point.recall.mean()) if with_gt else 0.0,
+            "map50": max(float(stats[1]), 0.0),  # -1 when there is no ground truth
             "map": max(float(stats[0]), 0.0),
-            "per_class_ap": per_class_ap,
+            "conf": point.conf,
+            "f1": point.f1,
+            "per_class": per_class,
+            "per_class_ap": {name: values["map"] for name, values in per_class.items()},
         }
 
     def evaluate(self, verbose: bool = False) -> dict:
-        """COCO metrics of everything added so far.
+        """COCO metrics of the predictions added since the last evaluate() (or reset()); then starts a new evaluation:
+        the predictions are cleared, the ground truth kept.
 
-        Returns {'box': m, 'mask': m} ('mask' left out for box-only predictions), each m =
-        {'precision', 'recall', 'map50', 'map', 'per_class_ap': {name: AP50-95}}: map = AP@[.5:.95], map50 = AP@.5,
-        recall = AR@100, precision = mean precision at IoU 0.5 over the recall thresholds of classes with ground
-        truth; per_class_ap lists only classes with ground truth. With no predictions every metric is 0.0.
-        verbose prints pycocotools' own output (its summary table included).
+        Returns {'box': m, 'mask': m} ('mask' left out for box-only predictions), each m = {'precision', 'recall',
+        'map50', 'map', 'conf', 'f1', 'per_class', 'per_class_ap'}:
+            map, map50: COCO AP@[.5:.95] and AP@.5 (101-point interpolated, maxDets 100), the mean over classes with
+                ground truth.
+            precision, recall: the class means of precision and recall at IoU 0.5 at the operating point `conf`, the
+                confidence threshold that maximizes the class-mean F1 (`f1`, the mean of the per-class F1s, so not
+                2 P R / (P + R) of the means); see max_f1_operating_point.
+            per_class: {name: {'precision', 'recall', 'map50', 'map'}} for the classes with ground truth, precision and
+                recall at the same `conf`.
+            per_class_ap: {name: AP@[.5:.95]}, the same classes (per_class[name]['map']).
+        With no predictions every metric is 0.0. verbose prints pycocotools' own output (its summary table included).
+        Call results_json() before evaluate() to keep the predictions.
         """
-        metrics = {"box": self._evaluate_type("bbox", verbose)}
-        if not self.box_only:
-            metrics["mask"] = self._evaluate_type("segm", verbose)
+        try:
+            metrics = {"box": self._evaluate_type("bbox", verbose)}
+            if not self.box_only:
+                metrics["mask"] = self._evaluate_type("segm", verbose)
+        finally:
+            self.reset()
         return metrics
 
 
-def format_table(metrics: dict, names: list[str]) -> str:
-    """A printable table: AP50-95 per class (box and mask; '-' for classes without ground truth), then one summary
-    line per kind with precision, recall, mAP50 and mAP50-95."""
+def format_metrics_table(metrics: dict, names: list[str]) -> str:
+    """A printable table of evaluate()'s metrics, YOLO-style: a header line that states the operating point of P and R
+    (IoU 0.5, each kind's conf and mean F1), column names, a row 'all' with the summary metrics, then one row per
+    class ('-' for classes without ground truth). Per kind (box, then mask when present) the columns are P, R, mAP50
+    and mAP50-95."""
     kinds = [kind for kind in ("box", "mask") if kind in metrics]
-    width = max([len("class")] + [len(str(name)) for name in names])
-    lines = [f"{'class':<{width}}" + "".join(f"  {kind + ' AP50-95':>14}" for kind in kinds)]
-    for name in names:
+    points = ", ".join(f"{kind} conf {metrics[kind]['conf']:.3f} (F1 {metrics[kind]['f1']:.3f})" for kind in kinds)
+    header = f"P and R at IoU {IOU_OF_PRECISION_RECALL:g} and the confidence of max class-mean F1: {points}"
+    columns = [(kind, key, f"{kind} {METRIC_LABELS[key]}") for kind in kinds for key in METRIC_KEYS]
+    width = max([len("class"), len("all")] + [len(str(name)) for name in names])
+    lines = [header, f"{'class':<{width}}" + "".join(f"  {title:>{max(len(title), 5)}}" for *_, title in columns)]
+    rows = [("all", {kind: metrics[kind] for kind in kinds})]
+    rows += [(str(name), {kind: metrics[kind]["per_class"].get(name) for kind in kinds}) for name in names]
+    for name, values in rows:
         cells = []
-        for kind in kinds:
-            value = metrics[kind]["per_class_ap"].get(name)
-            cells.append(f"  {'-' if value is None else f'{value:.3f}':>14}")
+        for kind, key, title in columns:
+            value = None if values[kind] is None else values[kind][key]
+            cells.append(f"  {'-' if value is None else f'{value:.3f}':>{max(len(title), 5)}}")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    for kind in kinds:
-        m = metrics[kind]
-        lines.append(
-            f"{kind:<4}  P {m['precision']:.3f}  R {m['recall']:.3f}  mAP50 {m['map50']:.3f}  mAP50-95 {m['map']:.3f}"
-        )
     return "\n".join(lines)
+
+
+format_table = format_metrics_table  # the former name, kept until pyseg.val imports format_metrics_table
