@@ -16,7 +16,8 @@ from conftest import COCO128_SEG
 from pyseg.data import augment
 from pyseg.data.dataset import AugmentConfig, SegDataset
 from pyseg.data.dataset_config import DatasetConfigError, resolve_dataset
-from pyseg.data.labels import ImageLabels, load_split
+from pyseg.data.download import DownloadError
+from pyseg.data.labels import ImageLabels, load_split, report_problems
 from pyseg.data.loader import EpochSampler, SegCollate, build_dataloader
 from pyseg.ops import rasterize_polygons
 
@@ -123,14 +124,66 @@ def test_corrupt_empty_and_truncated_images(tmp_path):
     before = (images / "cut.jpg").read_bytes()
     config = resolve_dataset(yaml_path)
     split = load_split(config.splits["train"], config.nc, "train")
-    by_file = {Path(p.file).name: p.message for p in split.problems}
-    assert "skipped" in by_file["corrupt.jpg"] and "skipped" in by_file["empty.jpg"]
-    assert "truncated" in by_file["cut.jpg"]
+    by_file = {(Path(p.file).name, p.action): p.message for p in split.problems}
+    assert ("corrupt.jpg", "image skipped") in by_file and ("empty.jpg", "image skipped") in by_file
+    assert "truncated" in by_file[("cut.jpg", "read as far as it goes; file left as is")]
     assert split.skipped_images == 2
     assert sorted(Path(i.image).name for i in split.images) == ["cut.jpg", "good.jpg"]
     assert (images / "cut.jpg").read_bytes() == before  # never rewritten
     sample = SegDataset(split.images, 64, None)[0]
     assert sample["image"].shape == (3, 64, 64)
+
+
+def test_every_problem_is_reported_with_its_file_line_and_what_was_done(tmp_path):
+    good = "0 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    yaml_path = make_dataset(
+        tmp_path / "d",
+        {
+            "nan": "0 nan 0.1 0.5 0.1 0.5 0.5\n",
+            "class": good + "5 0.1 0.1 0.5 0.1 0.5 0.5\n",
+            "huge": "0 0.1 0.1 1e30 0.1 0.5 0.5\n",
+            "odd": "\n0 0.1 0.1 0.5 0.1 0.5\n",
+            "clip": "1 -0.01 0.2 0.6 0.2 0.6 1.01\n",
+            "background": None,
+            "cut": good,
+        },
+    )
+    images, labels = (tmp_path / "d" / kind / "train" for kind in ("images", "labels"))
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    (images / "broken.jpg").write_text("just text\n")
+    config = resolve_dataset(yaml_path)
+    split = load_split(config.splits["train"], config.nc, "train")
+    out = tmp_path / "run" / "data_problems.txt"
+    text = report_problems([split], out, shown=3)
+
+    lines = out.read_text().splitlines()
+    assert sorted(lines) == sorted(
+        [
+            f"{labels / 'nan.txt'}:1: NaN or inf coordinate (row dropped)",
+            f"{labels / 'class.txt'}:2: class 5 outside 0..1 (row dropped)",
+            f"{labels / 'huge.txt'}:1: coordinates far outside 0..1 (from 0.1 to 1e+30) (row dropped)",
+            f"{labels / 'odd.txt'}:2: odd number of coordinates (5) (row dropped)",
+            f"{labels / 'clip.txt'}:1: coordinates slightly outside 0..1 (from -0.01 to 1.01) (clipped to 0..1)",
+            f"{images / 'broken.jpg'}: unreadable image: not an image OpenCV decodes (10 bytes) (image skipped)",
+            f"{images / 'cut.jpg'}: truncated JPEG (no end marker) (read as far as it goes; file left as is)",
+            f"{images / 'background.jpg'}: no label file {labels / 'background.txt'} (image read as background)",
+        ]
+    )
+    assert text.splitlines() == lines[:3] + [f"... and 5 more (all in {out})"]
+    assert report_problems([split], None, shown=8) == "\n".join(lines)  # all shown: no "more" line
+
+    again = load_split(config.splits["train"], config.nc, "val")  # the same files: from the label cache
+    assert again.from_cache and again.problems == split.problems
+    both = tmp_path / "run" / "both.txt"
+    assert report_problems([split, again], both, shown=0) == f"... and 8 more (all in {both})"  # shared: once
+    assert both.read_text() == out.read_text()
+
+    clean = make_dataset(tmp_path / "clean", {"a": good})
+    clean_split = load_split(resolve_dataset(clean).splits["train"], 2, "train")
+    assert clean_split.problems == []
+    assert report_problems([clean_split], tmp_path / "run" / "clean.txt") == ""
+    assert not (tmp_path / "run" / "clean.txt").exists()
 
 
 def test_missing_labels_folder_makes_backgrounds(tmp_path):
@@ -171,7 +224,7 @@ def test_download_to_an_unreachable_url_names_the_url_and_folder(tmp_path):
     config.write_text(
         yaml.safe_dump({"path": "remote", "train": "images", "val": "images", "names": ["a"], "download": url})
     )
-    with pytest.raises(Exception, match=str(port)) as error:
+    with pytest.raises(DownloadError, match=str(port)) as error:
         resolve_dataset(config)
     assert "remote" in str(error.value) and url in str(error.value)
 
@@ -262,9 +315,28 @@ def test_close_mosaic_turns_mosaic_off_for_the_last_epochs():
 def test_clip_polygon_keeps_the_inside_part():
     square = np.array([[-5, -5], [5, -5], [5, 5], [-5, 5]], np.float32)
     clipped = augment.clip_polygon(square, 0, 0, 10, 10)
-    assert augment.polygon_area(clipped) == pytest.approx(25.0)
     assert clipped.min() >= 0
     assert augment.polygon_areas(np.concatenate([square, clipped]), [4, len(clipped)]).tolist() == [100.0, 25.0]
+
+
+def test_polygon_areas_of_degenerate_polygons_are_exactly_zero():
+    rng = np.random.default_rng(0)
+    segment = rng.uniform(0, 1e4, (2, 2))
+    triangle = np.array([[0.1, 0.2], [4.1, 0.2], [0.1, 3.2]])
+    areas = augment.polygon_areas(np.concatenate([segment, triangle, segment[:1]]), [2, 3, 1])
+    assert areas.tolist() == [0.0, pytest.approx(6.0), 0.0]
+    assert augment.polygon_areas(np.zeros((0, 2)), []).tolist() == []
+
+
+def test_letterbox_centres_the_scaled_image_and_its_ratio_pad_inverts_it():
+    for height, width, size in [(48, 64, 160), (300, 100, 64), (1, 1, 32), (100, 100, 640)]:
+        matrix, (r, pad_x, pad_y) = augment.letterbox(height, width, size)
+        corners = augment.transform_points(np.array([[0, 0], [width, height]], np.float64), matrix)
+        assert np.allclose(corners, [[pad_x, pad_y], [size - pad_x, size - pad_y]], atol=1e-4)
+        assert max(corners[1] - corners[0]) == pytest.approx(size)  # the longer side fills the square
+        assert min(pad_x, pad_y) == 0 and r == size / max(height, width)
+        back = (corners - np.array([pad_x, pad_y])) / r  # image pixel = (square pixel - pad) / r
+        assert np.allclose(back, [[0, 0], [width, height]], atol=1e-3)
 
 
 def test_snapped_warp_draws_exactly_the_transform_it_returns():

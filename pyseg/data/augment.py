@@ -80,14 +80,6 @@ class Instances:
         )
 
 
-def polygon_area(points: np.ndarray) -> float:
-    """Area (pixels^2) of a closed polygon [k, 2] by the shoelace formula (absolute value)."""
-    if len(points) < 3:
-        return 0.0
-    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
-
-
 def _starts(lengths: np.ndarray) -> np.ndarray:
     return np.cumsum(lengths) - lengths
 
@@ -142,7 +134,9 @@ def clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float)
 
 
 def polygon_areas(points: np.ndarray, lengths: list[int]) -> np.ndarray:
-    """Areas (pixels^2) of polygons stored back to back in points [V, 2] with the given vertex counts."""
+    """Areas (float64 [n], pixels^2) of closed polygons stored back to back in points [V, 2] with the given vertex
+    counts, by the shoelace formula (absolute value; 0 for fewer than 3 vertices). One polygon [k, 2]:
+    polygon_areas(points, [len(points)])[0]."""
     lengths = np.asarray(lengths, np.int64)
     areas = np.zeros(len(lengths))
     if len(points) == 0 or len(lengths) == 0:
@@ -166,6 +160,14 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         return (points @ affine[:, :2].T + affine[:, 2]).astype(np.float32)
     homogeneous = np.concatenate([points, np.ones((len(points), 1), points.dtype)], 1) @ matrix.T
     return (homogeneous[:, :2] / np.maximum(homogeneous[:, 2:3], 1e-9)).astype(np.float32)
+
+
+def letterbox(height: int, width: int, size: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An height x width image scaled to fit a size x size square, centred: (3x3 matrix from image pixels to square
+    pixels, ratio_pad (r, pad_x, pad_y)); image pixel = (square pixel - pad) / r."""
+    r = size / max(height, width)
+    pad_x, pad_y = (size - width * r) / 2, (size - height * r) / 2
+    return translation(pad_x, pad_y) @ scaling(r), (r, pad_x, pad_y)
 
 
 def translation(tx: float, ty: float) -> np.ndarray:

@@ -1,9 +1,10 @@
 """YOLO segmentation labels: find images, parse and verify label files once, cache the result as JSON.
 
 One label file per image (`/images/` -> `/labels/`, suffix `.txt`); rows `class x1 y1 ... xn yn` (a polygon,
-normalized to 0..1) or `class cx cy w h` (a box-only instance). Every problem is reported with its file and line
-and handled without losing the rest; pyseg never modifies the user's files, and its cache lives in pyseg's own
-cache folder ($PYSEG_CACHE_DIR, default ~/.cache/pyseg), never inside the dataset.
+normalized to 0..1) or `class cx cy w h` (a box-only instance). Every problem is recorded with its file and line
+and what was done about it, and handled without losing the rest (report_problems shows and writes them); pyseg
+never modifies the user's files, and its cache lives in pyseg's own cache folder ($PYSEG_CACHE_DIR, default
+~/.cache/pyseg), never inside the dataset.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, image_header, read_image
+
+CACHE_VERSION = 2  # 2: problems carry what was done about them
 CLIP_TOLERANCE = 0.02  # normalized coordinates within this of [0, 1] are clipped; farther ones drop the row
+JPEG_END_MARKER = b"\xff\xd9"
 
 
 @dataclass
@@ -28,10 +31,12 @@ class Problem:
 
     file: str
     line: int | None  # 1-based line of a label file, None for a whole file
-    message: str
+    message: str  # what is wrong, e.g. "NaN or inf coordinate"
+    action: str  # what pyseg did, e.g. "row dropped", "image skipped", "image read as background"
 
     def __str__(self) -> str:
-        return f"{self.file}{f':{self.line}' if self.line else ''}: {self.message}"
+        """`file:line: message (action)`, the line left out for a whole file."""
+        return f"{self.file}{f':{self.line}' if self.line else ''}: {self.message} ({self.action})"
 
 
 @dataclass
@@ -137,33 +142,30 @@ def _orphan_labels(sources: list[Path], images: list[Path]) -> list[str]:
     return sorted(str(p) for p in orphans)
 
 
-def verify_image(path: Path) -> tuple[int, int, list[str]]:
-    """(height, width, notes) of an image after EXIF orientation; raises ValueError when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+def verify_image(path: Path) -> tuple[int, int, list[Problem]]:
+    """(height, width, problems) of an image as read_image decodes it (after EXIF orientation).
 
-    notes: list[str] = []
+    A JPEG is checked from its header (size, EXIF orientation) and its end marker: one without the marker is
+    decoded once to see how much of it reads. Other formats are decoded once. Raises ImageReadError when the
+    image cannot be read (the caller skips it).
+    """
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
-            image_format = image.format
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise ValueError(f"unreadable image ({error}); skipped") from error
-    if width < 2 or height < 2:
-        raise ValueError(f"image is {width}x{height} pixels; skipped")
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    if image_format == "JPEG":
-        with open(path, "rb") as f:
-            f.seek(-2, os.SEEK_END)
-            if f.read() != b"\xff\xd9":
-                import cv2
-
-                if cv2.imread(str(path)) is None:
-                    raise ValueError("truncated JPEG that cannot be decoded; skipped")
-                notes.append("truncated JPEG (no end marker): pixels past the cut read as grey; file left as is")
-    return height, width, notes
+        data = path.read_bytes()
+    except OSError as error:
+        raise ImageReadError(path, error.strerror or str(error)) from error
+    header = image_header(data)
+    if header is None or header[0] != "JPEG":
+        height, width = read_image(path).shape[:2]
+        return height, width, []
+    _, height, width = header
+    if data.endswith(JPEG_END_MARKER):
+        return height, width, []
+    try:
+        read_image(path)
+    except ImageReadError as error:
+        raise ImageReadError(path, "truncated JPEG (no end marker) that cannot be decoded") from error
+    truncated = Problem(str(path), None, "truncated JPEG (no end marker)", "read as far as it goes; file left as is")
+    return height, width, [truncated]
 
 
 def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Problem], int]:
@@ -175,7 +177,7 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
-        return None, [Problem(str(path), None, f"unreadable label file ({error}); image kept as background")], 0
+        return None, [Problem(str(path), None, f"unreadable label file ({error})", "image read as background")], 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -183,7 +185,7 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
         def drop(message: str, number=number) -> None:
             nonlocal dropped
             dropped += 1
-            problems.append(Problem(str(path), number, f"{message}; row dropped"))
+            problems.append(Problem(str(path), number, message, "row dropped"))
 
         try:
             values = [float(v) for v in line.split()]
@@ -191,7 +193,10 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
             drop("not a row of numbers")
             continue
         cls, coords = values[0], values[1:]
-        if not (cls.is_integer() and 0 <= cls < nc):
+        if not cls.is_integer():
+            drop(f"class {line.split()[0]} is not a whole number")
+            continue
+        if not 0 <= cls < nc:
             drop(f"class {line.split()[0]} outside 0..{nc - 1}")
             continue
         if not all(math.isfinite(v) for v in coords):
@@ -213,6 +218,8 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
         if array.min() < -CLIP_TOLERANCE or array.max() > 1 + CLIP_TOLERANCE:
             drop(f"coordinates far outside 0..1 (from {array.min():.3g} to {array.max():.3g})")
             continue
+        outside = f"coordinates slightly outside 0..1 (from {array.min():.3g} to {array.max():.3g})"
+        clipped = array.min() < 0.0 or array.max() > 1.0
         array = array.clip(0.0, 1.0)
         key = (int(cls), tuple(np.round(array, 6)))
         if key in seen:
@@ -227,6 +234,8 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
             if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
                 drop("polygon of zero area")
                 continue
+        if clipped:
+            problems.append(Problem(str(path), number, outside, "clipped to 0..1"))
         classes.append(int(cls))
         boxes.append(box)
         polygons.append(polygon)
@@ -295,21 +304,22 @@ def load_split(sources: list[Path], nc: int, split: str = "train", *, use_cache:
 
     result = SplitLabels(split, [], orphan_labels=_orphan_labels(sources, images))
     for orphan in result.orphan_labels:
-        result.problems.append(Problem(orphan, None, "label file without image; ignored"))
+        result.problems.append(Problem(orphan, None, "label file without image", "ignored"))
     for image, label in zip(images, labels, strict=True):
         try:
-            height, width, notes = verify_image(image)
-        except ValueError as error:
+            height, width, image_problems = verify_image(image)
+        except ImageReadError as error:
             result.skipped_images += 1
-            result.problems.append(Problem(str(image), None, str(error)))
+            result.problems.append(Problem(str(image), None, f"unreadable image: {error.reason}", "image skipped"))
             continue
-        result.problems += [Problem(str(image), None, note) for note in notes]
+        result.problems += image_problems
         if label.is_file():
             parsed, problems, dropped = parse_label_file(label, nc)
             result.problems += problems
             result.dropped_rows += dropped
         else:
             parsed = None
+            result.problems.append(Problem(str(image), None, f"no label file {label}", "image read as background"))
         if parsed is None:
             parsed = ImageLabels("", 0, 0, np.zeros(0, np.int64), np.zeros((0, 4), np.float32), [])
         parsed.image, parsed.height, parsed.width = str(image), height, width
@@ -328,7 +338,7 @@ def _write_cache(cache_file: Path, key: str, result: SplitLabels) -> None:
         "version": CACHE_VERSION,
         "key": key,
         "images": [item.to_json() for item in result.images],
-        "problems": [[p.file, p.line, p.message] for p in result.problems],
+        "problems": [[p.file, p.line, p.message, p.action] for p in result.problems],
         "skipped_images": result.skipped_images,
         "dropped_rows": result.dropped_rows,
         "orphan_labels": result.orphan_labels,
@@ -340,3 +350,28 @@ def _write_cache(cache_file: Path, key: str, result: SplitLabels) -> None:
         os.replace(temp, cache_file)
     except OSError:
         pass
+
+
+def report_problems(splits: list[SplitLabels], out_file: Path | None, shown: int = 10) -> str:
+    """The data problems of splits for the console, and all of them in out_file.
+
+    Returns the first `shown` problems, one `file:line: what (what was done)` line each, then
+    `... and N more (all in OUT_FILE)` when there are more; "" when there are none. A problem found in several
+    splits (splits that share files) is listed once, in the order found. Writes every problem, one line each,
+    to out_file (e.g. RUN/data_problems.txt, replacing it) when out_file is given and there are any; writes no
+    file when there are none.
+    """
+    unique: dict[tuple, Problem] = {}
+    for split in splits:
+        for problem in split.problems:
+            unique.setdefault((problem.file, problem.line, problem.message, problem.action), problem)
+    lines = [str(problem) for problem in unique.values()]
+    if out_file is not None and lines:
+        out_file = Path(out_file)
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text("".join(line + "\n" for line in lines))
+    text = lines[:shown]
+    if len(lines) > shown:
+        where = f" (all in {out_file})" if out_file is not None else ""
+        text.append(f"... and {len(lines) - shown} more{where}")
+    return "\n".join(text)

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from pyseg.data.augment import polygon_areas
 from pyseg.ops import rasterize_polygons
 
 SHAPES_CLASSES: tuple[str, ...] = ("circle", "ellipse", "triangle", "rectangle", "star", "hexagon")
@@ -219,7 +220,7 @@ def _place_shape(
         centre = rng.uniform(0.0, imgsz, 2)
         polygon = _shape_polygon(class_id, centre, diameter, rng.uniform(0.0, 2 * math.pi), rng)
         mask = _rasterize([polygon], imgsz, imgsz)[0]
-        if mask.sum() < max(_MIN_INSIDE * _polygon_area(polygon), 4):
+        if mask.sum() < max(_MIN_INSIDE * polygon_areas(polygon, [len(polygon)])[0], 4):
             continue
         if all(
             (vis & ~mask).sum() >= _MIN_KEPT_VISIBLE * full.sum() for vis, full in zip(visible, full_masks, strict=True)
@@ -255,12 +256,6 @@ def _shape_polygon(
         points = np.stack([np.cos(t), np.sin(t)], 1) * radius
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return points @ rotation.T + centre
-
-
-def _polygon_area(polygon: np.ndarray) -> float:
-    """Area of a simple polygon (shoelace), square pixels."""
-    x, y = polygon[:, 0], polygon[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 def _rasterize(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
@@ -338,7 +333,7 @@ def _visible_outline(polygon: np.ndarray, covering: list[np.ndarray], imgsz: int
     visible = masks[0] & ~masks[1:].any(0)
     contours, _ = cv2.findContours(visible.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     rings = [cv2.approxPolyDP(c, _LABEL_EPSILON, True).reshape(-1, 2).astype(np.float64) for c in contours]
-    rings = sorted((r for r in rings if len(r) >= 3), key=lambda r: -_polygon_area(r))
+    rings = sorted((r for r in rings if len(r) >= 3), key=lambda r: -polygon_areas(r, [len(r)])[0])
     if not rings:
         return None
     outline = rings[0]
