@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from pyseg.data.augment import PAD_VALUE, scaling, translation, warp_into
-from pyseg.data.labels import IMAGE_SUFFIXES
+from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
+from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -59,22 +59,21 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> Prediction:
-        """image: BGR uint8 (H, W, 3) as cv2 reads it."""
+        """image: BGR uint8 (H, W, 3), as pyseg.data.images.read_image (or a video frame from cv2) gives it."""
         from pyseg.engine.predict import detect, masks_in_input, to_original
 
         if image is None or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError("predict needs a BGR uint8 image of shape (H, W, 3)")
         h, w = image.shape[:2]
-        r = self.imgsz / max(h, w)
-        pad_x, pad_y = (self.imgsz - w * r) / 2, (self.imgsz - h * r) / 2
+        matrix, ratio_pad = letterbox(h, w, self.imgsz)
         letterboxed = np.full((self.imgsz, self.imgsz, 3), PAD_VALUE, np.uint8)
-        warp_into(letterboxed, image, translation(pad_x, pad_y) @ scaling(r))
+        warp_into(letterboxed, image, matrix)
         tensor = torch.from_numpy(np.ascontiguousarray(letterboxed[:, :, ::-1].transpose(2, 0, 1)))
         images = tensor[None].to(self.device).float().div_(255.0)
         outputs = self.model(images)
         det = detect(outputs, self.model.strides, self.model.reg_max, self.conf, self.iou, self.max_det)[0]
         masks = masks_in_input(outputs.protos.float(), [det], (self.imgsz, self.imgsz))[0]
-        boxes, full_masks = to_original(det.boxes, masks, (r, pad_x, pad_y), (h, w))
+        boxes, full_masks = to_original(det.boxes, masks, ratio_pad, (h, w))
         return Prediction(boxes, det.scores.float().cpu().numpy(), det.classes.cpu().numpy().astype(int), full_masks)
 
 
@@ -101,11 +100,19 @@ def coco_results(image_id: str, prediction: Prediction) -> list[dict]:
     ]
 
 
+def _read_or_none(path: Path) -> np.ndarray | None:
+    try:
+        return read_image(path)
+    except ImageReadError:
+        return None
+
+
 def sources(source: Path):
-    """(name, BGR frame) pairs from an image, a folder of images or a video."""
+    """(name, BGR frame) pairs from an image, a folder of images or a video; the frame is None when an image
+    cannot be read. Images are read as training reads them (pyseg.data.images.read_image)."""
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            yield path.name, cv2.imread(str(path))
+            yield path.name, _read_or_none(path)
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
@@ -119,7 +126,7 @@ def sources(source: Path):
             index += 1
         capture.release()
     elif source.is_file():
-        yield source.name, cv2.imread(str(source))
+        yield source.name, _read_or_none(source)
     else:
         raise FileNotFoundError(f"--source {source}: no such image, folder or video")
 
