@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import yaml
+from pyseg.errors import ConfigError
+from pyseg.files import read_yaml_mapping
 
 
 @dataclass
@@ -43,7 +46,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU (0 = all cores)
     # --- optimization
     optimizer: str = "auto"  # sgd | adamw | auto (adamw for short runs, sgd otherwise)
-    lr0: float = 0.01  # initial learning rate (sgd; adamw uses lr0 / 10 when auto picks it)
+    lr0: float = 0.01  # initial learning rate (ignored when optimizer auto picks adamw: see engine/optim.py)
     lrf: float = 0.01  # final learning rate = lr0 * lrf
     cos_lr: bool = False  # cosine instead of linear decay
     momentum: float = 0.937  # sgd momentum / adam beta1
@@ -64,7 +67,6 @@ class TrainConfig:
     dfl: float = 1.5  # distribution focal loss gain
     mask: float = 7.5  # mask BCE gain
     overlap_mask: bool = True  # ground truth as one index map per image (smaller instances on top)
-    mask_ratio: int = 4  # mask resolution = imgsz / mask_ratio (must match the prototype stride, 4)
     # --- augmentation
     hsv_h: float = 0.015  # hue rotation, +/- fraction of the colour circle
     hsv_s: float = 0.7  # saturation gain, +/- fraction
@@ -85,13 +87,117 @@ class TrainConfig:
     iou: float = 0.7  # NMS IoU threshold
     max_det: int = 300  # detections per image
 
-    def augment_kwargs(self) -> dict:
-        from pyseg.data.dataset import AugmentConfig
-
-        return {f.name: getattr(self, f.name) for f in fields(AugmentConfig)}
+    def __post_init__(self) -> None:
+        check_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Keys that older pyseg versions saved in args.yaml and checkpoints, with the only value they could hold.
+RETIRED_KEYS = {"mask_ratio": 4}
+DEVICE_PATTERN = re.compile(r"^(|cpu|cuda|cuda:\d+|\d+)$")
+MAX_STRIDE = 32  # the model's largest stride: input sizes must be multiples of it
+
+
+def flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    def allowed(value: float) -> bool:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    text = f"{'>' if low_open else '>='} {low} and {'<' if high_open else '<='} {high}"
+    return allowed, text
+
+
+def _at_least(low: float, *, strictly: bool = False):
+    return (lambda value: value > low) if strictly else (
+        lambda value: value >= low
+    ), f"{'>' if strictly else '>='} {low}"
+
+
+def _single_path_component(value: str) -> bool:
+    return value not in ("", ".", "..") and "/" not in value and "\\" not in value and value == value.strip()
+
+
+def _multiple_of_stride(value: int) -> bool:
+    return value >= MAX_STRIDE and value % MAX_STRIDE == 0
+
+
+_FRACTION = _between(0.0, 1.0)
+RULES: dict[str, tuple] = {
+    "data": (lambda v: v.strip() != "", "a dataset YAML, a built-in name or a dataset folder"),
+    "model": (lambda v: v.removeprefix("pyseg-") in ("n", "s", "m"), "one of pyseg-n, pyseg-s, pyseg-m"),
+    "epochs": _at_least(1),
+    "imgsz": (_multiple_of_stride, f"a multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640"),
+    "batch": _at_least(1),
+    "device": (DEVICE_PATTERN.match, "cpu, cuda, cuda:N, a GPU index N, or empty for cuda when available"),
+    "workers": _at_least(0),
+    "project": (lambda v: v.strip() != "", "a folder"),
+    "name": (_single_path_component, "a single folder name (no '/', not '.' or '..'); use --project for the parent"),
+    "patience": _at_least(0),
+    "val_period": _at_least(1),
+    "buffer_mb": _at_least(0.0),
+    "save_period": _at_least(0),
+    "threads": _at_least(0),
+    "optimizer": (lambda v: v in ("sgd", "adamw", "auto"), "one of sgd, adamw, auto"),
+    "lr0": _at_least(0.0, strictly=True),
+    "lrf": _between(0.0, 1.0, low_open=True),
+    "momentum": _between(0.0, 1.0, high_open=True),
+    "weight_decay": _at_least(0.0),
+    "warmup_epochs": _at_least(0.0),
+    "warmup_momentum": _between(0.0, 1.0, high_open=True),
+    "warmup_bias_lr": _at_least(0.0),
+    "nbs": _at_least(1),
+    "grad_clip": _at_least(0.0, strictly=True),
+    "ema_decay": _between(0.0, 1.0, high_open=True),
+    "box": _at_least(0.0),
+    "cls": _at_least(0.0),
+    "dfl": _at_least(0.0),
+    "mask": _at_least(0.0),
+    "hsv_h": _FRACTION,
+    "hsv_s": _FRACTION,
+    "hsv_v": _FRACTION,
+    "degrees": _between(0.0, 180.0),
+    "translate": _FRACTION,
+    "scale": _between(0.0, 1.0, high_open=True),
+    "shear": _between(0.0, 45.0),
+    "perspective": _between(0.0, 0.001),
+    "flipud": _FRACTION,
+    "fliplr": _FRACTION,
+    "mosaic": _FRACTION,
+    "mixup": _FRACTION,
+    "copy_paste": _FRACTION,
+    "close_mosaic": _at_least(0),
+    "conf": _FRACTION,
+    "iou": _between(0.0, 1.0, low_open=True),
+    "max_det": _at_least(1),
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raises ConfigError for the first value outside what is allowed, naming the flag, the value and the range."""
+    for field in fields(cfg):
+        value = getattr(cfg, field.name)
+        kind = _field_type(field)
+        if (
+            kind is float
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and not math.isfinite(value)
+        ):
+            raise ConfigError(f"{flag(field.name)} must be a finite number, got {value!r}")
+        if not isinstance(value, kind) and not (
+            kind is float and isinstance(value, int) and not isinstance(value, bool)
+        ):
+            raise ConfigError(f"{flag(field.name)} must be a {kind.__name__}, got {value!r}")
+        rule = RULES.get(field.name)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{flag(field.name)} must be {rule[1]}, got {value!r}")
 
 
 def _field_type(field: dataclasses.Field) -> type:
@@ -111,40 +217,32 @@ def _coerce(name: str, value, kind: type):
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{name} must be true or false, got {value!r}")
+        raise ConfigError(f"{flag(name)} must be true or false, got {value!r}")
     try:
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return kind(value)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{name} must be a {kind.__name__}, got {value!r}") from error
+        raise ConfigError(f"{flag(name)} must be a {kind.__name__}, got {value!r}") from error
 
 
 def make_config(values: dict) -> TrainConfig:
-    """A TrainConfig from a dict; unknown keys and wrong types raise ValueError naming the key."""
+    """A checked TrainConfig from a dict; unknown keys, wrong types and values out of range raise ConfigError."""
     known = {f.name: f for f in fields(TrainConfig)}
+    values = {k: v for k, v in values.items() if not (k in RETIRED_KEYS and v == RETIRED_KEYS[k])}
     unknown = [k for k in values if k not in known]
     if unknown:
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, list(known), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown config key(s): {', '.join(hints)}")
+        raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
     return TrainConfig(**{k: _coerce(k, v, _field_type(known[k])) for k, v in values.items()})
 
 
 def load_config_file(path: str | Path) -> dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as error:
-        raise ValueError(f"cannot read config file {path}: {error}") from error
-    except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config file {path} must hold a mapping of keys to values, got {type(raw).__name__}")
-    return raw
+    """The key/value mapping of a config YAML (e.g. runs/NAME/args.yaml); ConfigError names the file."""
+    return read_yaml_mapping(path, "config file", ConfigError)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,10 +250,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg", default=None, help="a YAML config (e.g. runs/NAME/args.yaml); flags override it")
     for field in fields(TrainConfig):
         kind = _field_type(field)
-        flag = f"--{field.name.replace('_', '-')}"
-        if kind is bool:
+        if field.name == "resume":
             parser.add_argument(
-                flag,
+                flag(field.name),
+                dest=field.name,
+                nargs="?",
+                const="true",
+                default=None,
+                metavar="true|false|PATH/TO/last.pt",
+                help="continue project/name from weights/last.pt, or continue the run of the given last.pt",
+            )
+        elif kind is bool:
+            parser.add_argument(
+                flag(field.name),
                 dest=field.name,
                 nargs="?",
                 const=True,
@@ -164,10 +271,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 help=f"(default {field.default})",
             )
         else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=f"(default {field.default!r})")
+            parser.add_argument(
+                flag(field.name), dest=field.name, type=kind, default=None, help=f"(default {field.default!r})"
+            )
+
+
+def resume_target(value: str | bool | None) -> tuple[bool, Path | None]:
+    """--resume's value: (resume?, the checkpoint file it names, if it names one)."""
+    if value is None or isinstance(value, bool):
+        return bool(value), None
+    if value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return _coerce("resume", value, bool), None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume {value}: no such checkpoint; give PATH/TO/weights/last.pt, or --resume --name NAME"
+        )
+    return True, path
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of --cfg (if given) with the flags given on the command line on top; --resume PATH is turned
+    into --resume with the --project/--name of that checkpoint's run folder (args.resume_from keeps the file)."""
+    args.resume, args.resume_from = resume_target(args.resume)
+    if args.resume_from is not None:
+        run_dir = args.resume_from.resolve().parent.parent
+        args.project, args.name = str(run_dir.parent), run_dir.name
     values = load_config_file(args.cfg) if args.cfg else {}
+    values.pop("resume", None)  # a command, not a setting: a saved args.yaml of a resumed run starts a new one
     values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
     return make_config(values)

@@ -1,7 +1,7 @@
 """python -m pyseg.predict: instance masks for images, folders or videos, drawn and as COCO-results JSON.
 
     python -m pyseg.predict --weights runs/train/weights/best.pt --source path/to/image_or_folder_or_video
-        [--imgsz 640] [--conf 0.25] [--iou 0.7] [--device cpu] [--out runs/predict]
+        [--imgsz 640] [--conf 0.25] [--iou 0.7] [--device cpu] [--project runs --name predict]
 
 Python API: `Predictor(weights).predict(image_bgr)` -> Prediction (boxes, scores, classes, masks at the image size).
 """
@@ -19,7 +19,11 @@ import numpy as np
 import torch
 
 from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
+from pyseg.config import MAX_STRIDE
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from pyseg.errors import ConfigError, UserError, run_command
+from pyseg.files import atomic_write_text
+from pyseg.val import add_output_arguments, output_dir
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -47,14 +51,19 @@ class Predictor:
         max_det: int = 300,
         device: str = "",
     ):
-        from pyseg.engine.trainer import select_device
+        from pyseg.engine.device import select_device
         from pyseg.val import load_model
 
+        for flag_name, value, low, high in (("--conf", conf, 0.0, 1.0), ("--iou", iou, 0.0, 1.0)):
+            if not low <= value <= high:
+                raise ConfigError(f"{flag_name} must be >= {low} and <= {high}, got {value!r}")
+        if max_det < 1:
+            raise ConfigError(f"--max-det must be >= 1, got {max_det}")
         self.device = select_device(device)
         self.model, cfg, self.names = load_model(weights, self.device)
         self.imgsz = imgsz or cfg.imgsz
-        if self.imgsz % 32:
-            raise ValueError(f"imgsz must be a multiple of 32, got {self.imgsz}")
+        if self.imgsz < MAX_STRIDE or self.imgsz % MAX_STRIDE:
+            raise ConfigError(f"--imgsz must be a multiple of {MAX_STRIDE}, e.g. 320 or 640, got {self.imgsz}")
         self.conf, self.iou, self.max_det = conf, iou, max_det
 
     @torch.no_grad()
@@ -116,7 +125,7 @@ def sources(source: Path):
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
-            raise ValueError(f"cannot open video {source}")
+            raise UserError(f"--source {source}: cannot open the video (a codec OpenCV lacks, or not a video)")
         index = 0
         while True:
             ok, frame = capture.read()
@@ -128,40 +137,52 @@ def sources(source: Path):
     elif source.is_file():
         yield source.name, _read_or_none(source)
     else:
-        raise FileNotFoundError(f"--source {source}: no such image, folder or video")
+        raise ConfigError(f"--source {source}: no such image, folder or video")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pyseg.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", required=True)
+    parser.add_argument("--weights", required=True, help="a pyseg checkpoint (runs/NAME/weights/best.pt)")
     parser.add_argument("--source", required=True, help="an image, a folder of images or a video")
-    parser.add_argument("--imgsz", type=int, default=None)
-    parser.add_argument("--conf", type=float, default=0.25)
-    parser.add_argument("--iou", type=float, default=0.7)
+    parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")
+    parser.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (default 0.7)")
     parser.add_argument("--device", default="")
-    parser.add_argument("--out", default="runs/predict", help="folder for drawn images and predictions.json")
-    args = parser.parse_args(argv)
-    try:
-        predictor = Predictor(args.weights, args.imgsz, args.conf, args.iou, device=args.device)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        results, count = [], 0
-        for name, frame in sources(Path(args.source)):
-            if frame is None:
-                print(f"pyseg.predict: cannot read {name}; skipped", file=sys.stderr)
-                continue
-            prediction = predictor.predict(frame)
-            cv2.imwrite(str(out / Path(name).with_suffix(".jpg")), draw(frame, prediction, predictor.names))
-            results += coco_results(name, prediction)
-            count += 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pyseg.predict: {error}", file=sys.stderr)
-        return 2
-    (out / "predictions.json").write_text(json.dumps(results))
-    print(f"{count} images, {len(results)} instances -> {out}")
+    add_output_arguments(parser, "predict")
+    parser.add_argument("--out", default=None, help="output folder instead of PROJECT/NAME")
+    return parser.parse_args(argv)
+
+
+def predict_command(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else output_dir(args)
+    predictor = Predictor(args.weights, args.imgsz, args.conf, args.iou, device=args.device)
+    source = Path(args.source)
+    if not source.exists():
+        raise ConfigError(f"--source {source}: no such image, folder or video")
+    out.mkdir(parents=True, exist_ok=True)
+    results, count, unreadable = [], 0, 0
+    for name, frame in sources(source):
+        if frame is None:
+            print(f"pyseg.predict: cannot read {name}; skipped", file=sys.stderr)
+            unreadable += 1
+            continue
+        prediction = predictor.predict(frame)
+        cv2.imwrite(str(out / Path(name).with_suffix(".jpg")), draw(frame, prediction, predictor.names))
+        results += coco_results(name, prediction)
+        count += 1
+    atomic_write_text(out / "predictions.json", json.dumps(results))
+    print(f"{count} images, {len(results)} instances -> {out}" + (f" ({unreadable} unreadable)" if unreadable else ""))
+    if count == 0:
+        raise UserError(f"--source {source}: no image could be read ({unreadable} unreadable)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit code 0, or 2 with one line for a user error."""
+    return run_command("pyseg.predict", predict_command, argv)
 
 
 if __name__ == "__main__":

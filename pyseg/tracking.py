@@ -42,7 +42,6 @@ class TrackingConfig:
     parent_run_id: str | None = None
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    log_best_weights: bool = False
 
 
 def resolve_tracking_uri(uri: str, project: str | Path) -> str:
@@ -250,8 +249,6 @@ class MlflowHook(Hook):
             return
         for name in ARTIFACTS:
             self.run.log_artifact(trainer.run_dir / name)
-        if self.tracking.log_best_weights:
-            self.run.log_artifact(trainer.weights_dir / "best.pt", "weights")
         self.run.finish("FINISHED")
         if not self.run.flush():
             warnings.warn(

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from pyseg.config import add_config_arguments, config_from_args
+from pyseg.errors import run_command
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,33 +63,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: exit code 0 (done), 1 (training failed), 2 (a user error, one line), 130 (Ctrl-C)."""
+    return run_command("pyseg.train", train_command, argv)
+
+
+def train_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as error:
-        print(f"pyseg.train: {error}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     from pyseg.tracking import MlflowHook, TrackingConfig
 
     tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
-    if args.ray_workers:
-        from pyseg.distributed import RayScaling, fit_with_ray
+    trainer = None
+    try:
+        if args.ray_workers:
+            from pyseg.distributed import RayScaling, fit_with_ray
 
-        try:
             scaling = RayScaling(
                 args.ray_workers, args.gpus_per_worker, args.cpus_per_worker, args.address, args.max_failures
             )
-        except ValueError as error:
-            print(f"pyseg.train: {error}", file=sys.stderr)
-            return 2
-        run_dir, result = fit_with_ray(cfg, scaling, tracking)
-        if result.error is not None:
-            print(f"pyseg.train: training failed: {result.error}", file=sys.stderr)
-            return 1
-    else:
-        from pyseg.engine.trainer import Trainer, default_hooks
+            run_dir, result = fit_with_ray(cfg, scaling, tracking)
+            if result.error is not None:
+                print(f"pyseg.train: training failed: {result.error}", file=sys.stderr)
+                return 1
+        else:
+            from pyseg.engine.trainer import Trainer, default_hooks
 
-        run_dir = Trainer(cfg, default_hooks() + [MlflowHook(tracking)]).fit()
+            trainer = Trainer(cfg, default_hooks() + [MlflowHook(tracking)], resume_from=args.resume_from)
+            run_dir = trainer.fit()
+    except KeyboardInterrupt:
+        where = getattr(trainer, "run_dir", None) if not args.ray_workers else None
+        again = f"python -m pyseg.train --resume {where / 'weights' / 'last.pt'}" if where else "--resume --name NAME"
+        print(f"\npyseg.train: interrupted; continue with: {again}", file=sys.stderr)
+        return 130
     print(f"results in {run_dir}")
     return 0
 

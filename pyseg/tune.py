@@ -18,7 +18,8 @@ import argparse
 import shlex
 import sys
 
-from pyseg.config import add_config_arguments, config_from_args
+from pyseg.config import RULES, add_config_arguments, config_from_args, resume_target
+from pyseg.errors import ConfigError, run_command
 from pyseg.train import add_tracking_arguments
 
 DEFAULT_SPACE = "tune/default.yaml"
@@ -52,21 +53,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    tune_resume = bool(args.resume)  # --resume continues the experiment --name (not one training)
-    args.resume = None
-    from pyseg.tuning import SearchSpaceError, TuneSettings, load_search_space, run_tune
+    """The command line: 0 (a best trial), 1 (no trial finished), 2 (a user error, one line), 130 (Ctrl-C)."""
+    return run_command("pyseg.tune", tune_command, argv)
 
+
+def tune_command(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    tune_resume, _ = resume_target(args.resume)  # --resume continues the experiment --name (not one training)
+    if _ is not None:
+        raise ConfigError("pyseg.tune --resume continues a search: give --resume --name NAME, not a checkpoint")
+    args.resume = None
+    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+
+    args_name, name = args.name, args.name or "tune"
+    args.name = None
+    if args.epochs is None:
+        args.epochs = 30
+    base = config_from_args(args)
+    if not RULES["name"][0](name):
+        raise ConfigError(f"--name must be {RULES['name'][1]}, got {name!r}")
+    space = load_search_space(args.space or _default_space())
+    if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
+        print("optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
+        base.optimizer = "adamw"
     try:
-        args_name, name = args.name, args.name or "tune"
-        args.name = None
-        if args.epochs is None:
-            args.epochs = 30
-        base = config_from_args(args)
-        space = load_search_space(args.space or _default_space())
-        if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
-            print("optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
-            base.optimizer = "adamw"
         settings = TuneSettings(
             samples=args.samples,
             scheduler=args.scheduler,
@@ -81,17 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             name=name,
             grace_period=args.grace_period,
         )
-    except (SearchSpaceError, ValueError) as error:
-        print(f"pyseg.tune: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
+        raise ConfigError(str(error)) from error
     from pyseg.tracking import TrackingConfig
 
     tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
     try:
         summary = run_tune(base, space, settings, tracking)
-    except (FileNotFoundError, FileExistsError, ConnectionError, ValueError) as error:
-        print(f"pyseg.tune: {error}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, FileExistsError, ConnectionError) as error:  # a missing search, a taken name, no Ray
+        raise ConfigError(str(error)) from error
     errored = sum(row["status"] == "ERROR" for row in summary.rows)
     if errored:
         print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")

@@ -2,7 +2,8 @@
 
     python -m pyseg.val --weights runs/train/weights/best.pt [--data D] [--split val] [--imgsz 640] [--batch 16]
 
-Prints a per-class AP table and writes metrics.json next to the weights' run folder (or to --out).
+Prints a per-class table and writes metrics_<split>.json (and data_problems.txt when the data has problems) to
+--project/--name (default runs/val, runs/val2, ...); --out names the metrics file instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pyseg.config import TrainConfig, make_config
+from pyseg.config import TrainConfig, flag, make_config
+from pyseg.errors import ConfigError, run_command
 
 
 def load_model(weights: str | Path, device: torch.device):
@@ -40,14 +42,19 @@ def validate(
     workers: int = 2,
     conf: float | None = None,
     iou: float | None = None,
+    problems_file: Path | None = None,
 ) -> tuple[dict, list[str]]:
-    """(metrics {'box': {...}, 'mask': {...}}, class names) of a checkpoint; settings default to the checkpoint's."""
+    """(metrics {'box': {...}, 'mask': {...}}, class names) of a checkpoint; settings default to the checkpoint's.
+
+    The split's data problems are printed (the first few) and all written to problems_file when given.
+    """
     from pyseg.data.dataset import SegDataset
     from pyseg.data.dataset_config import resolve_dataset
-    from pyseg.data.labels import load_split
+    from pyseg.data.labels import load_split, report_problems
     from pyseg.data.loader import SegCollate, build_dataloader
     from pyseg.engine.coco_eval import CocoEvaluator
-    from pyseg.engine.trainer import evaluate, select_device
+    from pyseg.engine.device import select_device
+    from pyseg.engine.trainer import evaluate
 
     torch_device = select_device(device)
     model, train_cfg, names = load_model(weights, torch_device)
@@ -58,12 +65,18 @@ def validate(
     cfg: TrainConfig = make_config(values)
     dataset_config = resolve_dataset(cfg.data)
     if split not in dataset_config.splits:
-        raise ValueError(f"{cfg.data} has no split {split!r} (it has {', '.join(dataset_config.splits)})")
+        raise ConfigError(f"--split {split}: {cfg.data} has no such split (it has {', '.join(dataset_config.splits)})")
     if dataset_config.nc != len(names):
-        raise ValueError(f"{weights} was trained on {len(names)} classes but {cfg.data} has {dataset_config.nc}")
-    images = load_split(dataset_config.splits[split], len(names), split).images
+        raise ConfigError(f"{weights} was trained on {len(names)} classes but {cfg.data} has {dataset_config.nc}")
+    labels = load_split(dataset_config.splits[split], len(names), split)
+    print(labels.summary())
+    problems = report_problems([labels], problems_file)
+    if problems:
+        print(f"data problems (each handled as said):\n{problems}")
+    if not labels.images:
+        raise ConfigError(f"{cfg.data}: the {split!r} split has no readable images")
     loader = build_dataloader(
-        SegDataset(images, cfg.imgsz, None),
+        SegDataset(labels.images, cfg.imgsz, None),
         cfg.batch,
         workers=workers,
         shuffle=False,
@@ -71,10 +84,28 @@ def validate(
     )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return evaluate(model, loader, CocoEvaluator(images, names), cfg, torch_device), names
+    return evaluate(model, loader, CocoEvaluator(labels.images, names), cfg, torch_device), names
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """--project/--name, the output folder of every command (project/name, then name2, name3, ...)."""
+    parser.add_argument("--project", default="runs", help="parent folder of output folders (default runs)")
+    parser.add_argument("--name", default=default_name, help=f"output folder: project/name (default {default_name})")
+    parser.add_argument("--exist-ok", action="store_true", help="write into project/name even if it exists")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """The checked, not yet created output folder of --project/--name/--exist-ok."""
+    from pyseg.config import RULES
+    from pyseg.engine.trainer import unique_run_dir
+
+    allowed, what = RULES["name"]
+    if not allowed(args.name):
+        raise ConfigError(f"{flag('name')} must be {what}, got {args.name!r}")
+    return unique_run_dir(args.project, args.name, args.exist_ok)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pyseg.val", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -87,22 +118,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--conf", type=float, default=None)
     parser.add_argument("--iou", type=float, default=None)
-    parser.add_argument("--out", default=None, help="metrics JSON path (default: RUN/metrics_<split>.json)")
+    add_output_arguments(parser, "val")
+    parser.add_argument("--out", default=None, help="metrics JSON path (default: PROJECT/NAME/metrics_<split>.json)")
     args = parser.parse_args(argv)
-    from pyseg.engine.coco_eval import format_table
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    return args
 
-    try:
-        metrics, names = validate(
-            args.weights, args.data, args.split, args.imgsz, args.batch, args.device, args.workers, args.conf, args.iou
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pyseg.val: {error}", file=sys.stderr)
-        return 2
-    print(format_table(metrics, names))
-    out = Path(args.out) if args.out else Path(args.weights).resolve().parents[1] / f"metrics_{args.split}.json"
+
+def val_command(argv: list[str] | None) -> int:
+    from pyseg.engine.coco_eval import format_metrics_table
+    from pyseg.engine.trainer import DATA_PROBLEMS_FILE
+
+    args = parse_args(argv)
+    out_dir = output_dir(args)
+    metrics, names = validate(
+        args.weights,
+        args.data,
+        args.split,
+        args.imgsz,
+        args.batch,
+        args.device,
+        args.workers,
+        args.conf,
+        args.iou,
+        problems_file=out_dir / DATA_PROBLEMS_FILE,
+    )
+    print(format_metrics_table(metrics, names))
+    out = Path(args.out) if args.out else out_dir / f"metrics_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit code 0, or 2 with one line for a user error."""
+    return run_command("pyseg.val", val_command, argv)
 
 
 if __name__ == "__main__":

@@ -385,3 +385,11 @@ def test_every_kind_has_the_metric_keys():
         for kind in ("box", "mask"):
             assert set(metrics[kind]) == set(METRIC_KEYS) | {"conf", "f1", "per_class", "per_class_ap"}
             assert set(metrics[kind]["per_class"]["square"]) == set(METRIC_KEYS)
+
+
+def test_a_class_without_detections_beside_one_with_them_has_zero_precision_and_recall():
+    # the second class has ground truth but not a single detection (a barely trained model)
+    point = max_f1_operating_point(
+        [np.array([0.7, 0.2]), np.zeros(0)], [np.array([True, False]), np.zeros(0, bool)], [1, 2]
+    )
+    assert point.conf == 0.7 and point.precision.tolist() == [1.0, 0.0] and point.recall.tolist() == [1.0, 0.0]

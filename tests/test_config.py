@@ -40,3 +40,70 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
 def test_saved_config_round_trips():
     cfg = make_config({"epochs": 5, "hsv_h": 0.02, "data": "coco128-seg.yaml"})
     assert make_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("epochs", 0, ">= 1"),
+        ("epochs", -1, ">= 1"),
+        ("imgsz", 63, "multiple of 32"),
+        ("imgsz", 0, "multiple of 32"),
+        ("batch", 0, ">= 1"),
+        ("lr0", -1.0, "> 0"),
+        ("val_period", 0, ">= 1"),
+        ("mosaic", 1.5, "<= 1"),
+        ("iou", 0.0, "> 0"),
+        ("optimizer", "adam", "sgd, adamw, auto"),
+        ("model", "pyseg-x", "pyseg-n"),
+        ("device", "gpu", "cuda:N"),
+        ("name", "../escaped", "single folder name"),
+        ("name", "/abs/path", "single folder name"),
+        ("name", "a/b", "single folder name"),
+        ("name", "..", "single folder name"),
+        ("workers", -2, ">= 0"),
+        ("hsv_s", float("nan"), "finite"),
+        ("lr0", float("inf"), "finite"),
+    ],
+)
+def test_every_value_is_checked_naming_the_flag_and_what_is_allowed(flag, value, allowed):
+    from pyseg.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        make_config({flag: value})
+    message = str(caught.value)
+    assert f"--{flag.replace('_', '-')}" in message and allowed in message and repr(value) in message
+
+
+def test_the_same_check_runs_for_cfg_files_and_flags(tmp_path):
+    from pyseg.errors import ConfigError
+
+    saved = tmp_path / "best.yaml"
+    saved.write_text(yaml.safe_dump({"imgsz": 100}))
+    with pytest.raises(ConfigError, match="--imgsz must be a multiple of 32.*100"):
+        parse(["--cfg", str(saved)])
+    with pytest.raises(ConfigError, match="--patience must be >= 0"):
+        parse(["--patience", "-3"])
+    assert parse(["--cfg", str(saved), "--imgsz", "96"]).imgsz == 96  # a flag overrides the bad file value
+
+
+def test_retired_mask_ratio_is_read_from_old_files_but_is_no_flag():
+    assert make_config({"mask_ratio": 4}) == TrainConfig()
+    with pytest.raises(ValueError, match="mask_ratio"):
+        make_config({"mask_ratio": 2})
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    assert "--mask-ratio" not in parser.format_help()
+
+
+def test_resume_takes_a_checkpoint_path_or_a_bool(tmp_path):
+    from pyseg.errors import ConfigError
+
+    last = tmp_path / "runs" / "exp3" / "weights" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"x")
+    cfg = parse(["--resume", str(last)])
+    assert cfg.resume and cfg.name == "exp3" and cfg.project == str((tmp_path / "runs").resolve())
+    assert parse(["--resume"]).resume and not parse(["--resume", "false"]).resume
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        parse(["--resume", str(tmp_path / "missing.pt")])

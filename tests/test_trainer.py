@@ -170,3 +170,136 @@ def test_predict_api_and_cli_write_drawings_and_coco_json(tiny_data, tmp_path):
     results = json.loads((out / "predictions.json").read_text())
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     assert main(["--weights", str(weights), "--source", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------ interruptions, early stopping, run folders
+
+
+def train_cli(args: list[str], env: dict | None = None, timeout: float = 300):
+    """python -m pyseg.train in a subprocess (MLflow off); returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pyseg.train", "--no-mlflow", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tiny_flags(data, project, name="tiny", epochs=3) -> list[str]:
+    return [
+        *("--data", str(data), "--epochs", str(epochs), "--imgsz", "64", "--batch", "4", "--workers", "0"),
+        *("--device", "cpu", "--project", str(project), "--name", name, "--close-mosaic", "1"),
+        *("--warmup-epochs", "0.5", "--threads", "1"),
+    ]
+
+
+def results_rows(run_dir) -> list[dict]:
+    with open(run_dir / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data, tmp_path_factory):
+    """An uninterrupted 3-epoch run, the reference of every interrupted one."""
+    project = tmp_path_factory.mktemp("straight")
+    done = train_cli(tiny_flags(tiny_data, project), env={"PYSEG_CACHE_DIR": str(project / "cache")})
+    assert done.returncode == 0, done.stderr
+    return project / "tiny"
+
+
+# Each point is where a kill -9 lands in epoch 2 of 3. last.pt is written twice per epoch (after training,
+# "trained"; after validation and the results row, "finished"): write 3 is epoch 2's first, write 4 its second.
+KILL_POINTS = {
+    "after training, before the checkpoint": "train-end:2",
+    "while writing the checkpoint": "write:last.pt:3",
+    "during validation": "validation:2",
+    "while writing the results row": "write:results.csv:2",
+    "after the row, while writing the finished checkpoint": "write:last.pt:4",
+    "after the epoch": "epoch-end:2",
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_POINTS))
+def test_a_kill_at_any_moment_resumes_to_one_validated_row_per_epoch(moment, tiny_data, tmp_path, straight_run):
+    env = {"PYSEG_CACHE_DIR": str(tmp_path / "cache")}
+    killed = train_cli(tiny_flags(tiny_data, tmp_path), env={**env, "PYSEG_TEST_KILL_AT": KILL_POINTS[moment]})
+    assert killed.returncode == -9 or killed.returncode == 9, (killed.returncode, killed.stderr[-2000:])
+    resumed = train_cli(["--resume", str(tmp_path / "tiny" / "weights" / "last.pt")], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = tmp_path / "tiny"
+    rows = results_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["mask/map"] != "" and r["box/map50"] != "" for r in rows), "every epoch is validated"
+    assert [p.name for p in (run_dir / "weights").iterdir() if p.name.startswith(".")] == []
+    last = load_checkpoint(run_dir / "weights" / "last.pt")
+    reference = load_checkpoint(straight_run / "weights" / "last.pt")
+    assert last["epoch"] == 2 and last["phase"] == "finished" and last["iteration"] == reference["iteration"]
+    for key, value in reference["ema"].items():
+        assert torch.allclose(value.float(), last["ema"][key].float(), atol=1e-5), key
+    straight_rows = results_rows(straight_run)
+    for row, straight in zip(rows, straight_rows, strict=True):
+        for key in ("train/box", "train/mask", "mask/map", "val/detections", "lr"):
+            assert float(row[key]) == pytest.approx(float(straight[key]), abs=1e-4), (row["epoch"], key)
+
+
+class ScriptedFitness:
+    """Replaces evaluate: returns the next mask mAP50-95 of a script, and records the epochs it was called in."""
+
+    def __init__(self, fitness: list[float]):
+        self.fitness, self.epochs = list(fitness), []
+
+    def __call__(self, model, loader, evaluator, cfg, device, show_progress=True):
+        value = self.fitness[len(self.epochs)]
+        self.epochs.append(None)
+        kinds = {kind: {"precision": 0.0, "recall": 0.0, "map50": value, "map": value} for kind in ("box", "mask")}
+        return {**kinds, "detections": {"count": 1, "mean_score": 0.5}}
+
+
+def test_patience_counts_validations_not_epochs(tiny_data, tmp_path, monkeypatch, capsys):
+    import pyseg.engine.trainer as trainer_module
+
+    scripted = ScriptedFitness([0.1, 0.2, 0.15, 0.1, 0.3])
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    cfg = tiny_config(tiny_data, tmp_path, epochs=10, val_period=2, patience=2)
+    run_dir = Trainer(cfg, show_progress=False).fit()
+    rows = results_rows(run_dir)
+    # validations after epochs 2, 4, 6, 8: best at 4, then two without improvement -> stop after epoch 8
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert [int(r["epoch"]) for r in rows if r["mask/map"] != ""] == [2, 4, 6, 8]
+    assert load_checkpoint(run_dir / "weights" / "best.pt")["epoch"] == 3  # epoch 4, 0-based
+    assert "no better mask mAP50-95 in 2 validations (best 0.2000 at epoch 4)" in capsys.readouterr().out
+
+
+def test_without_validation_there_is_no_early_stop_and_best_is_the_last_epoch(tiny_data, tmp_path, monkeypatch):
+    import pyseg.engine.trainer as trainer_module
+
+    scripted = ScriptedFitness([])
+    monkeypatch.setattr(trainer_module, "evaluate", scripted)
+    run_dir = Trainer(tiny_config(tiny_data, tmp_path, epochs=4, val=False, patience=2), show_progress=False).fit()
+    assert [int(r["epoch"]) for r in results_rows(run_dir)] == [1, 2, 3, 4] and scripted.epochs == []
+    best, last = (load_checkpoint(run_dir / "weights" / f"{n}.pt") for n in ("best", "last"))
+    assert best["epoch"] == last["epoch"] == 3
+    for key, value in last["ema"].items():
+        assert torch.equal(value, best["ema"][key]), key
+
+
+def test_exist_ok_never_overwrites_a_finished_run(tiny_data, tmp_path):
+    from pyseg.errors import ConfigError
+
+    run_dir = Trainer(tiny_config(tiny_data, tmp_path, epochs=2), show_progress=False).fit()
+    before = {p: p.stat().st_mtime_ns for p in [run_dir / "results.csv", *(run_dir / "weights").iterdir()]}
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.csv \(2 epochs\).*--resume --name tiny"):
+        Trainer(tiny_config(tiny_data, tmp_path, epochs=1, exist_ok=True), show_progress=False).fit()
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len(results_rows(run_dir)) == 2
+
+
+def test_resume_without_a_checkpoint_is_a_user_error(tiny_data, tmp_path):
+    done = train_cli([*tiny_flags(tiny_data, tmp_path, name="never"), "--resume"])
+    assert done.returncode == 2 and "has no weights/last.pt" in done.stderr and "Traceback" not in done.stderr

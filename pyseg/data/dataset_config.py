@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from pyseg.errors import UserError
+from pyseg.files import read_yaml_mapping
 
 BUILTIN_DATASETS = ("shapes-seg.yaml", "coco128-seg.yaml")
 DEFAULT_DATASET = "shapes-seg.yaml"
@@ -131,14 +130,7 @@ def _split_sources(value, root: Path, split: str, source: str) -> list[Path]:
 def load_dataset_yaml(yaml_path: Path) -> DatasetConfig:
     """Reads a dataset YAML (no download or generation: see resolve_dataset)."""
     source = str(yaml_path)
-    try:
-        raw = yaml.safe_load(yaml_path.read_text())
-    except OSError as error:
-        raise DatasetConfigError(f"cannot read dataset YAML {source}: {error}") from error
-    except yaml.YAMLError as error:
-        raise DatasetConfigError(f"{source} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise DatasetConfigError(f"{source}: expected a mapping with path/train/val/names, got {type(raw).__name__}")
+    raw = read_yaml_mapping(yaml_path, "dataset YAML", DatasetConfigError)
     _check_keys(raw, source)
     root = _resolve_root(raw.get("path"), yaml_path.parent)
     splits = {s: _split_sources(raw[s], root, s, source) for s in SPLITS if raw.get(s) is not None}

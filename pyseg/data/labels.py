@@ -19,10 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, image_header, read_image
+from pyseg.errors import UserError
 
 CACHE_VERSION = 2  # 2: problems carry what was done about them
 CLIP_TOLERANCE = 0.02  # normalized coordinates within this of [0, 1] are clipped; farther ones drop the row
 JPEG_END_MARKER = b"\xff\xd9"
+
+
+class DatasetError(UserError, ValueError):
+    """A split that cannot be used at all (no images, none readable, a source that is not there)."""
 
 
 @dataclass
@@ -124,11 +129,19 @@ def image_files(sources: list[Path], split: str = "split") -> list[Path]:
         elif source.suffix.lower() in IMAGE_SUFFIXES and source.is_file():
             files.append(source)
         else:
-            raise FileNotFoundError(
+            raise DatasetError(
                 f"{split} source {source} is not a folder, a .txt list of images or an image file; check the "
                 "dataset YAML's path: and split entries"
             )
-    return [p.resolve() for p in files]
+    return [_absolute(p) for p in files]
+
+
+def _absolute(path: Path) -> Path:
+    """path resolved; a looping symlink stays as it is (absolute), to be reported as an unreadable image."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # "Symlink loop" (RuntimeError before Python 3.13, OSError since)
+        return Path(os.path.abspath(path))
 
 
 def _orphan_labels(sources: list[Path], images: list[Path]) -> list[str]:
@@ -269,11 +282,11 @@ def _fingerprint(paths: list[Path]) -> list:
 def load_split(sources: list[Path], nc: int, split: str = "train", *, use_cache: bool = True) -> SplitLabels:
     """Verifies the images and labels of a split (or reads the cache when nothing changed).
 
-    Raises ValueError when the split has no usable image, saying why.
+    Raises DatasetError when the split has no usable image, saying why.
     """
     images = image_files(sources, split)
     if not images:
-        raise ValueError(
+        raise DatasetError(
             f"{split}: no images found in {', '.join(map(str, sources))} (looked for {', '.join(IMAGE_SUFFIXES)})"
         )
     labels = [label_path(p) for p in images]
@@ -326,7 +339,7 @@ def load_split(sources: list[Path], nc: int, split: str = "train", *, use_cache:
         result.images.append(parsed)
     if not result.images:
         reasons = "; ".join(str(p) for p in result.problems[:3])
-        raise ValueError(f"{split}: none of its {len(images)} images could be read ({reasons})")
+        raise DatasetError(f"{split}: none of its {len(images)} images could be read ({reasons})")
     if use_cache:
         _write_cache(cache_file, key, result)
     return result

@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from pyseg.ops import rasterize_polygons, rasterize_polygons_overlap
 
+MASK_RATIO = 4  # ground-truth masks at imgsz / 4: the model's prototypes have stride 4, so this is its only value
+
 
 def polygon_masks(batch: dict, mask_ratio: int, overlap: bool) -> dict:
     """Ground-truth masks at mask resolution (S / mask_ratio), rasterized straight from the batch's polygons.
@@ -55,7 +57,7 @@ class SegCollate:
     and masks (see polygon_masks) when made.
     """
 
-    def __init__(self, mask_ratio: int = 4, overlap_mask: bool = True, make_masks: bool = True):
+    def __init__(self, mask_ratio: int = MASK_RATIO, overlap_mask: bool = True, make_masks: bool = True):
         self.mask_ratio, self.overlap_mask, self.make_masks = mask_ratio, overlap_mask, make_masks
 
     def __call__(self, samples: list[dict]) -> dict:

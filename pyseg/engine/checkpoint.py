@@ -1,14 +1,17 @@
-"""Checkpoints: written atomically (temp file, fsync, rename), read with torch.load(weights_only=True)."""
+"""Checkpoints: written atomically (pyseg.files.atomic_write), read with torch.load(weights_only=True)."""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pyseg.errors import CheckpointError
+from pyseg.files import atomic_write
+
+CHECKPOINT_KEYS = ("model", "config", "names")  # what every pyseg checkpoint holds
 
 
 def rng_state() -> dict:
@@ -33,30 +36,27 @@ def restore_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Writes state to path so that path is always either the old or the new complete file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Reads a pyseg checkpoint (no code is executed: weights_only=True)."""
+    """Reads a pyseg checkpoint (no code is executed: weights_only=True); CheckpointError says what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give a pyseg .pt file (runs/NAME/weights/last.pt)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; give a pyseg .pt file (runs/NAME/weights/best.pt or last.pt)"
+        )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"{path} is not a readable pyseg checkpoint ({error})") from error
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, not a zip, not torch, unsafe pickle: one answer
+        raise CheckpointError(
+            f"{path} is not a readable pyseg checkpoint ({str(error).splitlines()[0][:200]}); it may be truncated "
+            "or another kind of file: use runs/NAME/weights/best.pt or last.pt"
+        ) from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is a torch file but not a pyseg checkpoint (no {', '.join(missing)}); pyseg reads the "
+            "weights/best.pt and last.pt that pyseg.train writes"
+        )
+    return state

@@ -148,7 +148,8 @@ def _precision_recall_at(
     """(precision, recall) (U,) of one class at each threshold in thresholds (U,); precision is 0 where no detection
     reaches the threshold."""
     kept = np.searchsorted(-sorted_scores, -thresholds, side="right")  # detections with score >= threshold
-    true_positives = np.where(kept > 0, true_positive_count[np.maximum(kept - 1, 0)], 0).astype(np.float64)
+    running = np.concatenate([[0], true_positive_count])  # running[k]: true positives among the first k
+    true_positives = running[kept].astype(np.float64)
     precision = true_positives / np.maximum(kept, 1)
     recall = true_positives / num_ground_truth
     return precision, recall

@@ -8,6 +8,20 @@ import math
 import torch
 from torch import nn
 
+# optimizer "auto": SGD for long runs, AdamW at a fixed learning rate for short ones, where SGD's lr0 with warmup
+# has too few steps to settle. The one place this rule lives.
+AUTO_SGD_MIN_STEPS = 10_000  # optimizer steps (after gradient accumulation) from which auto picks SGD
+AUTO_ADAMW_LR = 0.002  # AdamW's learning rate when auto picks it
+
+
+def resolve_optimizer(name: str, lr0: float, optimizer_steps: int) -> tuple[str, float]:
+    """(optimizer, initial learning rate) that a run of optimizer_steps steps trains with."""
+    if name != "auto":
+        return name, lr0
+    if optimizer_steps >= AUTO_SGD_MIN_STEPS:
+        return "sgd", lr0
+    return "adamw", AUTO_ADAMW_LR
+
 
 def build_optimizer(
     model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -98,3 +99,29 @@ def plot_predictions(model, batch: dict, names: list[str], path: Path, conf: flo
             )
         )
     cv2.imwrite(str(path), _tile(pairs, 4))
+
+
+def plot_results(csv_path: Path) -> None:
+    """results.png beside results.csv: one panel per column over the epochs (blank cells skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    keys = [k for k in rows[0] if k not in ("epoch",)]
+    columns = 4
+    fig, axes = plt.subplots(math.ceil(len(keys) / columns), columns, figsize=(16, 3 * math.ceil(len(keys) / columns)))
+    epochs = [int(r["epoch"]) for r in rows]
+    for ax, key in zip(np.ravel(axes), keys, strict=False):
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True) if r.get(key) not in ("", None)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        ax.set_title(key, fontsize=9)
+    for ax in np.ravel(axes)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(csv_path.with_suffix(".png"), dpi=100)
+    plt.close(fig)

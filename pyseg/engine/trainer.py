@@ -1,19 +1,25 @@
 """The training loop: plain train_one_epoch / evaluate functions, and a Trainer that runs them with ordered hooks.
 
-Hooks run in list order at each event (on_fit_start, on_train_epoch_end, on_epoch_end, on_fit_end); the default
-order is checkpoint (last.pt right after training, best.pt after evaluation), results writer, early stopping.
-Only rank 0 writes files.
+An epoch has two halves, and a run killed at any moment resumes without losing or repeating either:
+1. train: train_one_epoch, then `on_train_epoch_end` (CheckpointHook writes weights/last.pt marked
+   "trained", holding this epoch's training metrics);
+2. finish: validation when due, the early-stopping bookkeeping, then `on_epoch_end` in hook order: ResultsHook
+   (results.csv row), CheckpointHook (best.pt when better, last.pt marked "finished"), then extra hooks
+   (MLflow, Ray reports) that expect both on disk.
+`--resume` from a "trained" last.pt runs the finish half of that epoch again (same EMA weights, same row), so
+results.csv holds exactly one row per epoch. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import math
 import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,36 +27,29 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from pyseg.config import TrainConfig
+from pyseg.config import TrainConfig, make_config
 from pyseg.data.dataset import AugmentConfig, SegDataset
 from pyseg.data.dataset_config import DatasetConfig, resolve_dataset
-from pyseg.data.labels import load_split
-from pyseg.data.loader import SegCollate, build_dataloader, polygon_masks
+from pyseg.data.labels import SplitLabels, load_split, report_problems
+from pyseg.data.loader import MASK_RATIO, SegCollate, build_dataloader, polygon_masks
 from pyseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from pyseg.engine.coco_eval import CocoEvaluator
+from pyseg.engine.coco_eval import METRIC_KEYS, CocoEvaluator
+from pyseg.engine.device import masks_made_by_loader, select_device, to_device
 from pyseg.engine.loss import SegLoss
-from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer
+from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
+from pyseg.engine.plots import plot_results
 from pyseg.engine.predict import detect, masks_in_input, to_original
+from pyseg.errors import ConfigError
+from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
 
-METRIC_KEYS = ("precision", "recall", "map50", "map")
+PHASE_TRAINED = "trained"  # last.pt after the training half of its epoch: validation and results row still due
+PHASE_FINISHED = "finished"  # last.pt after the whole epoch
+DATA_PROBLEMS_FILE = "data_problems.txt"  # every problem verification found in the run's data, one per line
+RUN_OUTPUTS = ("results.csv", "weights/last.pt", "weights/best.pt")  # what --exist-ok must never overwrite
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the message holds the loss parts and the batch's image paths."""
-
-
-def select_device(device: str) -> torch.device:
-    if device in ("", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.isdigit():
-        device = f"cuda:{device}"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for CUDA, but torch sees no GPU; use --device cpu")
-    return torch.device(device)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def train_one_epoch(
@@ -68,9 +67,12 @@ def train_one_epoch(
     iteration: int = 0,
     accumulate: int = 1,
     show_progress: bool = True,
-    make_masks_on_device: bool = False,
+    make_masks: bool = False,
 ) -> dict:
-    """One pass over loader; returns mean losses, images/s, seconds and the iteration count after the epoch."""
+    """One pass over loader; returns mean losses, images/s, seconds and the iteration count after the epoch.
+
+    make_masks: rasterize the ground-truth masks here, on device, from the batch's polygons (the loader did not).
+    """
     model.train()
     iterations_per_epoch = len(loader)
     totals: dict[str, float] = {}
@@ -87,8 +89,8 @@ def train_one_epoch(
     for step, batch in enumerate(bar):
         apply_schedule(optimizer, cfg, iteration, iterations_per_epoch)
         batch = to_device(batch, device)
-        if make_masks_on_device:
-            batch.update(polygon_masks(batch, cfg.mask_ratio, cfg.overlap_mask))
+        if make_masks:
+            batch.update(polygon_masks(batch, MASK_RATIO, cfg.overlap_mask))
         images = batch["images"].float().div_(255.0)
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -133,10 +135,12 @@ def evaluate(
 ) -> dict:
     """COCO box and mask metrics of model on a letterboxed (augmentation-free) loader.
 
-    The evaluator must be built from the same image list as loader.dataset (image ids are list positions).
-    Also returns metrics["detections"]: the number of detections kept and their mean score.
+    The evaluator must be built from the same image list as loader.dataset (image ids are list positions); its
+    ground truth is reused, its detections are consumed. Also returns metrics["detections"]: the number of
+    detections kept and their mean score.
     """
     model.eval()
+    evaluator.reset()  # detections of an interrupted earlier pass
     count, score_sum = 0, 0.0
     image_ids = {item.image: index for index, item in enumerate(loader.dataset.images)}  # the evaluator's images
     for batch in tqdm(loader, disable=not show_progress, leave=False, desc="val", dynamic_ncols=True):
@@ -174,62 +178,50 @@ def flat_metrics(metrics: dict) -> dict:
 
 
 class Hook:
+    """Extras plugged into Trainer.fit; each event runs the hooks in list order."""
+
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_train_epoch_end(self, trainer: Trainer) -> None: ...
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None: ...
     def on_fit_end(self, trainer: Trainer) -> None: ...
 
 
-class CheckpointHook(Hook):
-    """weights/last.pt after every training epoch; weights/best.pt when mask mAP50-95 improves."""
-
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
-        if trainer.is_main:
-            save_checkpoint(trainer.weights_dir / "last.pt", trainer.checkpoint_state())
-            period = trainer.cfg.save_period
-            if period and (trainer.epoch + 1) % period == 0:
-                save_checkpoint(trainer.weights_dir / f"epoch{trainer.epoch + 1}.pt", trainer.checkpoint_state())
-
-    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        if not trainer.is_main:
-            return
-        state = trainer.checkpoint_state()  # again, now with this epoch's evaluation in best_fitness
-        save_checkpoint(trainer.weights_dir / "last.pt", state)
-        if trainer.improved:
-            save_checkpoint(trainer.weights_dir / "best.pt", state)
-
-
 class ResultsHook(Hook):
-    """results.csv (one row per epoch) and results.png."""
+    """results.csv (one row per epoch, rewritten atomically; a repeated epoch replaces its row) and results.png."""
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if not trainer.is_main:
             return
         path = trainer.run_dir / "results.csv"
-        rows = []
-        if path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < row["epoch"]]
+        rows = [r for r in read_results(path) if int(r["epoch"]) < row["epoch"]]
         rows.append(dict(row))
         columns = list(dict.fromkeys(key for r in rows for key in r))  # epochs without validation leave blanks
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())
         plot_results(path)
 
 
-class EarlyStoppingHook(Hook):
+class CheckpointHook(Hook):
+    """weights/last.pt after each half of an epoch; best.pt when validation improved (or every epoch without
+    validation); weights/epochN.pt every save_period epochs."""
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            save_checkpoint(trainer.weights_dir / "last.pt", trainer.checkpoint_state(PHASE_TRAINED))
+
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        patience = trainer.cfg.patience
-        if patience and trainer.epoch - trainer.best_epoch >= patience:
-            trainer.stop = True
-            if not trainer.is_main:
-                return
-            print(
-                f"early stopping: no better mask mAP50-95 for {patience} epochs (best {trainer.best_fitness:.4f} at "
-                f"epoch {trainer.best_epoch + 1})"
-            )
+        if not trainer.is_main:
+            return
+        state = trainer.checkpoint_state(PHASE_FINISHED)
+        if trainer.improved:
+            save_checkpoint(trainer.weights_dir / "best.pt", state)
+        period = trainer.cfg.save_period
+        if period and (trainer.epoch + 1) % period == 0:
+            save_checkpoint(trainer.weights_dir / f"epoch{trainer.epoch + 1}.pt", state)
+        save_checkpoint(trainer.weights_dir / "last.pt", state)
 
 
 class PlotsHook(Hook):
@@ -259,50 +251,60 @@ class PlotsHook(Hook):
             )
 
 
-def plot_results(csv_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    keys = [k for k in rows[0] if k not in ("epoch",)]
-    columns = 4
-    fig, axes = plt.subplots(math.ceil(len(keys) / columns), columns, figsize=(16, 3 * math.ceil(len(keys) / columns)))
-    epochs = [int(r["epoch"]) for r in rows]
-    for ax, key in zip(np.ravel(axes), keys, strict=False):
-        points = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True) if r.get(key) not in ("", None)]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
-        ax.set_title(key, fontsize=9)
-    for ax in np.ravel(axes)[len(keys) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(csv_path.with_suffix(".png"), dpi=100)
-    plt.close(fig)
-
-
 def default_hooks() -> list[Hook]:
-    return [CheckpointHook(), ResultsHook(), EarlyStoppingHook(), PlotsHook()]
+    return [ResultsHook(), CheckpointHook(), PlotsHook()]
 
 
-# ------------------------------------------------------------------ trainer
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results.csv ([] when there is none)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ run folders
 
 
 def unique_run_dir(project: str, name: str, exist_ok: bool) -> Path:
+    """project/name; without exist_ok, the first free of name, name2, name3, ...
+
+    With exist_ok, a folder that already holds a run's results or weights is refused (ConfigError saying what
+    would be lost and how to keep it): pyseg never overwrites a run unless the user removes it.
+    """
     base = Path(project) / name
     if exist_ok or not base.exists():
+        if exist_ok:
+            refuse_to_overwrite(base)
         return base
     for n in range(2, 10_000):
         candidate = Path(project) / f"{name}{n}"
         if not candidate.exists():
             return candidate
-    raise RuntimeError(f"no free run folder name under {project}")
+    raise ConfigError(f"no free run folder name under {project}: pass another --name")
 
 
-@dataclass
+def refuse_to_overwrite(run_dir: Path) -> None:
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).is_file()]
+    if not found:
+        return
+    epochs = len(read_results(run_dir / "results.csv"))
+    what = ", ".join(f"{name} ({epochs} epochs)" if name == "results.csv" else name for name in found)
+    raise ConfigError(
+        f"--exist-ok: {run_dir} already holds a run ({what}); training into it would overwrite them. Continue it "
+        f"with --resume --name {run_dir.name}, leave out --exist-ok to train into a new folder "
+        f"({run_dir.name}2, ...), or move {run_dir} away first if you really want to replace it."
+    )
+
+
+def run_dir_of_checkpoint(checkpoint: Path) -> Path:
+    """The run folder of RUN/weights/last.pt."""
+    return checkpoint.resolve().parent.parent
+
+
+# ------------------------------------------------------------------ trainer
+
+
 class Trainer:
     """Runs training for a TrainConfig: data, model, loss, optimizer, EMA, hooks, checkpoints, resume.
 
@@ -312,68 +314,150 @@ class Trainer:
     (e.g. one restored by Ray) instead of project/name/weights/last.pt.
     """
 
+    # set by __init__
     cfg: TrainConfig
-    hooks: list[Hook] = field(default_factory=default_hooks)
-    rank: int = 0
-    world_size: int = 1
-    show_progress: bool = True
-    device: torch.device | None = None
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None
-    resume_from: Path | None = None
+    hooks: list[Hook]
+    rank: int
+    world_size: int
+    is_main: bool
+    show_progress: bool
+    device: torch.device | None
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None
+    resume_from: Path | None
+    # progress, saved in checkpoints
+    epoch: int  # the current (0-based) epoch
+    start_epoch: int  # the first epoch this process trains
+    iteration: int  # optimizer schedule position: batches seen since the start of the run
+    best_fitness: float  # best mask mAP50-95 so far (-1 before the first validation)
+    best_epoch: int  # its epoch (0-based; -1 before any)
+    validations_since_best: int  # validations without improvement: early stopping counts these
+    improved: bool  # this epoch's weights are the new best.pt
+    stop: bool  # set by early stopping or a hook: end after this epoch
+    pending_train: dict | None  # the training metrics of an epoch trained but not finished (resume)
+    # built by setup()
+    run_dir: Path
+    weights_dir: Path
+    dataset_config: DatasetConfig
+    train_split: SplitLabels
+    val_split: SplitLabels
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    evaluator: CocoEvaluator | None
+    loader_makes_masks: bool
+    batch_per_rank: int
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # model as trained: wrapped (DDP) and/or compiled
+    loss_fn: SegLoss
+    optimizer: torch.optim.Optimizer
+    accumulate: int  # batches per optimizer step (nominal batch nbs)
+    ema: ModelEMA
+    autocast: torch.autocast | None
+    scaler: torch.amp.GradScaler | None
 
-    def __post_init__(self):
-        self.is_main = self.rank == 0
-        self.stop = False
-        self.epoch = 0
-        self.start_epoch = 0
-        self.iteration = 0
-        self.best_fitness = -1.0
-        self.best_epoch = -1
-        self.improved = False
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        hooks: list[Hook] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        show_progress: bool = True,
+        device: torch.device | None = None,
+        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        resume_from: Path | None = None,
+    ):
+        self.cfg = cfg
+        self.hooks = default_hooks() if hooks is None else hooks
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.show_progress, self.device, self.wrap_model = show_progress, device, wrap_model
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.epoch = self.start_epoch = self.iteration = 0
+        self.best_fitness, self.best_epoch, self.validations_since_best = -1.0, -1, 0
+        self.improved = self.stop = False
+        self.pending_train = None
+        self.evaluator = None
 
     # ---------------------------------------------------------------- setup
 
     def setup(self) -> None:
+        """Every build step, in order; a user error in any of them raises before any training."""
+        resume_state = self.build_run_dir()
+        self.build_runtime()
+        self.build_data()
+        self.build_model()
+        self.build_optimizer()
+        if resume_state is not None:
+            self.restore_state(resume_state)
+        if self.is_main:
+            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def build_run_dir(self) -> dict | None:
+        """Decides the run folder; on resume, loads last.pt and takes the config it was trained with."""
         cfg = self.cfg
-        resume_state = None
-        if cfg.resume or self.resume_from is not None:
-            self.run_dir = Path(cfg.project) / cfg.name
-            last = self.resume_from or self.run_dir / "weights" / "last.pt"
-            resume_state = load_checkpoint(last)
-            saved = dict(resume_state["config"])
-            saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
-            self.cfg = cfg = TrainConfig(**saved)
-        else:
+        if not (cfg.resume or self.resume_from is not None):
             self.run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
+            self.weights_dir = self.run_dir / "weights"
+            return None
+        self.run_dir = Path(cfg.project) / cfg.name
         self.weights_dir = self.run_dir / "weights"
+        last = self.resume_from or self.weights_dir / "last.pt"
+        if self.resume_from is None and not last.is_file():
+            raise ConfigError(
+                f"--resume: {self.run_dir} has no weights/last.pt to continue from; start a new run (leave out "
+                "--resume) or give the run's folder with --project/--name, or --resume PATH/TO/last.pt"
+            )
+        if self.is_main:
+            for stale in remove_stale_temporaries(self.weights_dir):
+                print(f"removed {stale}, left by an interrupted checkpoint write")
+        state = load_checkpoint(last)
+        saved = dict(state["config"])
+        saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
+        self.cfg = make_config(saved)
+        return state
+
+    def build_runtime(self) -> None:
+        """Device, CPU threads, seeds and determinism."""
+        cfg = self.cfg
         self.device = self.device or select_device(cfg.device)
         if self.device.type == "cpu" and cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self._seed(cfg.seed + self.rank)
+        seed = cfg.seed + self.rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        self.dataset_config: DatasetConfig = resolve_dataset(cfg.data)
+    def build_data(self) -> None:
+        """Dataset, verified labels of both splits, loaders and the evaluator (ground truth built once per run)."""
+        cfg = self.cfg
+        self.dataset_config = resolve_dataset(cfg.data)
         names = self.dataset_config.names
-        train_split = load_split(self.dataset_config.splits["train"], len(names), "train")
-        val_split = load_split(self.dataset_config.splits["val"], len(names), "val")
+        for split in ("train", "val"):
+            if split not in self.dataset_config.splits:
+                raise ConfigError(f"dataset {cfg.data} has no {split!r} split: add `{split}:` to its YAML")
+        self.train_split = load_split(self.dataset_config.splits["train"], len(names), "train")
+        self.val_split = load_split(self.dataset_config.splits["val"], len(names), "val")
         if self.is_main:
-            print(train_split.summary())
-            print(val_split.summary())
-        self.train_split, self.val_split = train_split, val_split
-        on_cuda = self.device.type == "cuda"
-        self.masks_on_device = on_cuda
+            print(self.train_split.summary())
+            print(self.val_split.summary())
+            problems = report_problems([self.train_split, self.val_split], self.run_dir / DATA_PROBLEMS_FILE)
+            if problems:
+                print(f"data problems (each handled as said; the run goes on):\n{problems}")
+        for split in (self.train_split, self.val_split):
+            if not split.images:
+                raise ConfigError(f"dataset {cfg.data}: the {split.name} split has no readable images")
+        self.loader_makes_masks = masks_made_by_loader(self.device)
         train_set = SegDataset(
-            train_split.images,
+            self.train_split.images,
             cfg.imgsz,
-            AugmentConfig(**cfg.augment_kwargs()),
+            AugmentConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AugmentConfig)}),
             epochs=cfg.epochs,
             seed=cfg.seed,
             cache_images=cfg.cache_images,
             buffer_mb=cfg.buffer_mb,
         )
-        val_set = SegDataset(val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
-        collate = SegCollate(cfg.mask_ratio, cfg.overlap_mask, make_masks=not on_cuda)
+        val_set = SegDataset(self.val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
         self.batch_per_rank = max(cfg.batch // self.world_size, 1)
         if self.is_main and cfg.batch % self.world_size:
             print(f"batch {cfg.batch} does not split evenly over {self.world_size} ranks: {self.batch_per_rank} each")
@@ -384,16 +468,21 @@ class Trainer:
             seed=cfg.seed,
             rank=self.rank,
             world_size=self.world_size,
-            collate=collate,
+            collate=SegCollate(MASK_RATIO, cfg.overlap_mask, make_masks=self.loader_makes_masks),
         )
         self.val_loader = build_dataloader(
             val_set, cfg.batch, workers=cfg.workers, shuffle=False, collate=SegCollate(make_masks=False)
         )
+        if self.is_main and cfg.val:
+            self.evaluator = CocoEvaluator(self.val_split.images, list(names))
 
+    def build_model(self) -> None:
+        """The model (from cfg.weights when given), channels_last, SyncBatchNorm, the loss."""
         from pyseg.models import build_model, model_info
 
+        cfg, names = self.cfg, self.dataset_config.names
         self.model = build_model(cfg.model, len(names)).to(self.device)
-        if cfg.weights and resume_state is None:
+        if cfg.weights and not cfg.resume:
             state = load_checkpoint(cfg.weights)
             skipped = self.model.load_state_dict_partial(state.get("ema") or state["model"])
             if self.is_main:
@@ -404,86 +493,77 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.world_size > 1:
-            if on_cuda:
+            if self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             elif self.is_main:
                 print("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per rank on CPU")
         if self.is_main:
             info = model_info(self.model, 640)
             print(f"{cfg.model}: {info['parameters'] / 1e6:.2f} M parameters, {info['gflops']:.1f} GFLOPs at 640")
-        self.loss_fn = SegLoss(
-            len(names),
-            self.model.reg_max,
-            self.model.strides,
-            {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask},
-            cfg.overlap_mask,
-        )
+        gains = {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask}
+        self.loss_fn = SegLoss(len(names), self.model.reg_max, self.model.strides, gains, cfg.overlap_mask)
+
+    def build_optimizer(self) -> None:
+        """Optimizer (auto resolved once: the config records what was used), accumulation, EMA, AMP, wrapping."""
+        cfg = self.cfg
         total_batch = self.batch_per_rank * self.world_size
         self.accumulate = max(round(cfg.nbs / total_batch), 1)
         weight_decay = cfg.weight_decay * total_batch * self.accumulate / cfg.nbs
-        optimizer_name, lr = cfg.optimizer, cfg.lr0
-        if optimizer_name == "auto":
-            steps = cfg.epochs * math.ceil(len(train_set) / total_batch) / self.accumulate
-            optimizer_name, lr = ("sgd", cfg.lr0) if steps > 10_000 else ("adamw", 0.002)
-        self.optimizer = build_optimizer(self.model, optimizer_name, lr, cfg.momentum, weight_decay)
-        if optimizer_name == "adamw" and cfg.optimizer == "auto":
-            self.cfg.lr0 = lr
+        steps = cfg.epochs * math.ceil(len(self.train_loader.dataset) / total_batch) / self.accumulate
+        optimizer, lr0 = resolve_optimizer(cfg.optimizer, cfg.lr0, int(steps))
+        if (optimizer, lr0) != (cfg.optimizer, cfg.lr0):
+            if self.is_main:
+                print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {int(steps)} optimizer steps")
+            self.cfg = cfg = dataclasses.replace(cfg, optimizer=optimizer, lr0=lr0)
+        self.optimizer = build_optimizer(self.model, optimizer, lr0, cfg.momentum, weight_decay)
         self.ema = ModelEMA(self.model, cfg.ema_decay)
+        on_cuda = self.device.type == "cuda"
         amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
         self.autocast = torch.autocast("cuda", dtype=amp_dtype) if on_cuda and cfg.amp else None
         self.scaler = torch.amp.GradScaler("cuda") if on_cuda and cfg.amp and amp_dtype == torch.float16 else None
         self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        if resume_state is not None:
-            self._load_state(resume_state)
-        if self.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "args.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
-    @staticmethod
-    def _seed(seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-    def checkpoint_state(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict(),
-            "ema_updates": self.ema.updates,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "epoch": self.epoch,  # the last finished epoch (0-based)
-            "iteration": self.iteration,
-            "best_fitness": self.best_fitness,
-            "best_epoch": self.best_epoch,
-            "config": self.cfg.to_dict(),
-            "names": list(self.dataset_config.names),
-            "model_name": self.cfg.model,
-            "rng": rng_state(),
-        }
-
-    def _load_state(self, state: dict) -> None:
+    def restore_state(self, state: dict) -> None:
+        """Weights, EMA, optimizer, scaler, schedule position, best-so-far and RNG from a checkpoint."""
         self.model.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = state["epoch"] + 1
         self.iteration = state["iteration"]
         self.best_fitness, self.best_epoch = state["best_fitness"], state["best_epoch"]
+        self.validations_since_best = state.get("validations_since_best", 0)
+        self.stop = state.get("stopped_early", False)
+        if state.get("phase", PHASE_FINISHED) == PHASE_TRAINED:
+            self.start_epoch = state["epoch"]  # trained, not finished: finish it first
+            self.pending_train = dict(state["train_metrics"])
+        else:
+            self.start_epoch = state["epoch"] + 1
         restore_rng_state(state["rng"])
 
-    def _share_evaluation(self, metrics: dict) -> dict:
-        """Rank 0 evaluates; the other ranks wait here and receive its metrics and best-so-far bookkeeping."""
-        if self.world_size == 1 or not torch.distributed.is_initialized():
-            return metrics
-        shared = [metrics, self.best_fitness, self.best_epoch, self.improved]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        metrics, self.best_fitness, self.best_epoch, self.improved = shared
-        return metrics
+    def checkpoint_state(self, phase: str) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "ema_updates": self.ema.updates,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch,  # 0-based
+            "phase": phase,  # PHASE_TRAINED or PHASE_FINISHED
+            "train_metrics": self.pending_train,  # PHASE_TRAINED: the row's training half
+            "iteration": self.iteration,
+            "best_fitness": self.best_fitness,
+            "best_epoch": self.best_epoch,
+            "validations_since_best": self.validations_since_best,
+            "stopped_early": self.stop,
+            "config": self.cfg.to_dict(),
+            "names": list(self.dataset_config.names),
+            "model_name": self.cfg.model,
+            "rng": rng_state(),
+        }
 
     # ---------------------------------------------------------------- loop
 
@@ -491,58 +571,99 @@ class Trainer:
         """Trains (or resumes) to cfg.epochs; returns the run folder."""
         self.setup()
         cfg = self.cfg
-        if self.start_epoch >= cfg.epochs:
-            print(f"{self.run_dir} already finished {cfg.epochs} epochs; nothing to resume (start a new run instead)")
+        if self.pending_train is None and (self.start_epoch >= cfg.epochs or self.stop):
+            why = "stopped early" if self.stop else f"finished {cfg.epochs} epochs"
+            print(f"{self.run_dir} already {why}; nothing to resume (start a new run instead)")
             return self.run_dir
         for hook in self.hooks:
             hook.on_fit_start(self)
         for epoch in range(self.start_epoch, cfg.epochs):
             self.epoch = epoch
-            self.train_loader.sampler.set_epoch(epoch)
-            train = train_one_epoch(
-                self.train_model,
-                self.train_loader,
-                self.loss_fn,
-                self.optimizer,
-                cfg,
-                epoch,
-                self.device,
-                ema=self.ema,
-                scaler=self.scaler,
-                autocast=self.autocast,
-                iteration=self.iteration,
-                accumulate=self.accumulate,
-                show_progress=self.show_progress and self.is_main,
-                make_masks_on_device=self.masks_on_device,
-            )
-            self.iteration = train.pop("iteration")
-            for hook in self.hooks:  # checkpoint before evaluation
-                hook.on_train_epoch_end(self)
-            lr = self.optimizer.param_groups[0]["lr"]
-            last_epoch = epoch + 1 == cfg.epochs
-            metrics = {}
-            if cfg.val and ((epoch + 1) % cfg.val_period == 0 or last_epoch) and self.is_main:
-                evaluator = CocoEvaluator(self.val_split.images, list(self.dataset_config.names))
-                metrics = flat_metrics(
-                    evaluate(self.ema.module, self.val_loader, evaluator, cfg, self.device, self.show_progress)
-                )
-            fitness = metrics.get("mask/map", -1.0)
-            self.improved = fitness > self.best_fitness or self.best_epoch < 0
-            if self.improved:
-                self.best_fitness, self.best_epoch = fitness, epoch
-            metrics = self._share_evaluation(metrics)
-            row = {
-                "epoch": epoch + 1,
-                **{k: round(v, 5) for k, v in train.items()},
-                **{k: round(v, 5) for k, v in metrics.items()},
-                "lr": lr,
-            }
-            if self.is_main:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            for hook in self.hooks:
-                hook.on_epoch_end(self, row)
+            if self.pending_train is None:
+                self.train_epoch()
+            self.finish_epoch()
             if self.stop:
                 break
         for hook in self.hooks:
             hook.on_fit_end(self)
         return self.run_dir
+
+    def train_epoch(self) -> None:
+        """The training half of self.epoch; leaves its metrics in pending_train."""
+        self.train_loader.sampler.set_epoch(self.epoch)
+        train = train_one_epoch(
+            self.train_model,
+            self.train_loader,
+            self.loss_fn,
+            self.optimizer,
+            self.cfg,
+            self.epoch,
+            self.device,
+            ema=self.ema,
+            scaler=self.scaler,
+            autocast=self.autocast,
+            iteration=self.iteration,
+            accumulate=self.accumulate,
+            show_progress=self.show_progress and self.is_main,
+            make_masks=not self.loader_makes_masks,
+        )
+        self.iteration = train.pop("iteration")
+        self.pending_train = {**train, "lr": self.optimizer.param_groups[0]["lr"]}
+        kill_point("train-end")
+        for hook in self.hooks:
+            hook.on_train_epoch_end(self)
+
+    def validation_due(self) -> bool:
+        cfg = self.cfg
+        return cfg.val and ((self.epoch + 1) % cfg.val_period == 0 or self.epoch + 1 == cfg.epochs)
+
+    def finish_epoch(self) -> None:
+        """The second half of self.epoch: validation when due, best/early-stopping bookkeeping, the epoch hooks."""
+        cfg = self.cfg
+        validated = self.validation_due()
+        metrics = {}
+        if validated and self.is_main:
+            kill_point("validation")
+            metrics = flat_metrics(
+                evaluate(self.ema.module, self.val_loader, self.evaluator, cfg, self.device, self.show_progress)
+            )
+        if validated:
+            fitness = metrics.get("mask/map", -1.0)
+            self.improved = fitness > self.best_fitness or self.best_epoch < 0
+            if self.improved:
+                self.best_fitness, self.best_epoch, self.validations_since_best = fitness, self.epoch, 0
+            else:
+                self.validations_since_best += 1
+        else:
+            self.improved = not cfg.val  # without validation best.pt is the latest epoch
+        metrics = self._share_evaluation(metrics)
+        if validated and cfg.patience and self.validations_since_best >= cfg.patience:
+            self.stop = True
+            if self.is_main:
+                print(
+                    f"early stopping: no better mask mAP50-95 in {cfg.patience} validations (best "
+                    f"{self.best_fitness:.4f} at epoch {self.best_epoch + 1})"
+                )
+        train = dict(self.pending_train)
+        lr = train.pop("lr")
+        row = {
+            "epoch": self.epoch + 1,
+            **{k: round(v, 5) for k, v in train.items()},
+            **{k: round(v, 5) for k, v in metrics.items()},
+            "lr": lr,
+        }
+        if self.is_main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        self.pending_train = None
+        for hook in self.hooks:
+            hook.on_epoch_end(self, row)
+        kill_point("epoch-end")
+
+    def _share_evaluation(self, metrics: dict) -> dict:
+        """Rank 0 evaluates; the other ranks wait here and receive its metrics and best-so-far bookkeeping."""
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return metrics
+        shared = [metrics, self.best_fitness, self.best_epoch, self.improved, self.validations_since_best]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        metrics, self.best_fitness, self.best_epoch, self.improved, self.validations_since_best = shared
+        return metrics

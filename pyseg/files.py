@@ -1,0 +1,92 @@
+"""Files pyseg writes and reads everywhere: atomic writes (a reader sees the old or the new file, never half of
+one) and YAML mappings read with an error that names the file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import yaml
+
+from pyseg.errors import UserError
+
+KILL_AT_ENV = "PYSEG_TEST_KILL_AT"  # tests: "POINT:N" ends the process (os._exit) the Nth time POINT is reached
+TEMP_PREFIX = "."  # temporaries are hidden files: .NAME.<random>
+TEMP_MARKER = ".pyseg-tmp"  # ... ending in this, so that stale ones can be told from the user's files
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
+    """Calls write(file) on a temporary beside path, then renames it over path.
+
+    durable: fsync the file and its folder, so that the rename survives a power cut (checkpoints, results).
+    A killed process leaves at most a `.NAME.*.pyseg-tmp` file, which `remove_stale_temporaries` clears.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_MARKER, dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            if durable:
+                os.fsync(file.fileno())
+        kill_point(f"write:{path.name}")
+        os.replace(temp, path)
+        if durable:
+            directory = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+_kill_point_counts: dict[str, int] = {}
+
+
+def kill_point(name: str) -> None:
+    """Test instrumentation for interruptions: with PYSEG_TEST_KILL_AT=name:N the process dies here (os._exit(9),
+    like kill -9: no cleanup, no flush) the Nth time it passes. Points: write:<file> (temporary written, not yet
+    renamed), train-end, validation, epoch-end. A no-op unless the variable names this point."""
+    wanted = os.environ.get(KILL_AT_ENV, "")
+    if not wanted.startswith(f"{name}:"):
+        return
+    _kill_point_counts[name] = _kill_point_counts.get(name, 0) + 1
+    if str(_kill_point_counts[name]) == wanted.rpartition(":")[2]:
+        os._exit(9)
+
+
+def atomic_write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()), durable=durable)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Deletes the temporaries that killed atomic writes left in folder; returns what it deleted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX) and p.name.endswith(TEMP_MARKER)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def read_yaml_mapping(path: str | Path, what: str, error: type[UserError] = UserError) -> dict:
+    """The mapping in a YAML file (empty file: {}); raises `error` naming `what` and the file otherwise."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as cause:
+        raise error(f"cannot read {what} {path}: {cause.strerror or cause}") from cause
+    except (yaml.YAMLError, UnicodeDecodeError) as cause:
+        raise error(f"{what} {path} is not valid YAML: {cause}") from cause
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path} must hold a mapping of keys to values, got {type(raw).__name__}")
+    return raw

@@ -1,0 +1,178 @@
+"""Every command answers a user error with one line naming the flag or file, exit code 2, and no traceback.
+
+The table drives train, val, predict, tune and submit in this process (an exception escaping main fails the
+test, so "no traceback" is checked by construction); two cases run as real subprocesses as well.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ALL_COMMANDS = ("train", "val", "predict", "tune", "submit")
+
+
+def run_main(command: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(f"pyseg.{command}")
+    try:
+        return module.main(argv)
+    except SystemExit as exit_:  # argparse's own usage errors exit 2 with the flag named
+        return exit_.code
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_data):
+    """Broken inputs of every kind, written once: YAMLs, torch files, a pyseg checkpoint, a symlink loop."""
+    from pyseg.config import TrainConfig
+    from pyseg.data.synthetic import SHAPES_CLASSES
+    from pyseg.models import build_model
+
+    root = tmp_path_factory.mktemp("bad")
+    files = {"tiny_data": tiny_data, "root": root}
+    files["not_yaml"] = root / "broken.yaml"
+    files["not_yaml"].write_text("train: [unclosed\n  - : :\n")
+    files["list_yaml"] = root / "list.yaml"
+    files["list_yaml"].write_text("- a\n- b\n")
+    files["no_train"] = root / "no_train.yaml"
+    files["no_train"].write_text("path: .\nnames: [a]\n")
+    files["offline"] = root / "offline.yaml"
+    files["offline"].write_text(
+        "path: offline-data\ntrain: images/train\nval: images/val\nnames: [a]\ndownload: http://127.0.0.1:9/d.zip\n"
+    )
+    files["not_torch"] = root / "notes.pt"
+    files["not_torch"].write_text("these are not weights\n")
+    files["foreign"] = root / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, files["foreign"])
+    model = build_model("pyseg-n", len(SHAPES_CLASSES))
+    state = {
+        "model": model.state_dict(),
+        "config": TrainConfig(data=str(tiny_data), imgsz=64).to_dict(),
+        "names": list(SHAPES_CLASSES),
+        "model_name": "pyseg-n",
+    }
+    files["checkpoint"] = root / "good.pt"
+    torch.save(state, files["checkpoint"])
+    files["truncated"] = root / "truncated.pt"
+    files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
+    loop = root / "loop" / "images" / "train"
+    loop.mkdir(parents=True)
+    (loop / "self").symlink_to(loop, target_is_directory=True)
+    (loop / "spin.jpg").symlink_to(loop / "spin.jpg")  # a file that links to itself
+    (root / "loop" / "images" / "val").symlink_to(loop, target_is_directory=True)
+    files["loop"] = root / "loop"
+    return files
+
+
+def train_flags(files, *extra: str) -> list[str]:
+    project = files["root"] / "runs"
+    return [
+        *("--data", str(files["tiny_data"]), "--imgsz", "64", "--epochs", "1", "--workers", "0", "--device", "cpu"),
+        *("--project", str(project), "--no-mlflow", *extra),
+    ]
+
+
+# (command, argv builder, text the message must contain)
+CASES = {
+    "train --epochs 0": ("train", lambda f: train_flags(f, "--epochs", "0"), "--epochs"),
+    "train --epochs -1": ("train", lambda f: train_flags(f, "--epochs", "-1"), "--epochs"),
+    "train --imgsz 63": ("train", lambda f: train_flags(f, "--imgsz", "63"), "--imgsz"),
+    "train --imgsz 0": ("train", lambda f: train_flags(f, "--imgsz", "0"), "--imgsz"),
+    "train --batch 0": ("train", lambda f: train_flags(f, "--batch", "0"), "--batch"),
+    "train --lr0 -1": ("train", lambda f: train_flags(f, "--lr0", "-1", "--optimizer", "auto"), "--lr0"),
+    "train --val-period 0": ("train", lambda f: train_flags(f, "--val-period", "0"), "--val-period"),
+    "train --mosaic 2": ("train", lambda f: train_flags(f, "--mosaic", "2"), "--mosaic"),
+    "train --optimizer adam": ("train", lambda f: train_flags(f, "--optimizer", "adam"), "--optimizer"),
+    "train --name ../escaped": ("train", lambda f: train_flags(f, "--name", "../escaped"), "--name"),
+    "train --name /abs/path": ("train", lambda f: train_flags(f, "--name", "/abs/path"), "--name"),
+    "train --epochs abc": ("train", lambda f: train_flags(f, "--epochs", "abc"), "--epochs"),
+    "train --bogus-flag": ("train", lambda f: train_flags(f, "--bogus-flag", "1"), "--bogus-flag"),
+    "train missing --data": ("train", lambda f: train_flags(f, "--data", str(f["root"] / "nope.yaml")), "nope.yaml"),
+    "train malformed --data": ("train", lambda f: train_flags(f, "--data", str(f["not_yaml"])), "broken.yaml"),
+    "train --data without train": ("train", lambda f: train_flags(f, "--data", str(f["no_train"])), "no_train.yaml"),
+    "train --data offline": ("train", lambda f: train_flags(f, "--data", str(f["offline"])), "127.0.0.1:9"),
+    "train --data symlink loop": ("train", lambda f: train_flags(f, "--data", str(f["loop"])), "spin.jpg"),
+    "train --cfg missing": ("train", lambda f: train_flags(f, "--cfg", str(f["root"] / "gone.yaml")), "gone.yaml"),
+    "train --cfg a list": ("train", lambda f: train_flags(f, "--cfg", str(f["list_yaml"])), "list.yaml"),
+    "train --weights text": ("train", lambda f: train_flags(f, "--weights", str(f["not_torch"])), "notes.pt"),
+    "train --weights foreign": ("train", lambda f: train_flags(f, "--weights", str(f["foreign"])), "foreign.pt"),
+    "train --weights truncated": ("train", lambda f: train_flags(f, "--weights", str(f["truncated"])), "truncated.pt"),
+    "train --resume missing.pt": ("train", lambda f: train_flags(f, "--resume", str(f["root"] / "x.pt")), "x.pt"),
+    "train --resume nothing": ("train", lambda f: train_flags(f, "--resume", "--name", "never"), "never"),
+    "train --ray-workers -1": ("train", lambda f: train_flags(f, "--ray-workers", "-1"), "--ray-workers"),
+    "val --weights missing": ("val", lambda f: ["--weights", str(f["root"] / "none.pt")], "none.pt"),
+    "val --weights foreign": ("val", lambda f: ["--weights", str(f["foreign"])], "foreign.pt"),
+    "val --weights text": ("val", lambda f: ["--weights", str(f["not_torch"])], "notes.pt"),
+    "val --split nope": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--split", "nope"], "nope"),
+    "val --name ../x": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--name", "../x"], "--name"),
+    "val --data offline": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--data", str(f["offline"])], ":9"),
+    "predict --weights foreign": ("predict", lambda f: ["--weights", str(f["foreign"]), "--source", "."], "foreign"),
+    "predict --source missing": (
+        "predict",
+        lambda f: ["--weights", str(f["checkpoint"]), "--source", str(f["root"] / "gone.jpg"), "--device", "cpu"],
+        "gone.jpg",
+    ),
+    "predict --imgsz 50": (
+        "predict",
+        lambda f: ["--weights", str(f["checkpoint"]), "--source", ".", "--imgsz", "50", "--device", "cpu"],
+        "--imgsz",
+    ),
+    "tune --samples 0": ("tune", lambda f: ["--samples", "0", "--no-mlflow"], "--samples"),
+    "tune --epochs 0": ("tune", lambda f: ["--epochs", "0", "--no-mlflow"], "--epochs"),
+    "tune --name ../x": ("tune", lambda f: ["--name", "../x", "--no-mlflow"], "--name"),
+    "tune --space broken": ("tune", lambda f: ["--space", str(f["not_yaml"]), "--no-mlflow"], "broken.yaml"),
+    "tune --resume PATH": ("tune", lambda f: ["--resume", str(f["checkpoint"])], "--resume"),
+    "submit without a command": ("submit", lambda f: ["--address", "http://127.0.0.1:9"], "command"),
+    "submit unreachable": ("submit", lambda f: ["--address", "http://127.0.0.1:9", "--", "train"], "127.0.0.1:9"),
+}
+if not torch.cuda.is_available():
+    CASES["train --device cuda without a GPU"] = ("train", lambda f: train_flags(f, "--device", "cuda"), "--device")
+
+
+def test_the_table_covers_every_command_with_at_least_25_cases():
+    assert len(CASES) >= 25 and {command for command, _, _ in CASES.values()} == set(ALL_COMMANDS)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_user_error_is_one_line_and_exit_code_2(case, bad_files, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYSEG_DATASETS_DIR", str(tmp_path / "datasets"))
+    monkeypatch.chdir(tmp_path)
+    command, argv, named = CASES[case]
+    code = run_main(command, argv(bad_files))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert named in err, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("runs/*/weights/*.pt")), "a failed start leaves no weights"
+
+
+@pytest.mark.parametrize(
+    ("command", "argv", "named"),
+    [
+        ("train", ["--imgsz", "63", "--no-mlflow"], "--imgsz must be a multiple of 32"),
+        ("val", ["--weights", "FOREIGN"], "not a pyseg checkpoint"),
+    ],
+)
+def test_a_real_process_prints_no_traceback_unless_debugging(command, argv, named, bad_files, tmp_path):
+    argv = [str(bad_files["foreign"]) if a == "FOREIGN" else a for a in argv]
+    env = {**os.environ, "PYSEG_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYSEG_DEBUG", None)
+    done = subprocess.run(
+        [sys.executable, "-m", f"pyseg.{command}", *argv], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    debug = subprocess.run(
+        [sys.executable, "-m", f"pyseg.{command}", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**env, "PYSEG_DEBUG": "1"},
+    )
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and named in debug.stderr
