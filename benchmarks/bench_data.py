@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from pyseg.config import TrainConfig  # noqa: E402
 from pyseg.data import dataset as dataset_module  # noqa: E402
 from pyseg.data import loader as loader_module  # noqa: E402
-from pyseg.data.dataset import AugmentConfig, SegDataset  # noqa: E402
+from pyseg.data.dataset import SegDataset  # noqa: E402
 from pyseg.data.dataset_config import resolve_dataset  # noqa: E402
 from pyseg.data.labels import load_split  # noqa: E402
 
@@ -87,7 +87,7 @@ MODES = {  # name -> SegDataset keywords
 
 
 def run(images, imgsz: int, workers: int, batch: int, epochs: int, mode: str) -> tuple[float, dict]:
-    data = SegDataset(images, imgsz, AugmentConfig(mosaic=1.0), epochs=100, **MODES[mode])
+    data = SegDataset(images, imgsz, TrainConfig(mosaic=1.0), epochs=100, **MODES[mode])
     breakdown = Breakdown()
     if workers == 0:
         breakdown.wrap(SegDataset, "_read", "decode")

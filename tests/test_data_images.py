@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.config import TrainConfig
+from pyseg.data.dataset import SegDataset
 from pyseg.data.images import ImageReadError, read_image
 from pyseg.data.labels import load_split
 
@@ -147,7 +148,7 @@ def test_every_format_and_mode_reads_as_8_bit_bgr_through_verification_and_the_d
     assert (x0, x1) == pytest.approx((pad_x + 0.1 * width * r, pad_x + 0.4 * width * r), abs=1e-3)
     assert (y0, y1) == pytest.approx((pad_y + 0.2 * height * r, pad_y + 0.8 * height * r), abs=1e-3)
 
-    training = SegDataset(split.images, size, AugmentConfig(), epochs=3)
+    training = SegDataset(split.images, size, TrainConfig(), epochs=3)
     for epoch in range(3):
         assert training[(0, epoch)]["image"].shape == (3, size, size)
 

@@ -13,8 +13,9 @@ import torch
 import yaml
 from conftest import COCO128_SEG
 
+from pyseg.config import TrainConfig
 from pyseg.data import augment
-from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.data.dataset import SegDataset
 from pyseg.data.dataset_config import DatasetConfigError, resolve_dataset
 from pyseg.data.download import DownloadError
 from pyseg.data.labels import ImageLabels, load_split, report_problems
@@ -257,7 +258,7 @@ def square_dataset(size=200, square=(60, 50, 140, 130)) -> SegDataset:
     dataset = SegDataset(
         [item],
         160,
-        AugmentConfig(
+        TrainConfig(
             degrees=30,
             translate=0.1,
             scale=0.3,
@@ -397,7 +398,7 @@ def test_buffer_keeps_recent_images_decoded_within_its_budget(tmp_path, monkeypa
     yaml_path = make_dataset(tmp_path / "d", {f"im{i}": "0 0.1 0.1 0.5 0.1 0.5 0.5\n" for i in range(4)})
     images = load_split(resolve_dataset(yaml_path).splits["train"], 2, "train").images
     one_image = 48 * 64 * 3
-    dataset = SegDataset(images, 64, AugmentConfig(), epochs=5, buffer_mb=2.5 * one_image / 2**20)
+    dataset = SegDataset(images, 64, TrainConfig(), epochs=5, buffer_mb=2.5 * one_image / 2**20)
     reads = []
     original_read = SegDataset._read
     monkeypatch.setattr(SegDataset, "_read", lambda self, i: reads.append(i) or original_read(self, i))
@@ -407,8 +408,8 @@ def test_buffer_keeps_recent_images_decoded_within_its_budget(tmp_path, monkeypa
     assert list(dataset._buffer) == [1, 0] and dataset._buffered_bytes == 2 * one_image
     with pytest.raises(ValueError):
         dataset.image(1)[0, 0, 0] = 7  # buffered images are read-only: augmentation never changes them
-    unbuffered = SegDataset(images, 64, AugmentConfig(copy_paste=0.5, mixup=0.5), epochs=5)
-    buffered = SegDataset(images, 64, AugmentConfig(copy_paste=0.5, mixup=0.5), epochs=5, buffer_mb=1.0)
+    unbuffered = SegDataset(images, 64, TrainConfig(copy_paste=0.5, mixup=0.5), epochs=5)
+    buffered = SegDataset(images, 64, TrainConfig(copy_paste=0.5, mixup=0.5), epochs=5, buffer_mb=1.0)
     for key in [(i, e) for e in range(3) for i in range(4)]:  # same samples with or without the buffer
         a, b = unbuffered[key], buffered[key]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["vertices"], b["vertices"])
@@ -489,7 +490,7 @@ def test_training_loader_streams_across_epochs_and_restarts_when_asked_out_of_or
 def test_loader_batches_do_not_depend_on_workers():
     config = resolve_dataset(COCO_YAML)
     images = load_split(config.splits["train"], config.nc, "train").images[:12]
-    dataset = SegDataset(images, 128, AugmentConfig(mixup=0.5, copy_paste=0.5), epochs=5)
+    dataset = SegDataset(images, 128, TrainConfig(mixup=0.5, copy_paste=0.5), epochs=5)
     batches = []
     for workers in (0, 2):
         loader = build_dataloader(dataset, 4, workers=workers, seed=1)
@@ -529,13 +530,14 @@ def test_workers_start_after_opencv_ran_threads_in_this_process():
 import cv2, numpy as np
 from pyseg.data.dataset_config import resolve_dataset
 from pyseg.data.labels import load_split
-from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.config import TrainConfig
+from pyseg.data.dataset import SegDataset
 from pyseg.data.loader import build_dataloader
 cv2.setNumThreads(2)
 cv2.warpAffine(np.zeros((2000, 2000, 3), np.uint8), np.eye(2, 3), (2000, 2000))  # starts cv2's pool
 config = resolve_dataset({str(COCO_YAML)!r})
 images = load_split(config.splits["train"], config.nc, "train").images[:8]
-batches = list(build_dataloader(SegDataset(images, 96, AugmentConfig(), epochs=3), 4, workers=2))
+batches = list(build_dataloader(SegDataset(images, 96, TrainConfig(), epochs=3), 4, workers=2))
 print("batches", len(batches))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -67,9 +67,11 @@ class StopAfterFirstEpoch(Hook):
         trainer.stop = True
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path):
-    straight = Trainer(tiny_config(tiny_data, tmp_path, name="straight"), show_progress=False).fit()
-    interrupted = Trainer(tiny_config(tiny_data, tmp_path, name="split"), show_progress=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(tiny_data, tmp_path, workers):
+    """Stopped after epoch 1 and resumed == trained straight: weights, EMA, optimizer state, schedule, rows."""
+    straight = Trainer(tiny_config(tiny_data, tmp_path, name="straight", workers=workers), show_progress=False).fit()
+    interrupted = Trainer(tiny_config(tiny_data, tmp_path, name="split", workers=workers), show_progress=False)
     interrupted.hooks.append(StopAfterFirstEpoch())
     interrupted.fit()
     assert load_checkpoint(interrupted.run_dir / "weights" / "last.pt")["epoch"] == 0
@@ -78,11 +80,19 @@ def test_resume_continues_exactly(tiny_data, tmp_path):
     a = load_checkpoint(straight / "weights" / "last.pt")
     b = load_checkpoint(resumed.run_dir / "weights" / "last.pt")
     assert a["epoch"] == b["epoch"] == 1 and a["iteration"] == b["iteration"]
-    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    for key, value in a["model"].items():
-        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
-    with open(resumed.run_dir / "results.csv", newline="") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+    assert a["ema_updates"] == b["ema_updates"] > 0
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][key].float(), atol=1e-6), (part, key)
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(value.float(), b["optimizer"]["state"][index][key].float(), atol=1e-6), (index, key)
+    rows = results_rows(resumed.run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row, reference in zip(rows, results_rows(straight), strict=True):
+        for key in ("train/box", "train/mask", "mask/map", "val/detections"):
+            assert float(row[key]) == pytest.approx(float(reference[key]), abs=1e-5), (row["epoch"], key)
 
 
 def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):

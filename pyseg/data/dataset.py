@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
+from pyseg.config import TrainConfig
 from pyseg.data import augment
 from pyseg.data.augment import PAD_VALUE, Instances
 from pyseg.data.images import read_image
 from pyseg.data.labels import ImageLabels
-
-
-@dataclass
-class AugmentConfig:
-    """Augmentation hyperparameters (names as the tuner searches them); probabilities in [0, 1]."""
-
-    hsv_h: float = 0.015  # hue rotation, +/- fraction of the colour circle
-    hsv_s: float = 0.7  # saturation gain, +/- fraction
-    hsv_v: float = 0.4  # value (brightness) gain, +/- fraction
-    degrees: float = 0.0  # rotation, +/- degrees
-    translate: float = 0.1  # translation, +/- fraction of the image size
-    scale: float = 0.5  # scale gain, +/- fraction
-    shear: float = 0.0  # shear, +/- degrees
-    perspective: float = 0.0  # perspective, +/- fraction (0..0.001 is sensible)
-    flipud: float = 0.0  # probability of an up-down flip
-    fliplr: float = 0.5  # probability of a left-right flip
-    mosaic: float = 1.0  # probability of a 4-image mosaic
-    mixup: float = 0.0  # probability of blending with a second sample
-    copy_paste: float = 0.0  # probability, per instance, of pasting its mirrored copy
-    close_mosaic: int = 10  # turn mosaic off for the last N epochs
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -51,7 +31,7 @@ class SegDataset(torch.utils.data.Dataset):
         self,
         images: list[ImageLabels],
         imgsz: int = 640,
-        augment_config: AugmentConfig | None = None,
+        augment_config: TrainConfig | None = None,
         *,
         epochs: int = 1,
         seed: int = 0,
@@ -62,7 +42,7 @@ class SegDataset(torch.utils.data.Dataset):
             raise ValueError("SegDataset needs at least one image")
         self.images = images
         self.imgsz = int(imgsz)
-        self.hyp = augment_config  # None: validation (letterbox only)
+        self.hyp = augment_config  # its augmentation keys (hsv_h ... close_mosaic); None: validation (letterbox only)
         self.epochs = epochs
         self.seed = seed
         self._cache: dict[int, np.ndarray] | None = None

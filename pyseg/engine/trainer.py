@@ -28,7 +28,7 @@ import yaml
 from tqdm import tqdm
 
 from pyseg.config import TrainConfig, make_config
-from pyseg.data.dataset import AugmentConfig, SegDataset
+from pyseg.data.dataset import SegDataset
 from pyseg.data.dataset_config import DatasetConfig, resolve_dataset
 from pyseg.data.labels import SplitLabels, load_split, report_problems
 from pyseg.data.loader import MASK_RATIO, SegCollate, build_dataloader, polygon_masks
@@ -451,7 +451,7 @@ class Trainer:
         train_set = SegDataset(
             self.train_split.images,
             cfg.imgsz,
-            AugmentConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AugmentConfig)}),
+            cfg,
             epochs=cfg.epochs,
             seed=cfg.seed,
             cache_images=cfg.cache_images,
