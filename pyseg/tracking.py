@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyseg.engine.trainer import Hook, Trainer
+from pyseg.files import atomic_write_text
 
 # A training must not hang on a dead server: MLflow's defaults retry for minutes (7 retries, 120 s timeout).
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -98,8 +99,7 @@ def read_run_id(record: Path, uri: str) -> str | None:
 
 
 def write_run_id(record: Path, run: MlflowRun) -> None:
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"uri": run.uri, "run_id": run.run_id}))
+    atomic_write_text(record, json.dumps({"uri": run.uri, "run_id": run.run_id}))
 
 
 class MlflowRun:

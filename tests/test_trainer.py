@@ -313,3 +313,45 @@ def test_exist_ok_never_overwrites_a_finished_run(tiny_data, tmp_path):
 def test_resume_without_a_checkpoint_is_a_user_error(tiny_data, tmp_path):
     done = train_cli([*tiny_flags(tiny_data, tmp_path, name="never"), "--resume"])
     assert done.returncode == 2 and "has no weights/last.pt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_data_problems_are_shown_and_written_by_train_and_val(tiny_data, tmp_path, capsys):
+    import shutil
+
+    from pyseg.val import main as val_main
+
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_data.parent / "shapes", data_root / "shapes")
+    shutil.copy(tiny_data, data_root / "shapes.yaml")
+    labels = sorted((data_root / "shapes" / "labels" / "val").glob("*.txt"))
+    labels[0].write_text(labels[0].read_text() + "0 nan 0.5 0.6 0.5 0.6 0.7\n7 0.1 0.1 0.2 0.1 0.2 0.2\n")
+    (data_root / "shapes" / "images" / "val" / "broken.jpg").write_text("not an image\n")
+    cfg = tiny_config(data_root / "shapes.yaml", tmp_path, epochs=1)
+    run_dir = Trainer(cfg, show_progress=False).fit()
+    out = capsys.readouterr().out
+    written = (run_dir / "data_problems.txt").read_text().splitlines()
+    assert len(written) == 3
+    assert any(line.startswith(f"{labels[0]}:") and "row dropped" in line and "nan" in line.lower() for line in written)
+    assert any(f"{labels[0]}:" in line and "class 7" in line for line in written)
+    assert any("broken.jpg" in line and "image skipped" in line for line in written)
+    for line in written:
+        assert line in out  # the first problems are printed too
+    assert (
+        val_main(
+            [
+                "--weights",
+                str(run_dir / "weights" / "last.pt"),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--project",
+                str(tmp_path / "val"),
+                "--name",
+                "check",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "val" / "check" / "data_problems.txt").read_text().splitlines() == written
+    assert (tmp_path / "val" / "check" / "metrics_val.json").is_file()

@@ -20,6 +20,7 @@ import numpy as np
 
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, image_header, read_image
 from pyseg.errors import UserError
+from pyseg.files import atomic_write_text
 
 CACHE_VERSION = 2  # 2: problems carry what was done about them
 CLIP_TOLERANCE = 0.02  # normalized coordinates within this of [0, 1] are clipped; farther ones drop the row
@@ -357,10 +358,7 @@ def _write_cache(cache_file: Path, key: str, result: SplitLabels) -> None:
         "orphan_labels": result.orphan_labels,
     }
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        temp.write_text(json.dumps(payload))
-        os.replace(temp, cache_file)
+        atomic_write_text(cache_file, json.dumps(payload), durable=False)
     except OSError:
         pass
 
@@ -380,9 +378,7 @@ def report_problems(splits: list[SplitLabels], out_file: Path | None, shown: int
             unique.setdefault((problem.file, problem.line, problem.message, problem.action), problem)
     lines = [str(problem) for problem in unique.values()]
     if out_file is not None and lines:
-        out_file = Path(out_file)
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text("".join(line + "\n" for line in lines))
+        atomic_write_text(out_file, "".join(line + "\n" for line in lines))
     text = lines[:shown]
     if len(lines) > shown:
         where = f" (all in {out_file})" if out_file is not None else ""
