@@ -18,8 +18,8 @@ import cv2
 import numpy as np
 import torch
 
-from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
 from pyseg.config import MAX_STRIDE
+from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from pyseg.errors import ConfigError, UserError, run_command
 from pyseg.files import atomic_write_text
