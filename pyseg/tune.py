@@ -15,6 +15,7 @@ Any training flag (--imgsz, --batch, --model, ...) sets the value shared by all 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 
@@ -74,8 +75,9 @@ def tune_command(argv: list[str] | None) -> int:
         raise ConfigError(f"--name must be {RULES['name'][1]}, got {name!r}")
     space = load_search_space(args.space or _default_space())
     if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
-        print("optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
-        base.optimizer = "adamw"
+        # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
+        print("--optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
+        base = dataclasses.replace(base, optimizer="adamw")
     try:
         settings = TuneSettings(
             samples=args.samples,
