@@ -22,6 +22,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from pyseg.distributed.ray_train import FORWARDED_ENV  # the same environment as Ray Train workers get
+from pyseg.errors import ConfigError, UserError, run_command
+
 COMMANDS = ("tune", "train", "val", "predict")
 EXCLUDES = [
     ".git",
@@ -34,7 +37,6 @@ EXCLUDES = [
     "*.egg-info",
     "__pycache__",
 ]
-FORWARDED_ENV = ("PYSEG_DATASETS_DIR", "PYSEG_CACHE_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,13 +98,17 @@ async def follow_logs(client, job_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: the job's outcome (0 SUCCEEDED, 1 otherwise), 2 for a user error (one line), 130 (Ctrl-C)."""
+    return run_command("pyseg.submit", submit_command, argv)
+
+
+def submit_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     token = use_token_if_available()
     try:
         env = runtime_env(args.working_dir, args.pip)
     except ValueError as error:
-        print(f"pyseg.submit: {error}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(error)) from error
     from ray.job_submission import JobSubmissionClient
 
     try:
@@ -116,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "nauthorized" in str(error) and not token:
             hint = "the cluster wants a token: copy the head node's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
-        print(f"pyseg.submit: cannot submit to {args.address}: {str(error)[:500]}\n  {hint}", file=sys.stderr)
-        return 1
+        raise UserError(f"cannot submit to {args.address}: {str(error)[:500]}\n  {hint}") from error
     print(f"submitted job {job_id}: {entrypoint(args.command)}", flush=True)
     follow = f"ray job logs --follow {job_id} --address {args.address}"
     if args.no_wait:

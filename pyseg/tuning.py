@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from pyseg.config import TrainConfig, make_config
-from pyseg.distributed.ray_train import RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.distributed.ray_train import CHECKPOINT_FILE, RayScaling, absolute_paths, fit_with_ray, init_ray
 from pyseg.errors import ConfigError
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
@@ -38,8 +38,20 @@ class SearchSpaceError(ConfigError):
 # ------------------------------------------------------------------ search spaces
 
 
-def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
-    """Reads and checks a search-space YAML: {key: (distribution, arguments)}, distribution "fixed" for constants."""
+class SearchSpace(dict):
+    """{key: (distribution, arguments)}, distribution "fixed" for constants; path: the file it was read from."""
+
+    def __init__(self, entries: dict, path: Path | None = None):
+        super().__init__(entries)
+        self.path = path
+
+
+def load_search_space(path: str | Path, base: TrainConfig | None = None) -> SearchSpace:
+    """Reads and checks a search-space YAML: {key: (distribution, arguments)}, distribution "fixed" for constants.
+
+    Every extreme of every dimension (both bounds, every choice) must make a valid TrainConfig: alone, or on top of
+    base when it is given (run_tune checks again on top of its base), so that no trial starts with an invalid value.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -52,7 +64,7 @@ def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
             f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)"
         )
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    space = {}
+    space = SearchSpace({}, path)
     for key, entry in raw.items():
         where = f"search space {path}, key {key!r}"
         if key not in known:
@@ -60,7 +72,6 @@ def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
         if key in NOT_SEARCHABLE:
             raise SearchSpaceError(f"{where}: describes the run, not the model; set it on the command line instead")
         if not isinstance(entry, dict):
-            _check_value(where, key, entry)
             space[key] = ("fixed", entry)
             continue
         if len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
@@ -83,20 +94,40 @@ def load_search_space(path: str | Path) -> dict[str, tuple[str, object]]:
                 raise SearchSpaceError(f"{where}: quniform needs q > 0, got {args!r}")
             if kind == "randint" and not all(isinstance(a, int) for a in args):
                 raise SearchSpaceError(f"{where}: randint takes integers, got {args!r}")
-            samples = [low, high - 1] if kind == "randint" else [low, high]
-        else:
-            samples = args
-        for sample in samples:
-            _check_value(where, key, sample)
         space[key] = (kind, args)
+    check_search_space(space, base)
     return space
 
 
-def _check_value(where: str, key: str, value) -> None:
-    try:
-        make_config({key: value})
-    except ValueError as error:
-        raise SearchSpaceError(f"{where}: {error}") from error
+def extremes(kind: str, args) -> list[tuple[str, object]]:
+    """The values a dimension can take at its edges, each named: [("uniform low 0.1", 0.1), ...]."""
+    if kind == "fixed":
+        return [(f"value {args!r}", args)]
+    if kind == "choice":
+        return [(f"choice {value!r}", value) for value in args]
+    low, high = args[0], args[1]
+    if kind == "randint":  # Ray's randint excludes high
+        return [(f"randint low {low!r}", low), (f"randint high - 1 = {high - 1!r}", high - 1)]
+    if kind == "quniform":  # Ray rounds each sample to a multiple of q
+        q = args[2]
+        low_q, high_q = round(low / q) * q, round(high / q) * q
+        return [(f"quniform low (to q) {low_q!r}", low_q), (f"quniform high (to q) {high_q!r}", high_q)]
+    return [(f"{kind} low {low!r}", low), (f"{kind} high {high!r}", high)]
+
+
+def check_search_space(space: dict[str, tuple[str, object]], base: TrainConfig | None = None) -> None:
+    """Raises SearchSpaceError, naming the space file, the key and the bound, when an extreme of a dimension (see
+    extremes), alone or on top of base, is not a valid TrainConfig (make_config's checks: types and ranges)."""
+    source = getattr(space, "path", None) or "(given as a dict)"
+    values = base.to_dict() if base is not None else {}
+    for key, (kind, args) in space.items():
+        for bound, value in extremes(kind, args):
+            try:
+                make_config({**values, key: value})
+            except ValueError as error:
+                raise SearchSpaceError(
+                    f"search space {source}, key {key!r}: {bound} is not a valid training value: {error}"
+                ) from error
 
 
 def to_tune_space(space: dict[str, tuple[str, object]]) -> dict:
@@ -117,24 +148,26 @@ def to_tune_space(space: dict[str, tuple[str, object]]) -> dict:
 # ------------------------------------------------------------------ trials
 
 
-def trial_config(base: dict, sampled: dict, trials_dir: str, trial_id: str) -> TrainConfig:
+def trial_config(base: dict, sampled: dict, trials_dir: str, trial_id: str, resume: bool = False) -> TrainConfig:
     """The TrainConfig of one trial: the base config with the sampled values, in the run folder trials/<trial_id>."""
     values = {**base, **sampled}
-    values.update(project=trials_dir, name=trial_id, exist_ok=True, resume=False, val=True, val_period=1)
+    values.update(project=trials_dir, name=trial_id, exist_ok=True, resume=resume, val=True, val_period=1)
     return make_config(values)
 
 
 def run_trial(config: dict, *, base: dict, scaling: dict, tracking: dict, trials_dir: str, hooks=()) -> None:
     """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
 
-    A restored trial (--resume) finds its Ray Train checkpoints in trials/<trial>/ray_train and continues.
+    A trial Tune runs again (--resume, or after a failure) continues in its own folder: from the latest Ray
+    checkpoint in trials/<trial>/ray_train, which Ray Train restores, or, without one, from weights/last.pt.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
-    cfg = trial_config(base, config, trials_dir, trial_id)
+    resume = (Path(trials_dir) / trial_id / "weights" / CHECKPOINT_FILE).is_file()
+    cfg = trial_config(base, config, trials_dir, trial_id, resume=resume)
     tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
     trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
     fit_with_ray(cfg, RayScaling(**scaling), trial_tracking, extra_hooks=hooks, callbacks=[TuneReportCallback()])
@@ -295,6 +328,7 @@ def run_tune(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    check_search_space(space, base)  # before Ray starts or any trial runs
     base = absolute_paths(base)
     tracking = tracking or TrackingConfig()
     experiment_dir = Path(base.project) / settings.name
@@ -425,10 +459,25 @@ def summarize(
         print(f"best config: {best_config}   (python -m pyseg.train --cfg {best_config})")
         print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
     print(f"all trials: {results_csv}")
-    unfinished = max(samples - results.num_terminated - results.num_errors, 0)  # interrupted, or never started
+    unfinished = max(samples - finished_trials(experiment_dir, results), 0)  # interrupted, or never started
     return TuneSummary(
         experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished
     )
+
+
+def finished_trials(experiment_dir: Path, results) -> int:
+    """Trials that ended (done, stopped by the scheduler or the time budget, or failed): those --resume keeps.
+
+    Read from the experiment state Tune saved last, not from results: on Ctrl-C Tune saves the state (the running
+    trials as RUNNING, which --resume continues) and only then ends those trials, marking them TERMINATED in results.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(experiment_dir)).trials
+    except (ValueError, OSError):  # no saved state (nothing ran)
+        return results.num_terminated + results.num_errors
+    return sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
 
 
 def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> MlflowRun:

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,11 +178,161 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+@contextlib.contextmanager
+def short_temp_dir(prefix: str = "pyseg-test-"):
+    """A new folder directly under /tmp, removed afterwards. Ray keeps unix sockets in its temp dir, and a socket
+    path must stay under 107 bytes: pytest's tmp_path is too deep for a Ray session folder."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder under /tmp for this test (Ray temp dirs, TMPDIR of subprocesses that start Ray)."""
+    with short_temp_dir() as folder:
+        yield folder
+
+
+def python_env(**changes: str | None) -> dict[str, str]:
+    """os.environ for a subprocess, with this interpreter's bin first on PATH (the `ray` command) and changes
+    applied (None removes a variable)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 in its own process group; stop() ends the whole group.
+
+    temp_dir: Ray's --temp-dir. Leave it None only with TMPDIR set in env to a private folder: the head then keeps
+    its session and its ray_current_cluster record there, where a default head keeps them under /tmp/ray.
+    """
+
+    def __init__(self, log: Path, env: dict[str, str], temp_dir: Path | None = None, num_cpus: int = 2):
+        if temp_dir is None and not env.get("TMPDIR", "").startswith("/tmp/pyseg-"):
+            raise ValueError("a RayHead without temp_dir needs TMPDIR set to a private folder (short_temp_dir)")
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        command = ["ray", "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1"]
+        command += ["--port", str(self.port), "--dashboard-host", "127.0.0.1"]
+        command += ["--dashboard-port", str(self.dashboard_port)]
+        if temp_dir is not None:
+            command += ["--temp-dir", str(temp_dir)]
+        self.log = log
+        with open(log, "wb") as output:
+            self.process = subprocess.Popen(command, stdout=output, stderr=output, start_new_session=True, env=env)
+
+    def wait_until_up(self, timeout: float = 120.0) -> None:
+        """Returns once `ray start` has finished starting (it then blocks, and has recorded its address) and the
+        dashboard answers (401 without a token counts: it is up)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"ray start --head did not come up: {self.log.read_text()[-3000:]}")
+            if "block forever" in self.log.read_text():
+                try:
+                    urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=1)
+                    return
+                except urllib.error.HTTPError:
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM to `ray start`, which stops its processes; SIGKILL to whatever of its group is left after 60 s."""
+        end_process_group(self.process, grace_s=60, leader_only=True)
+
+    def kill(self) -> None:
+        """SIGKILL to the head's whole process group, as when its machine dies or the OOM killer strikes."""
+        end_process_group(self.process, grace_s=0)
+
+
+def kill_process_group(process: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """Ends a process started with start_new_session=True and everything in its group: SIGTERM, then SIGKILL."""
+    end_process_group(process, grace_s)
+
+
+def end_process_group(process: subprocess.Popen, grace_s: float, leader_only: bool = False) -> None:
+    """SIGTERM (to the leader only, or to the whole group), up to grace_s seconds for the group to end, then SIGKILL
+    to whatever is left of it."""
+    if grace_s > 0 and _group_alive(process):
+        send = os.kill if leader_only else os.killpg
+        with contextlib.suppress(ProcessLookupError):
+            send(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(process):
+            time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while _group_alive(process) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _group_alive(process: subprocess.Popen) -> bool:
+    process.poll()  # reaps the leader once it exits
+    return bool(process_group_members(process.pid))
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(group) == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine)."""
+def ray_worker_tmpdir():
+    """The TMPDIR of local_ray's processes (its workers' tempfile folders): a short private folder."""
+    with short_temp_dir("pyseg-ray-") as folder:
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_worker_tmpdir):
+    """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine): its session
+    and its workers' temporary files in ray_worker_tmpdir, removed afterwards (nothing under /tmp/ray)."""
     ray = pytest.importorskip("ray")
-    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None)
-    yield ray
-    ray.shutdown()
+    tempfile.gettempdir()  # this process's temp dir stays what it is (tempfile caches it at the first call)
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(ray_worker_tmpdir)  # Ray's processes inherit it at start; this process keeps its own
+    try:
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=None,
+            _temp_dir=str(ray_worker_tmpdir / "ray"),
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -5,16 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 
 from pyseg.config import make_config
-from pyseg.distributed import RayScaling, absolute_paths, fit_with_ray
+from pyseg.distributed import RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.distributed.ray_train import RayClusterUnreachableError
 from pyseg.engine.trainer import Hook
+from pyseg.errors import UserError
 from pyseg.tracking import TrackingConfig
 
 ray = pytest.importorskip("ray")
@@ -89,9 +92,67 @@ def test_ray_scaling_rejects_impossible_resources():
     assert RayScaling(2, gpus_per_worker=0).resources_per_worker() == {"CPU": 1.0}
 
 
+@pytest.fixture
+def ray_not_started(monkeypatch):
+    """init_ray as in a fresh process (a module fixture's Ray may be up in this one); ray.init records its calls."""
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return calls
+
+
+def test_without_an_address_pyseg_starts_a_local_ray_not_the_last_ray_start(ray_not_started, monkeypatch, short_tmp):
+    # A killed `ray start --head` leaves its address in $TMPDIR/ray/ray_current_cluster; address=None would wait
+    # for that dead head forever.
+    monkeypatch.setenv("TMPDIR", str(short_tmp))
+    (short_tmp / "ray").mkdir()
+    (short_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    init_ray(None)
+    assert [call["address"] for call in ray_not_started] == ["local"]
+    assert ray_not_started[0]["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+
+
+def test_an_address_or_ray_address_is_used_when_given(ray_not_started, monkeypatch):
+    port = free_port()
+    with socket.socket() as server:  # something that accepts connections stands in for the cluster
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        init_ray(f"127.0.0.1:{port}")
+        monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+        init_ray(None)
+    assert [call["address"] for call in ray_not_started] == [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"]
+
+
+@pytest.mark.parametrize("source", ["--address", "RAY_ADDRESS", "auto"])
+def test_an_unreachable_cluster_is_a_user_error_that_names_the_address(ray_not_started, monkeypatch, short_tmp, source):
+    dead = f"127.0.0.1:{free_port()}"
+    address = None
+    if source == "--address":
+        address = f"ray://{dead}"
+    elif source == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", dead)
+    else:  # auto: the address the last `ray start` recorded, long dead
+        monkeypatch.setenv("TMPDIR", str(short_tmp))
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+        (short_tmp / "ray").mkdir()
+        (short_tmp / "ray" / "ray_current_cluster").write_text(dead)
+        address = "auto"
+    start = time.monotonic()
+    with pytest.raises(RayClusterUnreachableError) as caught:
+        init_ray(address)
+    message = str(caught.value)
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ConnectionError)
+    named = {"--address": f"ray://{dead} (--address)", "RAY_ADDRESS": f"{dead} (RAY_ADDRESS)"}
+    named["auto"] = "auto (--address)"
+    assert f"cannot reach the Ray cluster at {named[source]}" in message and dead in message
+    assert "ray start --head" in message and "--address" in message
+    assert not ray_not_started and time.monotonic() - start < 15
+
+
 @pytest.mark.slow
 def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the_checkpoint(
-    tiny_data, tmp_path, local_ray
+    tiny_data, tmp_path, local_ray, ray_worker_tmpdir
 ):
     cfg = tiny_config(tiny_data, tmp_path, epochs=3, batch=4, name="ddp")
     starts, marker = tmp_path / "starts.jsonl", tmp_path / "crashed.txt"
@@ -121,3 +182,5 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
     assert epochs == [1, 2, 3]
     assert (run_dir / "weights" / "last.pt").is_file() and (run_dir / "weights" / "best.pt").is_file()
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "last.pt").is_file()
+    # Both ranks restored the checkpoint into a temporary folder (in the workers' TMPDIR) and removed it.
+    assert not list(ray_worker_tmpdir.glob("pyseg-restore-*")), list(ray_worker_tmpdir.iterdir())

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import RayHead, free_port, python_env, short_temp_dir
 
 from pyseg import submit
 
@@ -29,40 +26,36 @@ def test_submit_needs_a_pyseg_command_and_an_address(capsys):
 def test_unreachable_cluster_gets_a_next_step(capsys, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # submit.main may set it; keep it out of later tests
     code = submit.main(["--address", f"http://127.0.0.1:{free_port()}", "--no-wait", "--", "train", "--epochs", "1"])
-    assert code == 1
+    assert code == 2  # an unreachable cluster is a user error (pyseg.errors): one line, exit 2
     assert "check --address" in capsys.readouterr().err
+
+
+def test_jobs_get_the_same_forwarded_environment_as_ray_train_workers(tmp_path, monkeypatch):
+    from pyseg.distributed import ray_train
+
+    assert submit.FORWARDED_ENV is ray_train.FORWARDED_ENV  # one list, not two that drift apart
+    for key in ray_train.FORWARDED_ENV:
+        monkeypatch.setenv(key, f"value of {key}")
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    env = submit.runtime_env(str(tmp_path), "")["env_vars"]
+    assert env == {key: f"value of {key}" for key in ray_train.FORWARDED_ENV}
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" in env  # was forwarded to Train workers but not to jobs
+    assert {k: v for k, v in ray_train.forwarded_env().items() if k in env} == env
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 (token authentication on, as Ray 2.60 sets it up)."""
+    """`ray start --head --block` on 127.0.0.1 (token authentication on, as Ray 2.60 sets it up), its session in a
+    private temp dir (nothing under /tmp/ray), stopped with its whole process group."""
     pytest.importorskip("ray")
     root = tmp_path_factory.mktemp("ray_head")
-    dashboard = free_port()
-    command = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1"]
-    command += ["--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    log = open(root / "head.log", "wb")  # noqa: SIM115 (closed with the process)
-    process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 120
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-            pytest.fail(f"ray start --head did not come up: {(root / 'head.log').read_text()[-3000:]}")
+    with short_temp_dir("pyseg-head-") as temp_dir:
+        head = RayHead(root / "head.log", python_env(), temp_dir=temp_dir / "ray")
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (401 without a token): up
-        except OSError:
-            time.sleep(0.5)
-    yield address
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+            head.wait_until_up()
+            yield head.dashboard
+        finally:
+            head.stop()
 
 
 @pytest.mark.slow

@@ -1,14 +1,19 @@
 """Data-parallel training on Ray Train (TorchTrainer, Train V2): one Trainer per worker, DDP through
 ray.train.torch.prepare_model (gloo on CPU, NCCL on GPU), one ray.train.report per epoch from every worker with
 rank 0 attaching weights/last.pt as the Ray checkpoint, and restarts from that checkpoint after a worker failure.
+
+Which Ray: --address (or RAY_ADDRESS) when given, else a new local Ray of this process. Never the cluster that a past
+`ray start` recorded in /tmp/ray/ray_current_cluster: that head may be long gone, and ray.init would wait for it.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +21,11 @@ from pathlib import Path
 
 from pyseg.config import TrainConfig, make_config
 from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
+from pyseg.errors import ConfigError, UserError
 from pyseg.tracking import MlflowHook, TrackingConfig
 
-# Environment that must reach the workers (they may start before a test or a user sets it in this process).
+# Environment that must reach every process pyseg starts on Ray: Train workers and Tune trials (they may start before
+# a test or a user sets it in this process) and Ray Jobs (pyseg.submit). The one list for both.
 FORWARDED_ENV = (
     "PYSEG_CACHE_DIR",
     "PYSEG_DATASETS_DIR",
@@ -28,6 +35,12 @@ FORWARDED_ENV = (
     "MLFLOW_HTTP_REQUEST_TIMEOUT",
 )
 CHECKPOINT_FILE = "last.pt"
+RESTORE_PREFIX = "pyseg-restore-"  # temporary folders of restored Ray checkpoints, removed once loaded
+CONNECT_TIMEOUT_S = 10.0  # seconds to wait for a cluster's address to accept a connection
+
+
+class RayClusterUnreachableError(UserError, ConnectionError):
+    """--address or RAY_ADDRESS names a Ray cluster that does not answer; the message names it and what to do."""
 
 
 @dataclass
@@ -42,9 +55,9 @@ class RayScaling:
 
     def __post_init__(self):
         if self.workers < 1:
-            raise ValueError(f"--ray-workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"--ray-workers must be >= 1, got {self.workers}")
         if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got {self.gpus_per_worker} and "
                 f"{self.cpus_per_worker}"
             )
@@ -87,27 +100,71 @@ def forwarded_env() -> dict[str, str]:
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
-    """Connects to (address, or RAY_ADDRESS) or starts a local Ray, once per process."""
+    """Connects to address (or RAY_ADDRESS), or starts a local Ray when neither is given; once per process.
+
+    An address that does not answer raises RayClusterUnreachableError (a UserError) instead of waiting for it.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env = {"env_vars": forwarded_env()}
+    target, source = (address, "--address") if address else (os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
+    if target is None:
+        # address="local", not None: None also means "the cluster in /tmp/ray/ray_current_cluster", which a
+        # stopped or killed `ray start --head` leaves behind, and ray.init waits forever for that dead head.
+        ray.init(address="local", runtime_env=runtime_env, **kwargs)
+        return
+    hint = (
+        "Start the cluster (`ray start --head` on its head node), pass a running one with --address (auto, "
+        "HEAD:6379 or ray://HEAD:10001), or leave out --address and unset RAY_ADDRESS to start a local Ray."
+    )
+    _check_reachable(target, source, hint)
     try:
-        ray.init(address=address, runtime_env={"env_vars": forwarded_env()}, **kwargs)
+        ray.init(address=target, runtime_env=runtime_env, **kwargs)
     except ConnectionError as error:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {error}. Start one with "
-            "`ray start --head`, pass its address with --address (e.g. auto, or ray://HEAD:10001), or leave "
-            "--address out to start a local Ray."
+        raise RayClusterUnreachableError(
+            f"cannot reach the Ray cluster at {target} ({source}): {error}. {hint}"
         ) from error
+
+
+def _check_reachable(target: str, source: str, hint: str) -> None:
+    """Raises RayClusterUnreachableError unless target's host:port (auto: the one `ray start` recorded) accepts a
+    TCP connection within CONNECT_TIMEOUT_S; ray.init would retry a dead address for minutes."""
+    where = f"{target} ({source})"
+    if target == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment  # internal: skip if it moves
+        except ImportError:
+            return
+        try:
+            resolved = get_ray_address_from_environment("auto", None)
+        except ConnectionError as error:
+            raise RayClusterUnreachableError(f"cannot reach the Ray cluster at {where}: {error}. {hint}") from error
+        where += f", that is {resolved}, the address the last `ray start` on this machine recorded"
+    else:
+        resolved = target.removeprefix("ray://")
+    host, _, port = resolved.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port: ray.init judges it
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise RayClusterUnreachableError(
+            f"cannot reach the Ray cluster at {where}: nothing answers there ({error}). {hint}"
+        ) from None
 
 
 class RayReportHook(Hook):
     """Every worker calls ray.train.report once per epoch (it is a barrier); rank 0 attaches weights/last.pt."""
 
+    def __init__(self):
+        self.reports = 0
+
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         import ray.train
 
+        self.reports += 1
         metrics = {key: value for key, value in row.items() if isinstance(value, int | float)}
         metrics["best_fitness"] = trainer.best_fitness
         if not trainer.is_main:
@@ -121,6 +178,37 @@ class RayReportHook(Hook):
                 shutil.copy2(source, Path(folder) / CHECKPOINT_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
+
+    def report_finished_run(self, trainer: Trainer) -> None:
+        """For a run restored already finished (nothing left to train, so no epoch reported): reports its last
+        results.csv row once, so that Ray (and Tune, whose record of the trial may stop at an earlier epoch when the
+        search was interrupted as the trial ended) sees how it ended. Every worker calls it (a barrier)."""
+        import ray.train
+
+        metrics = {}
+        if trainer.is_main:
+            rows = _read_rows(trainer.run_dir / "results.csv")
+            metrics = {key: _number(value) for key, value in (rows[-1] if rows else {}).items()}
+            metrics = {key: value for key, value in metrics.items() if value is not None}
+            metrics["best_fitness"] = trainer.best_fitness
+        ray.train.report(metrics)
+        self.reports += 1
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _number(text: str) -> int | float | None:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return None
 
 
 def _quiet_report_log() -> None:
@@ -144,27 +232,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = make_config(loop_config["config"])
     if cfg.threads == 0:
         torch.set_num_threads(max(int(loop_config["cpus_per_worker"]), 1))
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        folder = Path(tempfile.mkdtemp(prefix=f"pyseg-restore-rank{rank}-"))
-        checkpoint.to_directory(folder)
-        resume_from = folder / CHECKPOINT_FILE
-        if rank == 0:
-            print(f"restoring from Ray checkpoint {checkpoint.path}")
     tracking = TrackingConfig(**loop_config["tracking"])
-    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), RayReportHook()]
-    trainer = Trainer(
-        cfg,
-        hooks,
-        rank=rank,
-        world_size=world_size,
-        show_progress=False,
-        device=ray.train.torch.get_device(),
-        wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-        resume_from=resume_from,
-    )
-    trainer.fit()
+    report = RayReportHook()
+    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), report]
+    restore_dir = None
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            restore_dir = Path(tempfile.mkdtemp(prefix=f"{RESTORE_PREFIX}rank{rank}-"))
+            checkpoint.to_directory(restore_dir)
+            hooks.insert(0, RemoveFolderHook(restore_dir))
+            if rank == 0:
+                print(f"restoring from Ray checkpoint {checkpoint.path}")
+        trainer = Trainer(
+            cfg,
+            hooks,
+            rank=rank,
+            world_size=world_size,
+            show_progress=False,
+            device=ray.train.torch.get_device(),
+            wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
+            resume_from=restore_dir / CHECKPOINT_FILE if restore_dir else None,
+        )
+        trainer.fit()
+        if report.reports == 0:
+            report.report_finished_run(trainer)
+    finally:
+        if restore_dir is not None:
+            shutil.rmtree(restore_dir, ignore_errors=True)
+
+
+class RemoveFolderHook(Hook):
+    """Removes a folder once the trainer has set up (a restored checkpoint, loaded by then), so that a worker killed
+    later (a trial stopped by ASHA or by Ctrl-C) leaves nothing behind."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:

@@ -100,9 +100,12 @@ class TaskAlignedAssigner:
         return Assignment(labels, boxes, target_scores, foreground, gt_index)
 
 
+DFL_EDGE_MARGIN = 0.01  # bins: keeps a target off the last bin so that its right neighbour exists
+
+
 def dfl_loss(distribution: Tensor, target: Tensor, reg_max: int) -> Tensor:
     """Distribution focal loss: distribution (P, 4, reg_max) logits, target (P, 4) distances in bins -> (P,)."""
-    target = target.clamp(0, reg_max - 1 - 0.01)
+    target = target.clamp(0, reg_max - 1 - DFL_EDGE_MARGIN)
     left = target.long()
     weight_right = target - left
     logits = distribution.reshape(-1, reg_max)

@@ -12,6 +12,9 @@ from torch import nn
 # has too few steps to settle. The one place this rule lives.
 AUTO_SGD_MIN_STEPS = 10_000  # optimizer steps (after gradient accumulation) from which auto picks SGD
 AUTO_ADAMW_LR = 0.002  # AdamW's learning rate when auto picks it
+MIN_WARMUP_ITERATIONS = 100  # a warmup shorter than this is too abrupt on tiny datasets with few batches per epoch
+ADAM_BETA2 = 0.999  # AdamW's second-moment decay (PyTorch's default); beta1 is cfg.momentum
+EMA_RAMP_UPDATES = 2000.0  # EMA decay reaches 63% of its final value after this many updates (tau)
 
 
 def resolve_optimizer(name: str, lr0: float, optimizer_steps: int) -> tuple[str, float]:
@@ -49,7 +52,7 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, ADAM_BETA2))
     raise ValueError(f"optimizer must be sgd, adamw or auto, got {name!r}")
 
 
@@ -65,7 +68,9 @@ def apply_schedule(optimizer: torch.optim.Optimizer, cfg, iteration: int, iterat
     """Sets each group's lr (and momentum) for this iteration: warmup first, then the epoch schedule."""
     epoch = iteration // max(iterations_per_epoch, 1)
     target = cfg.lr0 * lr_factor(epoch, cfg.epochs, cfg.lrf, cfg.cos_lr)
-    warmup_iterations = max(round(cfg.warmup_epochs * iterations_per_epoch), 100) if cfg.warmup_epochs > 0 else 0
+    warmup_iterations = 0
+    if cfg.warmup_epochs > 0:
+        warmup_iterations = max(round(cfg.warmup_epochs * iterations_per_epoch), MIN_WARMUP_ITERATIONS)
     warmup_iterations = min(warmup_iterations, cfg.epochs * iterations_per_epoch // 2)
     for index, group in enumerate(optimizer.param_groups):
         if iteration < warmup_iterations:
@@ -94,7 +99,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 class ModelEMA:
     """Exponential moving average of a model's weights and buffers; decay ramps up over the first updates."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = EMA_RAMP_UPDATES, updates: int = 0):
         self.module = copy.deepcopy(model).eval()
         for param in self.module.parameters():
             param.requires_grad_(False)

@@ -45,6 +45,8 @@ from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
 PHASE_TRAINED = "trained"  # last.pt after the training half of its epoch: validation and results row still due
 PHASE_FINISHED = "finished"  # last.pt after the whole epoch
 DATA_PROBLEMS_FILE = "data_problems.txt"  # every problem verification found in the run's data, one per line
+PLOT_CONF = 0.25  # val_predictions.jpg draws detections above this score (validation keeps down to cfg.conf)
+REFERENCE_IMGSZ = 640  # model size is reported in GFLOPs at this input size, the one model tables quote
 RUN_OUTPUTS = ("results.csv", "weights/last.pt", "weights/best.pt")  # what --exist-ok must never overwrite
 
 
@@ -247,7 +249,7 @@ class PlotsHook(Hook):
                 next(iter(trainer.val_loader)),
                 list(trainer.dataset_config.names),
                 trainer.run_dir / "val_predictions.jpg",
-                conf=max(trainer.cfg.conf, 0.25),
+                conf=max(trainer.cfg.conf, PLOT_CONF),
             )
 
 
@@ -498,8 +500,11 @@ class Trainer:
             elif self.is_main:
                 print("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per rank on CPU")
         if self.is_main:
-            info = model_info(self.model, 640)
-            print(f"{cfg.model}: {info['parameters'] / 1e6:.2f} M parameters, {info['gflops']:.1f} GFLOPs at 640")
+            info = model_info(self.model, REFERENCE_IMGSZ)
+            print(
+                f"{cfg.model}: {info['parameters'] / 1e6:.2f} M parameters, {info['gflops']:.1f} GFLOPs at "
+                f"{REFERENCE_IMGSZ}"
+            )
         gains = {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask}
         self.loss_fn = SegLoss(len(names), self.model.reg_max, self.model.strides, gains, cfg.overlap_mask)
 
