@@ -542,3 +542,87 @@ print("batches", len(batches))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert "batches 2" in result.stdout, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ box-only instances
+
+
+def box_only_split(tmp_path):
+    """A split of two 64 x 48 images: 'mixed' (polygon, box, polygon rows) and 'boxes' (two box rows), class 0 for
+    polygons and 1 for boxes; returns its images in the order [mixed, boxes]."""
+    mixed = (
+        "0 0.125 0.25 0.375 0.25 0.375 0.75 0.125 0.75\n"  # square: x 8..24, y 12..36 px
+        "1 0.625 0.375 0.25 0.25\n"  # box cx cy w h: x 32..48, y 12..24 px
+        "0 0.8 0.1 0.95 0.1 0.95 0.4\n"  # triangle: x 51.2..60.8, y 4.8..19.2 px
+    )
+    boxes = "1 0.5 0.5 1.0 1.0\n1 0.25 0.25 0.25 0.25\n"  # the whole image; x 8..24, y 6..18 px
+    yaml_path = make_dataset(tmp_path / "d", {"mixed": mixed, "boxes": boxes})
+    split = load_split(resolve_dataset(yaml_path).splits["train"], 2, "train")
+    assert split.problems == [] and split.num_instances == 5
+    by_name = {Path(item.image).stem: item for item in split.images}
+    return [by_name["mixed"], by_name["boxes"]]
+
+
+def test_box_rows_become_instances_without_masks_from_labels_to_batch(tmp_path):
+    mixed, boxes = box_only_split(tmp_path)
+    assert mixed.classes.tolist() == [0, 1, 0] and [len(p) for p in mixed.polygons] == [4, 0, 3]
+    assert mixed.boxes[1].tolist() == pytest.approx([0.5, 0.25, 0.75, 0.5])
+    assert [len(p) for p in boxes.polygons] == [0, 0]
+
+    dataset = SegDataset([mixed, boxes], 64, None)  # letterbox only: 64 x 48 -> r 1, 8 px of padding above
+    samples = [dataset[0], dataset[1]]
+    assert samples[0]["has_mask"].tolist() == [True, False, True] and samples[1]["has_mask"].tolist() == [False] * 2
+    want = torch.tensor([[8, 20, 24, 44], [32, 20, 48, 32], [51.2, 12.8, 60.8, 27.2]])
+    assert torch.allclose(samples[0]["boxes"], want, rtol=0, atol=1e-4)
+    assert torch.allclose(samples[1]["boxes"], torch.tensor([[0.0, 8, 64, 56], [8, 14, 24, 26]]), rtol=0, atol=1e-4)
+
+    per_instance = SegCollate(mask_ratio=4, overlap_mask=False)(samples)
+    assert per_instance["has_mask"].tolist() == [True, False, True, False, False]
+    assert per_instance["classes"].tolist() == [0, 1, 0, 1, 1]
+    masks = per_instance["masks"]
+    assert masks.shape == (5, 16, 16)
+    square = torch.zeros((16, 16), dtype=torch.uint8)
+    square[5:11, 2:6] = 1  # x 2..6, y 5..11 at mask resolution: centres 2.5..5.5 and 5.5..10.5
+    assert torch.equal(masks[0], square)
+    triangle = samples[0]["vertices"][samples[0]["poly_offsets"][2] : samples[0]["poly_offsets"][3]] / 4
+    expected_triangle = rasterize_polygons(triangle, torch.tensor([0, 3]), torch.tensor([0]), 1, 16, 16)[0]
+    assert int(expected_triangle.sum()) > 0 and torch.equal(masks[2], expected_triangle)
+    for row in (1, 3, 4):  # box-only: an empty mask, though their boxes cover pixels
+        assert int(masks[row].sum()) == 0, row
+
+    overlap = SegCollate(mask_ratio=4, overlap_mask=True)(samples)
+    index_map = overlap["masks"]
+    assert index_map.shape == (2, 16, 16)
+    assert set(index_map[0].unique().tolist()) == {0, 1, 3}  # id 2 (the box row) never drawn
+    assert torch.equal((index_map[0] == 1).to(torch.uint8), square)
+    assert torch.equal((index_map[0] == 3).to(torch.uint8), expected_triangle)
+    assert int(index_map[1].abs().sum()) == 0  # an image of box rows only: all background
+    assert overlap["mask_areas"].tolist() == [24, 0, int(expected_triangle.sum()), 0, 0]
+    assert torch.equal(overlap["boxes"], per_instance["boxes"])
+
+
+def test_box_only_instances_stay_maskless_through_augmentation(tmp_path):
+    # Polygons are class 0 and boxes class 1: whatever mosaic, mixup, copy-paste and flips do, has_mask must
+    # stay "class 0", and no box-only instance may get mask pixels (copy-paste copies masked instances only).
+    images = box_only_split(tmp_path)
+    hyp = TrainConfig(mosaic=1.0, mixup=0.5, copy_paste=0.5, fliplr=0.5, flipud=0.5, degrees=10, scale=0.3)
+    dataset = SegDataset(images * 2, 64, hyp, epochs=20)
+    box_only_seen = masked_seen = 0
+    for epoch in range(6):
+        samples = [dataset[(i, epoch)] for i in range(len(dataset))]
+        for overlap in (False, True):
+            batch = SegCollate(mask_ratio=4, overlap_mask=overlap)(samples)
+            has_mask = batch["has_mask"]
+            assert torch.equal(has_mask, batch["classes"] == 0), epoch
+            if overlap:
+                box_only = ~has_mask
+                assert bool((batch["mask_areas"][box_only] == 0).all())
+                for image in range(len(samples)):  # ids in the map are 1-based ranks within the image
+                    ids = set(batch["masks"][image].unique().tolist()) - {0}
+                    mine = has_mask[batch["image_index"] == image]
+                    assert all(bool(mine[i - 1]) for i in ids), (epoch, image, ids)
+            else:
+                assert int(batch["masks"][~has_mask].sum()) == 0
+                box_only_seen += int((~has_mask).sum())
+                masked_seen += int((batch["masks"][has_mask].flatten(1).sum(1) > 0).sum())
+    assert box_only_seen > 10 and masked_seen > 10  # both kinds were really there

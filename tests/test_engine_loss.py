@@ -1,10 +1,19 @@
-"""TaskAlignedAssigner on hand-built cases, DFL, target padding."""
+"""TaskAlignedAssigner on hand-built cases, DFL, target padding, SegLoss with both forms of mask targets."""
 
 from __future__ import annotations
 
+import math
+
+import cv2
+import numpy as np
+import pytest
 import torch
 
-from pyseg.engine.loss import TaskAlignedAssigner, dfl_loss, pad_targets, pairwise_iou
+from pyseg.data.dataset import SegDataset
+from pyseg.data.labels import ImageLabels
+from pyseg.data.loader import SegCollate
+from pyseg.engine.loss import SegLoss, TaskAlignedAssigner, dfl_loss, pad_targets, pairwise_iou
+from pyseg.models import build_model
 
 
 def grid_anchors(size: int, stride: int) -> torch.Tensor:
@@ -78,3 +87,74 @@ def test_pad_targets_keeps_batch_order_within_images():
     assert labels.tolist() == [[1, 2, 4], [0, 0, 0], [3, 0, 0]]
     assert valid.sum().item() == 4 and has_mask.tolist()[0] == [True, False, True]
     assert boxes[2, 0].tolist() == [8.0, 9.0, 10.0, 11.0]
+
+
+# ------------------------------------------------------------------ mask loss: overlap map vs per-instance masks
+
+
+def square(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
+
+
+def polygon_batches(tmp_path, images: list[list[np.ndarray]], size: int = 64) -> tuple[dict, dict]:
+    """(overlap batch, per-instance batch) of the same samples: one grey image per entry of `images`, each with the
+    given polygons (normalized xy, class 0), through SegDataset (letterbox only) and SegCollate."""
+    labels = []
+    for i, polygons in enumerate(images):
+        path = tmp_path / f"image{i}.png"
+        cv2.imwrite(str(path), np.full((size, size, 3), 40 + 50 * i, np.uint8))
+        boxes = np.array([np.concatenate([p.min(0), p.max(0)]) for p in polygons], np.float32).reshape(-1, 4)
+        labels.append(ImageLabels(str(path), size, size, np.zeros(len(polygons), np.int64), boxes, polygons))
+    dataset = SegDataset(labels, size, None)
+    samples = [dataset[i] for i in range(len(dataset))]
+    return SegCollate(4, overlap_mask=True)(samples), SegCollate(4, overlap_mask=False)(samples)
+
+
+def mask_losses(batch_overlap: dict, batch_per_instance: dict) -> tuple[float, float, dict]:
+    """Mask loss of the same pyseg-n outputs (seeded weights) against both batches, and the overlap parts."""
+    torch.manual_seed(0)
+    model = build_model("pyseg-n", 1)
+    with torch.no_grad():
+        outputs = model(batch_overlap["images"].float() / 255.0)
+        gains = {"box": 1.0, "cls": 1.0, "dfl": 1.0, "mask": 1.0}
+        _, overlap_parts = SegLoss(1, model.reg_max, model.strides, gains, overlap_mask=True)(outputs, batch_overlap)
+        _, per_instance_parts = SegLoss(1, model.reg_max, model.strides, gains, overlap_mask=False)(
+            outputs, batch_per_instance
+        )
+    for key in ("box", "cls", "dfl"):  # the same assignment either way: only the mask targets' form differs
+        assert per_instance_parts[key] == overlap_parts[key], key
+    return overlap_parts["mask"], per_instance_parts["mask"], overlap_parts
+
+
+def test_per_instance_masks_give_the_overlap_map_loss_when_instances_do_not_overlap(tmp_path):
+    # Image 1 has no instance: the per-instance rows of image 2 start right after image 0's (rank + first row).
+    triangle = np.array([[0.1, 0.1], [0.45, 0.15], [0.2, 0.5]], np.float32)
+    images = [[triangle, square(0.55, 0.5, 0.9, 0.9)], [], [square(0.2, 0.3, 0.7, 0.8)]]
+    batch_overlap, batch_per_instance = polygon_batches(tmp_path, images)
+    assert batch_per_instance["masks"].shape == (3, 16, 16) and batch_overlap["masks"].shape == (3, 16, 16)
+    for row, (image, rank) in enumerate([(0, 1), (0, 2), (2, 1)]):  # disjoint: the two forms hold the same pixels
+        assert torch.equal(batch_per_instance["masks"][row].bool(), batch_overlap["masks"][image] == rank)
+    overlap, per_instance, _ = mask_losses(batch_overlap, batch_per_instance)
+    assert overlap > 0.1  # a seeded model's masks are far from the targets: the loss is not a trivial 0
+    assert per_instance == pytest.approx(overlap, rel=1e-6)
+
+
+def test_overlapping_instances_lose_the_covered_pixels_only_in_the_overlap_map(tmp_path):
+    # A small square inside a big one. The overlap map draws the smaller instance on top, so the big instance's
+    # target is the big square minus the small one; per-instance masks keep the whole big square. Same predictions,
+    # other targets inside the big box: a different, finite loss. Per-instance masks cut out of the overlap map
+    # (target k = map == k + 1) must give exactly the overlap loss again.
+    images = [[square(0.1, 0.1, 0.9, 0.9), square(0.35, 0.35, 0.65, 0.65)], [square(0.2, 0.2, 0.6, 0.7)]]
+    batch_overlap, batch_per_instance = polygon_batches(tmp_path, images)
+    big, small = batch_per_instance["masks"][0].bool(), batch_per_instance["masks"][1].bool()
+    assert bool((small & big).any()) and torch.equal(small, batch_overlap["masks"][0] == 2)
+    assert torch.equal(batch_overlap["masks"][0] == 1, big & ~small)
+    overlap, per_instance, _ = mask_losses(batch_overlap, batch_per_instance)
+    assert math.isfinite(overlap) and math.isfinite(per_instance) and overlap > 0 and per_instance > 0
+    assert abs(overlap - per_instance) > 1e-4 * overlap
+
+    cut = dict(batch_per_instance)
+    index_map = batch_overlap["masks"]
+    cut["masks"] = torch.stack([index_map[0] == 1, index_map[0] == 2, index_map[1] == 1]).to(torch.uint8)
+    _, from_map, _ = mask_losses(batch_overlap, cut)
+    assert from_map == pytest.approx(overlap, rel=1e-6)

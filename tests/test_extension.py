@@ -15,7 +15,6 @@ import pyseg.ops as ops
 from pyseg import _extension
 from pyseg.ops import reference
 
-
 OPS = ("rasterize_polygons", "rasterize_polygons_overlap", "assemble_masks", "mask_loss", "mask_loss_backward")
 needs_ops = pytest.mark.skipif(not ops.has_ops(), reason="pyseg._C is not built")
 
