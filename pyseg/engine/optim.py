@@ -34,10 +34,12 @@ def build_optimizer(
     Group order: 0 = weights with decay, 1 = norm weights, 2 = biases (the warmup treats biases specially).
     """
     decay, norms, biases = [], [], []
+    seen: set[int] = set()  # a parameter shared by several modules (tied weights) joins one group, once
     for module in model.modules():
         for name_, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             if name_ == "bias":
                 biases.append(param)
             elif isinstance(module, nn.modules.batchnorm._BatchNorm | nn.GroupNorm | nn.LayerNorm):
@@ -50,7 +52,7 @@ def build_optimizer(
         {"params": biases, "weight_decay": 0.0},
     ]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)  # Nesterov needs momentum
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, ADAM_BETA2))
     raise ValueError(f"optimizer must be sgd, adamw or auto, got {name!r}")
