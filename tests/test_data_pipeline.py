@@ -315,8 +315,8 @@ def test_close_mosaic_turns_mosaic_off_for_the_last_epochs():
 
 def test_clip_polygon_keeps_the_inside_part():
     square = np.array([[-5, -5], [5, -5], [5, 5], [-5, 5]], np.float32)
-    clipped = augment.clip_polygon(square, 0, 0, 10, 10)
-    assert clipped.min() >= 0
+    clipped, lengths = augment.clip_polygons(square, np.array([4]), (0, 0, 10, 10))
+    assert clipped.min() >= 0 and lengths.tolist() == [len(clipped)]
     assert augment.polygon_areas(np.concatenate([square, clipped]), [4, len(clipped)]).tolist() == [100.0, 25.0]
 
 

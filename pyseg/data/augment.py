@@ -128,11 +128,6 @@ def clip_polygons(
     return points, lengths
 
 
-def clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-    """The part of one polygon [k, 2] inside the rectangle [x0, x1] x [y0, y1]."""
-    return clip_polygons(points.astype(np.float32), np.array([len(points)]), (x0, y0, x1, y1))[0]
-
-
 def polygon_areas(points: np.ndarray, lengths: list[int]) -> np.ndarray:
     """Areas (float64 [n], pixels^2) of closed polygons stored back to back in points [V, 2] with the given vertex
     counts, by the shoelace formula (absolute value; 0 for fewer than 3 vertices). One polygon [k, 2]:

@@ -299,11 +299,6 @@ def refuse_to_overwrite(run_dir: Path) -> None:
     )
 
 
-def run_dir_of_checkpoint(checkpoint: Path) -> Path:
-    """The run folder of RUN/weights/last.pt."""
-    return checkpoint.resolve().parent.parent
-
-
 # ------------------------------------------------------------------ trainer
 
 
