@@ -33,12 +33,12 @@ class TrainConfig:
     workers: int = 2  # data loader worker processes
     project: str = "runs"  # parent folder of run folders
     name: str = "train"  # run folder name: project/name
-    exist_ok: bool = False  # reuse an existing run folder instead of making name2, name3, ...
-    resume: bool = False  # continue project/name from weights/last.pt
+    exist_ok: bool = False  # reuse an existing run folder instead of making name2, ... (never one holding a run)
+    resume: bool = False  # continue project/name from weights/last.pt (the flag also takes PATH/TO/last.pt)
     seed: int = 0  # seed of everything random
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower)
-    patience: int = 50  # stop after this many epochs without a better mask mAP50-95 (0 = never)
-    val: bool = True  # validate after every epoch
+    patience: int = 50  # stop after this many validations without a better mask mAP50-95 (0 = never)
+    val: bool = True  # validate (every val_period epochs); false: no early stopping, best.pt = last epoch
     val_period: int = 1  # validate every N epochs (and always on the last)
     cache_images: bool = False  # decode every image once, up front, and keep it in RAM
     buffer_mb: float = 256.0  # RAM (MiB) per loader process for recently decoded training images (0 = none)
