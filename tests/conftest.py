@@ -311,12 +311,13 @@ def ray_worker_tmpdir():
 
 @pytest.fixture(scope="module")
 def local_ray(ray_worker_tmpdir):
-    """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine): its session
-    and its workers' temporary files in ray_worker_tmpdir, removed afterwards (nothing under /tmp/ray)."""
+    """A private local Ray of 2 CPUs for this module (never a cluster started elsewhere on the machine): its session,
+    its workers' temporary files and Ray's lock files in ray_worker_tmpdir, removed afterwards (nothing under /tmp)."""
     ray = pytest.importorskip("ray")
     tempfile.gettempdir()  # this process's temp dir stays what it is (tempfile caches it at the first call)
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(ray_worker_tmpdir)  # Ray's processes inherit it at start; this process keeps its own
+    saved = {key: os.environ.get(key) for key in ("TMPDIR", "RAY_TMPDIR")}
+    # Ray's processes inherit TMPDIR at start; RAY_TMPDIR also moves what Ray does in this process (lock files)
+    os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(ray_worker_tmpdir)
     try:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(
@@ -328,11 +329,17 @@ def local_ray(ray_worker_tmpdir):
             _temp_dir=str(ray_worker_tmpdir / "ray"),
         )
     finally:
-        if saved is None:
-            os.environ.pop("TMPDIR")
-        else:
-            os.environ["TMPDIR"] = saved
+        _restore_env({"TMPDIR": saved["TMPDIR"]})
     try:
         yield ray
     finally:
         ray.shutdown()
+        _restore_env(saved)
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

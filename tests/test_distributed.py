@@ -62,6 +62,17 @@ class CrashOnce(Hook):
             os._exit(1)
 
 
+class RecordReports(pytest.importorskip("ray.train").UserCallback):
+    """Appends rank 0's metrics of every ray.train.report to a JSON-lines file (it runs in Ray Train's controller)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics[0]) + "\n")
+
+
 def test_absolute_paths_resolve_data_project_and_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.yaml").write_text("x")
@@ -183,4 +194,23 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
     assert (run_dir / "weights" / "last.pt").is_file() and (run_dir / "weights" / "best.pt").is_file()
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "last.pt").is_file()
     # Both ranks restored the checkpoint into a temporary folder (in the workers' TMPDIR) and removed it.
+    assert not list(ray_worker_tmpdir.glob("pyseg-restore-*")), list(ray_worker_tmpdir.iterdir())
+
+    # Resumed once finished, the run has nothing to train, and still reports how it ended (a Tune trial interrupted
+    # as it finished is run again this way, and its result must end at the last epoch, not at an earlier report).
+    again = tiny_config(tiny_data, tmp_path, epochs=3, batch=4, name=run_dir.name, resume=True)
+    reports = tmp_path / "reports.jsonl"
+    same_dir, finished = fit_with_ray(
+        again,
+        RayScaling(workers=2, cpus_per_worker=1),
+        TrackingConfig(enabled=False),
+        callbacks=[RecordReports(reports)],
+    )
+    assert same_dir == run_dir and finished.error is None
+    reported = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert [r["epoch"] for r in reported] == [3]  # what TuneReportCallback passes on to Tune
+    assert reported[0]["best_fitness"] == result.metrics["best_fitness"]
+    assert reported[0]["mask/map"] == result.metrics["mask/map"]
+    with open(run_dir / "results.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
     assert not list(ray_worker_tmpdir.glob("pyseg-restore-*")), list(ray_worker_tmpdir.iterdir())

@@ -84,4 +84,4 @@ def test_a_training_job_reaches_succeeded_with_the_token_passed_through(ray_head
         timeout=120,
         env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
     )
-    assert bad.returncode == 1 and "auth_token" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and "auth_token" in bad.stderr, bad.stderr[-2000:]  # a user error: exit 2
