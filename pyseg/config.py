@@ -93,6 +93,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def updated(self, **changes) -> TrainConfig:
+        """A checked copy with changes applied (values coerced to each key's type, as from a file or a sampler)."""
+        return make_config({**self.to_dict(), **changes})
+
 
 # Keys that older pyseg versions saved in args.yaml and checkpoints, with the only value they could hold.
 RETIRED_KEYS = {"mask_ratio": 4}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from pyseg.config import TrainConfig, make_config
+from pyseg.config import TrainConfig
 from pyseg.distributed.ray_train import CHECKPOINT_FILE, RayScaling, absolute_paths, fit_with_ray, init_ray
 from pyseg.errors import ConfigError
+from pyseg.files import atomic_write_text, read_yaml_mapping
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
@@ -53,13 +55,8 @@ def load_search_space(path: str | Path, base: TrainConfig | None = None) -> Sear
     base when it is given (run_tune checks again on top of its base), so that no trial starts with an invalid value.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise SearchSpaceError(f"cannot read search space {path}: {error}") from error
-    except yaml.YAMLError as error:
-        raise SearchSpaceError(f"search space {path} is not valid YAML: {error}") from error
-    if not isinstance(raw, dict) or not raw:
+    raw = read_yaml_mapping(path, "search space", SearchSpaceError)
+    if not raw:
         raise SearchSpaceError(
             f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)"
         )
@@ -119,11 +116,11 @@ def check_search_space(space: dict[str, tuple[str, object]], base: TrainConfig |
     """Raises SearchSpaceError, naming the space file, the key and the bound, when an extreme of a dimension (see
     extremes), alone or on top of base, is not a valid TrainConfig (make_config's checks: types and ranges)."""
     source = getattr(space, "path", None) or "(given as a dict)"
-    values = base.to_dict() if base is not None else {}
+    base = base if base is not None else TrainConfig()
     for key, (kind, args) in space.items():
         for bound, value in extremes(kind, args):
             try:
-                make_config({**values, key: value})
+                base.updated(**{key: value})
             except ValueError as error:
                 raise SearchSpaceError(
                     f"search space {source}, key {key!r}: {bound} is not a valid training value: {error}"
@@ -148,14 +145,13 @@ def to_tune_space(space: dict[str, tuple[str, object]]) -> dict:
 # ------------------------------------------------------------------ trials
 
 
-def trial_config(base: dict, sampled: dict, trials_dir: str, trial_id: str, resume: bool = False) -> TrainConfig:
+def trial_config(base: TrainConfig, sampled: dict, trials_dir: str, trial_id: str, resume: bool = False) -> TrainConfig:
     """The TrainConfig of one trial: the base config with the sampled values, in the run folder trials/<trial_id>."""
-    values = {**base, **sampled}
-    values.update(project=trials_dir, name=trial_id, exist_ok=True, resume=resume, val=True, val_period=1)
-    return make_config(values)
+    run = {"project": trials_dir, "name": trial_id, "exist_ok": True, "resume": resume, "val": True, "val_period": 1}
+    return base.updated(**sampled, **run)
 
 
-def run_trial(config: dict, *, base: dict, scaling: dict, tracking: dict, trials_dir: str, hooks=()) -> None:
+def run_trial(config: dict, *, base: TrainConfig, scaling: dict, tracking: dict, trials_dir: str, hooks=()) -> None:
     """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
 
     A trial Tune runs again (--resume, or after a failure) continues in its own folder: from the latest Ray
@@ -305,7 +301,7 @@ def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConf
 
     trainable = tune.with_parameters(
         run_trial,
-        base=base.to_dict(),
+        base=base,
         scaling=dataclasses.asdict(settings.scaling()),
         tracking=dataclasses.asdict(tracking),
         trials_dir=str(trials_dir),
@@ -435,24 +431,24 @@ def summarize(
     rows.sort(key=lambda r: -1.0 if r[METRIC] is None or math.isnan(r[METRIC]) else r[METRIC], reverse=True)
     columns = [c for c in (rows[0] if rows else {"trial": None}) if not c.startswith("_")]
     results_csv = experiment_dir / "tune_results.csv"
-    with open(results_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(results_csv, table.getvalue())
     print(format_table(rows, columns))
 
     best_config = best_checkpoint = best_trial = best_metric = None
     if rows and rows[0][METRIC] is not None:
         best = rows[0]
         best_trial, best_metric = best["trial"], best[METRIC]
-        values = {**base.to_dict(), **best["_config"]}
-        values.update(name=f"{experiment_dir.name}-best", exist_ok=False, resume=False)
+        best_run = base.updated(**best["_config"], name=f"{experiment_dir.name}-best", exist_ok=False, resume=False)
         best_config = experiment_dir / "best.yaml"
         header = (
             f"# best trial {best_trial} of {experiment_dir} (mask mAP50-95 {best_metric:.4f}); "
             f"python -m pyseg.train --cfg {best_config}\n"
         )
-        best_config.write_text(header + yaml.safe_dump(make_config(values).to_dict(), sort_keys=False))
+        atomic_write_text(best_config, header + yaml.safe_dump(best_run.to_dict(), sort_keys=False))
         candidate = Path(best["run_dir"]) / "weights" / "best.pt"
         best_checkpoint = candidate if candidate.is_file() else None
         print(f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f} at epoch {best['best_epoch']}")

@@ -74,7 +74,7 @@ def test_default_space_covers_the_documented_keys_and_samples_valid_configs():
             "key 'close_mosaic': uniform low 1.5 is not a valid training value: .*close.mosaic must be a int",
         ),
         ("cos_lr: {choice: [true, maybe]}\n", "key 'cos_lr': choice 'maybe' is not a valid .*cos.lr must be true or"),
-        ("- lr0\n", "must map TrainConfig keys"),
+        ("- lr0\n", "must hold a mapping of keys to values"),
         ("lr0: [unclosed\n", "not valid YAML"),
     ],
 )

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyseg.config import TrainConfig, make_config
+from pyseg.config import TrainConfig
 from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
 from pyseg.errors import ConfigError, UserError
 from pyseg.tracking import MlflowHook, TrackingConfig
@@ -81,14 +81,13 @@ class RayScaling:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """cfg with data (when it is a path), project and weights made absolute, so that they mean the same in
     every worker, whatever its working directory."""
-    values = cfg.to_dict()
+    changes = {"project": str(Path(cfg.project).expanduser().resolve())}
     data = Path(cfg.data).expanduser()
     if data.exists():
-        values["data"] = str(data.resolve())
-    values["project"] = str(Path(cfg.project).expanduser().resolve())
+        changes["data"] = str(data.resolve())
     if cfg.weights:
-        values["weights"] = str(Path(cfg.weights).expanduser().resolve())
-    return make_config(values)
+        changes["weights"] = str(Path(cfg.weights).expanduser().resolve())
+    return cfg.updated(**changes)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -229,7 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _quiet_report_log()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg = make_config(loop_config["config"])
+    cfg: TrainConfig = loop_config["config"]
     if cfg.threads == 0:
         torch.set_num_threads(max(int(loop_config["cpus_per_worker"]), 1))
     tracking = TrackingConfig(**loop_config["tracking"])
@@ -308,7 +307,7 @@ def fit_with_ray(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.to_dict(),
+            "config": cfg,  # the TrainConfig itself: Ray pickles it to every worker
             "tracking": dataclasses.asdict(tracking),
             "hooks": list(extra_hooks),
             "cpus_per_worker": scaling.cpus_per_worker,
