@@ -16,6 +16,16 @@ import torch
 ALL_COMMANDS = ("train", "val", "predict", "tune", "submit")
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """pyseg.submit turns on RAY_AUTH_MODE=token in its process; in this test process that would reach every later
+    Ray the suite starts (whose client already read the mode), so the environment is put back after each case."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def run_main(command: str, argv: list[str]) -> int:
     import importlib
 
