@@ -445,5 +445,3 @@ def format_metrics_table(metrics: dict, names: list[str]) -> str:
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
-
-format_table = format_metrics_table  # the former name, kept until pyseg.val imports format_metrics_table
