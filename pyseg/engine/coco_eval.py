@@ -444,4 +444,3 @@ def format_metrics_table(metrics: dict, names: list[str]) -> str:
             cells.append(f"  {'-' if value is None else f'{value:.3f}':>{max(len(title), 5)}}")
         lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
-
