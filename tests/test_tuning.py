@@ -249,17 +249,22 @@ def command_env(tmp_path: Path, short_tmp: Path) -> dict[str, str]:
     )
 
 
+def start_tune_process(args: list[str], env: dict[str, str], output) -> subprocess.Popen:
+    """python -m pyseg.tune args in its own process group (so that everything it starts can be ended with it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pyseg.tune", *args],
+        stdout=output,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
 def run_tune_command(args: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[int, str]:
     """Runs python -m pyseg.tune args in its own process group, ended with all it started; (exit code, output)."""
     with open(log, "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pyseg.tune", *args],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
+        process = start_tune_process(args, env, output)
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -319,14 +324,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
     trials = project / "tune" / "trials"
 
     with open(tmp_path / "interrupted.log", "w") as output:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "pyseg.tune", *given],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
+        driver = start_tune_process(given, env, output)
         try:
             deadline = time.monotonic() + 300
             checkpointed = []
