@@ -355,3 +355,14 @@ def test_data_problems_are_shown_and_written_by_train_and_val(tiny_data, tmp_pat
     )
     assert (tmp_path / "val" / "check" / "data_problems.txt").read_text().splitlines() == written
     assert (tmp_path / "val" / "check" / "metrics_val.json").is_file()
+
+
+def test_a_taken_name_trains_into_name2_and_records_it(tiny_data, tmp_path):
+    import yaml
+
+    first = Trainer(tiny_config(tiny_data, tmp_path, epochs=1), show_progress=False).fit()
+    second = Trainer(tiny_config(tiny_data, tmp_path, epochs=1), show_progress=False).fit()
+    assert (first.name, second.name) == ("tiny", "tiny2")
+    assert yaml.safe_load((second / "args.yaml").read_text())["name"] == "tiny2"
+    assert load_checkpoint(second / "weights" / "last.pt")["config"]["name"] == "tiny2"
+    assert len(results_rows(first)) == len(results_rows(second)) == 1

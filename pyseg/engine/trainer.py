@@ -394,6 +394,8 @@ class Trainer:
         if not (cfg.resume or self.resume_from is not None):
             self.run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
             self.weights_dir = self.run_dir / "weights"
+            if self.run_dir.name != cfg.name:  # name2, name3, ...: args.yaml and --resume --name see the real one
+                self.cfg = cfg.updated(name=self.run_dir.name)
             return None
         self.run_dir = Path(cfg.project) / cfg.name
         self.weights_dir = self.run_dir / "weights"
