@@ -33,6 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable
             file.flush()
             if durable:
                 os.fsync(file.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         kill_point(f"write:{path.name}")
         os.replace(temp, path)
         if durable:
@@ -44,6 +45,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 _kill_point_counts: dict[str, int] = {}

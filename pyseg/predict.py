@@ -23,7 +23,7 @@ from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
 from pyseg.errors import ConfigError, UserError, run_command
 from pyseg.files import atomic_write_text
-from pyseg.val import add_output_arguments, output_dir
+from pyseg.val import add_output_arguments, make_folder, output_dir
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -162,7 +162,7 @@ def predict_command(argv: list[str] | None) -> int:
     source = Path(args.source)
     if not source.exists():
         raise ConfigError(f"--source {source}: no such image, folder or video")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--project/--out")
     results, count, unreadable = [], 0, 0
     for name, frame in sources(source):
         if frame is None:

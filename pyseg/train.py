@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from pyseg.config import add_config_arguments, config_from_args
 from pyseg.errors import run_command
@@ -76,8 +77,10 @@ def train_command(argv: list[str] | None) -> int:
     trainer = None
     try:
         if args.ray_workers:
+            from pyseg.data.dataset_config import resolve_dataset
             from pyseg.distributed import RayScaling, fit_with_ray
 
+            resolve_dataset(cfg.data)  # a bad --data is one line here, not a traceback per Ray worker
             scaling = RayScaling(
                 args.ray_workers, args.gpus_per_worker, args.cpus_per_worker, args.address, args.max_failures
             )
@@ -91,12 +94,21 @@ def train_command(argv: list[str] | None) -> int:
             trainer = Trainer(cfg, default_hooks() + [MlflowHook(tracking)], resume_from=args.resume_from)
             run_dir = trainer.fit()
     except KeyboardInterrupt:
-        where = getattr(trainer, "run_dir", None) if not args.ray_workers else None
-        again = f"python -m pyseg.train --resume {where / 'weights' / 'last.pt'}" if where else "--resume --name NAME"
-        print(f"\npyseg.train: interrupted; continue with: {again}", file=sys.stderr)
+        where = getattr(trainer, "run_dir", None) if not args.ray_workers else run_dir_of(cfg)
+        last = where / "weights" / "last.pt" if where else None
+        if last is not None and last.is_file():
+            print(f"\npyseg.train: interrupted; continue with: python -m pyseg.train --resume {last}", file=sys.stderr)
+        else:
+            print("\npyseg.train: interrupted before the first epoch was saved; start the run again", file=sys.stderr)
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+def run_dir_of(cfg) -> Path | None:
+    """The run folder a Ray run trains in, when the name is fixed (resume) or the folder already exists."""
+    folder = Path(cfg.project) / cfg.name
+    return folder if folder.is_dir() else None
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def tune_command(argv: list[str] | None) -> int:
     if not RULES["name"][0](name):
         raise ConfigError(f"--name must be {RULES['name'][1]}, got {name!r}")
     space = load_search_space(args.space or _default_space())
+    from pyseg.data.dataset_config import resolve_dataset
+
+    resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
     if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
         # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
         print("--optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")

@@ -105,6 +105,14 @@ def output_dir(args: argparse.Namespace) -> Path:
     return unique_run_dir(args.project, args.name, args.exist_ok)
 
 
+def make_folder(folder: Path, flags: str) -> None:
+    """Creates an output folder; one that cannot be made is a user error naming the flags that chose it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{flags}: cannot create {folder} ({error.strerror}); pick a writable folder") from error
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pyseg.val", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,7 +154,7 @@ def val_command(argv: list[str] | None) -> int:
     )
     print(format_metrics_table(metrics, names))
     out = Path(args.out) if args.out else out_dir / f"metrics_{args.split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "--project/--out")
     out.write_text(json.dumps(metrics, indent=2))
     print(f"metrics written to {out}")
     return 0

@@ -115,6 +115,12 @@ CASES = {
     "train --resume missing.pt": ("train", lambda f: train_flags(f, "--resume", str(f["root"] / "x.pt")), "x.pt"),
     "train --resume nothing": ("train", lambda f: train_flags(f, "--resume", "--name", "never"), "never"),
     "train --ray-workers -1": ("train", lambda f: train_flags(f, "--ray-workers", "-1"), "--ray-workers"),
+    "train unwritable --project": ("train", lambda f: [*train_flags(f), "--project", "/dev/null/x"], "/dev/null/x"),
+    "val unwritable --project": (
+        "val",
+        lambda f: ["--weights", str(f["checkpoint"]), "--device", "cpu", "--workers", "0", "--project", "/dev/null/x"],
+        "/dev/null/x",
+    ),
     "val --weights missing": ("val", lambda f: ["--weights", str(f["root"] / "none.pt")], "none.pt"),
     "val --weights foreign": ("val", lambda f: ["--weights", str(f["foreign"])], "foreign.pt"),
     "val --weights text": ("val", lambda f: ["--weights", str(f["not_torch"])], "notes.pt"),

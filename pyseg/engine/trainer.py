@@ -385,7 +385,12 @@ class Trainer:
         if resume_state is not None:
             self.restore_state(resume_state)
         if self.is_main:
-            self.weights_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.weights_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise ConfigError(
+                    f"--project/--name: cannot create {self.weights_dir} ({error.strerror}); pick a writable --project"
+                ) from error
             atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def build_run_dir(self) -> dict | None:

@@ -1,0 +1,39 @@
+"""pyseg.files: atomic writes keep the usual file mode, stale temporaries are found, YAML errors name the file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyseg.errors import ConfigError
+from pyseg.files import TEMP_MARKER, atomic_write_text, read_yaml_mapping, remove_stale_temporaries
+
+
+def test_an_atomic_write_has_the_mode_of_an_ordinary_file(tmp_path):
+    ordinary = tmp_path / "plain.txt"
+    ordinary.write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "y")
+    assert (tmp_path / "atomic.txt").read_text() == "y"
+    assert oct((tmp_path / "atomic.txt").stat().st_mode & 0o777) == oct(ordinary.stat().st_mode & 0o777)
+
+
+def test_only_pyseg_temporaries_are_removed(tmp_path):
+    stale = tmp_path / f".last.pt.abc123{TEMP_MARKER}"
+    stale.write_bytes(b"half")
+    keep = [tmp_path / ".hidden", tmp_path / "last.pt"]
+    for path in keep:
+        path.write_bytes(b"k")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in keep)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        read_yaml_mapping(bad, "config file", ConfigError)
+    with pytest.raises(ConfigError, match="cannot read config file .*gone.yaml"):
+        read_yaml_mapping(tmp_path / "gone.yaml", "config file", ConfigError)
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml_mapping(tmp_path / "empty.yaml", "config file", ConfigError) == {}
