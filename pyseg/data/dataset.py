@@ -62,7 +62,8 @@ class SegDataset(torch.utils.data.Dataset):
 
     def _read(self, index: int) -> np.ndarray:
         """BGR uint8 image (read_image: oriented, 3 channels), a large JPEG decoded at a reduced size."""
-        return read_image(self.images[index].image, fit_px=self.imgsz)
+        item = self.images[index]
+        return read_image(item.image, fit_px=self.imgsz, known_size=(item.height, item.width))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()  # a spawned worker starts with an empty buffer, not a pickled copy

@@ -65,7 +65,10 @@ def image_header(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
     return image_format, height, width
 
 
-def read_image(path: str | Path, fit_px: int | None = None) -> np.ndarray:
+JPEG_MAGIC = b"\xff\xd8\xff"  # the first bytes of every JPEG file
+
+
+def read_image(path: str | Path, fit_px: int | None = None, known_size: tuple[int, int] | None = None) -> np.ndarray:
     """The pixels of an image file: BGR uint8 (H, W, 3), EXIF orientation applied.
 
     Grayscale and palette images become 3 equal channels, 16-bit images are scaled to 8 bits, alpha is dropped
@@ -76,6 +79,8 @@ def read_image(path: str | Path, fit_px: int | None = None) -> np.ndarray:
         fit_px: the side the caller will scale the image to fit, if any. A JPEG whose longer side is at least 2,
             4 or 8 times fit_px is decoded at 1/2, 1/4 or 1/8 of its size (rounded up), several times faster;
             the result is then that much smaller, its longer side still >= fit_px.
+        known_size: the (height, width) verification recorded, if any: spares reading the header again (a
+            Pillow header parse costs about as much as a small JPEG decode).
 
     Raises:
         ImageReadError: the file is missing, unreadable, or not an image OpenCV can decode.
@@ -85,8 +90,8 @@ def read_image(path: str | Path, fit_px: int | None = None) -> np.ndarray:
     except OSError as error:
         raise ImageReadError(path, error.strerror or str(error)) from error
     flag = cv2.IMREAD_COLOR
-    if fit_px and len(data):
-        header = image_header(data)
+    if fit_px and len(data) and data[:3].tobytes() == JPEG_MAGIC:
+        header = ("JPEG", *known_size) if known_size else image_header(data)
         if header is not None and header[0] == "JPEG":
             shrink = max(header[1], header[2]) / fit_px
             flag = next((reduced for factor, reduced in _REDUCED_JPEG_FLAGS if shrink >= factor), flag)
