@@ -28,7 +28,10 @@ DEFAULT_SPACE = "tune/default.yaml"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pyseg.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        prog="python -m pyseg.tune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("search")
     group.add_argument("--space", default=None, help=f"search-space YAML (default {DEFAULT_SPACE})")

@@ -101,6 +101,7 @@ CASES = {
     "train --name ../escaped": ("train", lambda f: train_flags(f, "--name", "../escaped"), "--name"),
     "train --name /abs/path": ("train", lambda f: train_flags(f, "--name", "/abs/path"), "--name"),
     "train --epochs abc": ("train", lambda f: train_flags(f, "--epochs", "abc"), "--epochs"),
+    "train --epoch (an abbreviation)": ("train", lambda f: train_flags(f, "--epoch", "1"), "--epoch"),
     "train --bogus-flag": ("train", lambda f: train_flags(f, "--bogus-flag", "1"), "--bogus-flag"),
     "train missing --data": ("train", lambda f: train_flags(f, "--data", str(f["root"] / "nope.yaml")), "nope.yaml"),
     "train malformed --data": ("train", lambda f: train_flags(f, "--data", str(f["not_yaml"])), "broken.yaml"),
