@@ -199,9 +199,16 @@ def check_config(cfg: TrainConfig) -> None:
             kind is float and isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"{flag(field.name)} must be a {kind.__name__}, got {value!r}")
-        rule = RULES.get(field.name)
-        if rule is not None and not rule[0](value):
-            raise ConfigError(f"{flag(field.name)} must be {rule[1]}, got {value!r}")
+        if field.name in RULES:
+            check_value(field.name, value)
+
+
+def check_value(key: str, value) -> None:
+    """Raises ConfigError when value is outside RULES[key]: the check of a TrainConfig field, also used by val's
+    and predict's flags of the same name."""
+    allowed, what = RULES[key]
+    if not allowed(value):
+        raise ConfigError(f"{flag(key)} must be {what}, got {value!r}")
 
 
 def _field_type(field: dataclasses.Field) -> type:

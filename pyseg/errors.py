@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback. `PYSEG_DEBUG=1` shows the traceb
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
@@ -41,3 +42,19 @@ def run_command(prog: str, main: Callable[[list[str] | None], int], argv: list[s
             traceback.print_exc()
         print(f"{prog}: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The flags of a `python -m pyseg.X` command: no abbreviations (--epoch is not --epochs), and a flag error is
+    one line naming the flag and pointing at --help (argparse would print the whole usage first), exit code 2."""
+
+    def __init__(self, prog: str, description: str | None):
+        super().__init__(
+            prog=prog,
+            description=description,
+            allow_abbrev=False,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    def error(self, message: str):
+        self.exit(USER_ERROR_EXIT, f"{self.prog}: {message} (see {self.prog} --help)\n")

@@ -91,9 +91,16 @@ def read_yaml_mapping(path: str | Path, what: str, error: type[UserError] = User
     except OSError as cause:
         raise error(f"cannot read {what} {path}: {cause.strerror or cause}") from cause
     except (yaml.YAMLError, UnicodeDecodeError) as cause:
-        raise error(f"{what} {path} is not valid YAML: {cause}") from cause
+        raise error(f"{what} {path} is not valid YAML: {_yaml_problem(cause)}; fix the file") from cause
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise error(f"{what} {path} must hold a mapping of keys to values, got {type(raw).__name__}")
     return raw
+
+
+def _yaml_problem(cause: Exception) -> str:
+    """A YAML parse error in one line: 'PROBLEM at line L, column C' (PyYAML's own text spans several lines)."""
+    mark = getattr(cause, "problem_mark", None)
+    problem = getattr(cause, "problem", None) or " ".join(str(cause).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem

@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import torch
 
-from pyseg.config import MAX_STRIDE
+from pyseg.config import check_value
 from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
-from pyseg.errors import ConfigError, UserError, run_command
+from pyseg.errors import CommandParser, ConfigError, UserError, run_command
 from pyseg.files import atomic_write_text
-from pyseg.val import add_output_arguments, make_folder, output_dir
+from pyseg.val import add_output_arguments, output_dir, output_folder
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -54,16 +54,12 @@ class Predictor:
         from pyseg.engine.device import select_device
         from pyseg.val import load_model
 
-        for flag_name, value, low, high in (("--conf", conf, 0.0, 1.0), ("--iou", iou, 0.0, 1.0)):
-            if not low <= value <= high:
-                raise ConfigError(f"{flag_name} must be >= {low} and <= {high}, got {value!r}")
-        if max_det < 1:
-            raise ConfigError(f"--max-det must be >= 1, got {max_det}")
+        for key, value in (("conf", conf), ("iou", iou), ("max_det", max_det), ("imgsz", imgsz)):
+            if value is not None:
+                check_value(key, value)
         self.device = select_device(device)
         self.model, cfg, self.names = load_model(weights, self.device)
         self.imgsz = imgsz or cfg.imgsz
-        if self.imgsz < MAX_STRIDE or self.imgsz % MAX_STRIDE:
-            raise ConfigError(f"--imgsz must be a multiple of {MAX_STRIDE}, e.g. 320 or 640, got {self.imgsz}")
         self.conf, self.iou, self.max_det = conf, iou, max_det
 
     @torch.no_grad()
@@ -116,12 +112,21 @@ def _read_or_none(path: Path) -> np.ndarray | None:
         return None
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under folder (IMAGE_SUFFIXES, any depth), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 def sources(source: Path):
     """(name, BGR frame) pairs from an image, a folder of images or a video; the frame is None when an image
-    cannot be read. Images are read as training reads them (pyseg.data.images.read_image)."""
+    cannot be read. Images are read as training reads them (pyseg.data.images.read_image).
+
+    name is the image's path relative to the folder ('sub/a.jpg', unique even where two subfolders hold an
+    a.jpg), the file name of a single image, or 'VIDEO_000123.jpg' for frame 123 of a video.
+    """
     if source.is_dir():
-        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            yield path.name, _read_or_none(path)
+        for path in image_files(source):
+            yield path.relative_to(source).as_posix(), _read_or_none(path)
     elif source.suffix.lower() in VIDEO_SUFFIXES:
         capture = cv2.VideoCapture(str(source))
         if not capture.isOpened():
@@ -140,13 +145,20 @@ def sources(source: Path):
         raise ConfigError(f"--source {source}: no such image, folder or video")
 
 
+def check_source(source: Path) -> None:
+    """A user error for a --source that is missing, a folder without images, or a file of another kind."""
+    if not source.exists():
+        raise ConfigError(f"--source {source}: no such image, folder or video")
+    if source.is_dir() and not image_files(source):
+        suffixes = ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
+        raise ConfigError(f"--source {source}: the folder holds no images ({suffixes}); point it at images")
+    if source.is_file() and source.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        kinds = ", ".join(s.lstrip(".") for s in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+        raise ConfigError(f"--source {source}: not an image or video file ({kinds})")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m pyseg.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser("python -m pyseg.predict", __doc__)
     parser.add_argument("--weights", required=True, help="a pyseg checkpoint (runs/NAME/weights/best.pt)")
     parser.add_argument("--source", required=True, help="an image, a folder of images or a video")
     parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")
@@ -161,25 +173,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def predict_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else output_dir(args)
-    predictor = Predictor(args.weights, args.imgsz, args.conf, args.iou, device=args.device)
     source = Path(args.source)
-    if not source.exists():
-        raise ConfigError(f"--source {source}: no such image, folder or video")
-    make_folder(out, "--project/--out")
+    check_source(source)
+    predictor = Predictor(args.weights, args.imgsz, args.conf, args.iou, device=args.device)
     results, count, unreadable = [], 0, 0
-    for name, frame in sources(source):
-        if frame is None:
-            print(f"pyseg.predict: cannot read {name}; skipped", file=sys.stderr)
-            unreadable += 1
-            continue
-        prediction = predictor.predict(frame)
-        cv2.imwrite(str(out / Path(name).with_suffix(".jpg")), draw(frame, prediction, predictor.names))
-        results += coco_results(name, prediction)
-        count += 1
-    atomic_write_text(out / "predictions.json", json.dumps(results))
+    with output_folder(out, "--out" if args.out else "--project/--name"):
+        for name, frame in sources(source):
+            if frame is None:
+                where = source / name if source.is_dir() else source
+                print(f"pyseg.predict: cannot read {where}; skipped", file=sys.stderr)
+                unreadable += 1
+                continue
+            prediction = predictor.predict(frame)
+            drawn = out / name
+            drawn.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(drawn), draw(frame, prediction, predictor.names))
+            results += coco_results(name, prediction)
+            count += 1
+        if count == 0:
+            raise UserError(f"--source {source}: no image could be read ({unreadable} unreadable); nothing written")
+        atomic_write_text(out / "predictions.json", json.dumps(results))
     print(f"{count} images, {len(results)} instances -> {out}" + (f" ({unreadable} unreadable)" if unreadable else ""))
-    if count == 0:
-        raise UserError(f"--source {source}: no image could be read ({unreadable} unreadable)")
     return 0
 
 

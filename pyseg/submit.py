@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from pyseg.distributed.ray_train import FORWARDED_ENV  # the same environment as Ray Train workers get
-from pyseg.errors import ConfigError, UserError, run_command
+from pyseg.errors import CommandParser, ConfigError, UserError, run_command
 
 COMMANDS = ("tune", "train", "val", "predict")
 EXCLUDES = [
@@ -40,12 +40,7 @@ EXCLUDES = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m pyseg.submit",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser("python -m pyseg.submit", __doc__)
     parser.add_argument(
         "--address",
         default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
@@ -125,7 +120,7 @@ def submit_command(argv: list[str] | None) -> int:
         )
         if "nauthorized" in str(error) and not token:
             hint = "the cluster wants a token: copy the head node's ~/.ray/auth_token here or set RAY_AUTH_TOKEN"
-        raise UserError(f"cannot submit to {args.address}: {str(error)[:500]}\n  {hint}") from error
+        raise UserError(f"cannot submit to {args.address}: {' '.join(str(error)[:500].split())}; {hint}") from error
     print(f"submitted job {job_id}: {entrypoint(args.command)}", flush=True)
     follow = f"ray job logs --follow {job_id} --address {args.address}"
     if args.no_wait:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pyseg.config import add_config_arguments, config_from_args
-from pyseg.errors import run_command
+from pyseg.errors import CommandParser, run_command
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +54,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m pyseg.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser("python -m pyseg.train", __doc__)
     add_config_arguments(parser)
     add_tracking_arguments(parser)
     add_ray_arguments(parser)

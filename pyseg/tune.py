@@ -20,19 +20,14 @@ import shlex
 import sys
 
 from pyseg.config import RULES, add_config_arguments, config_from_args, resume_target
-from pyseg.errors import ConfigError, run_command
+from pyseg.errors import CommandParser, ConfigError, run_command
 from pyseg.train import add_tracking_arguments
 
 DEFAULT_SPACE = "tune/default.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m pyseg.tune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser("python -m pyseg.tune", __doc__)
     group = parser.add_argument_group("search")
     group.add_argument("--space", default=None, help=f"search-space YAML (default {DEFAULT_SPACE})")
     group.add_argument("--samples", type=int, default=16, help="trials to sample (default 16)")

@@ -9,14 +9,16 @@ Prints a per-class table and writes metrics_<split>.json (and data_problems.txt 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from pyseg.config import TrainConfig, flag, make_config
-from pyseg.errors import ConfigError, run_command
+from pyseg.config import TrainConfig, check_value, make_config
+from pyseg.errors import CommandParser, ConfigError, run_command
+from pyseg.files import atomic_write_text
 
 
 def load_model(weights: str | Path, device: torch.device):
@@ -96,12 +98,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
 
 def output_dir(args: argparse.Namespace) -> Path:
     """The checked, not yet created output folder of --project/--name/--exist-ok."""
-    from pyseg.config import RULES
     from pyseg.engine.trainer import unique_run_dir
 
-    allowed, what = RULES["name"]
-    if not allowed(args.name):
-        raise ConfigError(f"{flag('name')} must be {what}, got {args.name!r}")
+    check_value("name", args.name)
     return unique_run_dir(args.project, args.name, args.exist_ok)
 
 
@@ -113,13 +112,22 @@ def make_folder(folder: Path, flags: str) -> None:
         raise ConfigError(f"{flags}: cannot create {folder} ({error.strerror}); pick a writable folder") from error
 
 
+@contextlib.contextmanager
+def output_folder(folder: Path, flags: str):
+    """Creates folder before the work (make_folder), and removes it again when the work fails and the folder was
+    created here and is still empty: a failed command leaves no empty output folder behind."""
+    existed = folder.exists()
+    make_folder(folder, flags)
+    try:
+        yield folder
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
-        prog="python -m pyseg.val",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = CommandParser("python -m pyseg.val", __doc__)
     parser.add_argument("--weights", required=True, help="a pyseg checkpoint (runs/NAME/weights/best.pt)")
     parser.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
     parser.add_argument("--split", default="val")
@@ -130,10 +138,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conf", type=float, default=None)
     parser.add_argument("--iou", type=float, default=None)
     add_output_arguments(parser, "val")
-    parser.add_argument("--out", default=None, help="metrics JSON path (default: PROJECT/NAME/metrics_<split>.json)")
+    parser.add_argument(
+        "--out", default=None, help="metrics JSON (default PROJECT/NAME/metrics_SPLIT.json); data problems go beside it"
+    )
     args = parser.parse_args(argv)
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    for key in ("workers", "imgsz", "batch", "conf", "iou"):
+        if getattr(args, key) is not None:
+            check_value(key, getattr(args, key))
     return args
 
 
@@ -142,23 +153,22 @@ def val_command(argv: list[str] | None) -> int:
     from pyseg.engine.trainer import DATA_PROBLEMS_FILE
 
     args = parse_args(argv)
-    out_dir = output_dir(args)
-    metrics, names = validate(
-        args.weights,
-        args.data,
-        args.split,
-        args.imgsz,
-        args.batch,
-        args.device,
-        args.workers,
-        args.conf,
-        args.iou,
-        problems_file=out_dir / DATA_PROBLEMS_FILE,
-    )
+    out = Path(args.out) if args.out else output_dir(args) / f"metrics_{args.split}.json"
+    with output_folder(out.parent, "--out" if args.out else "--project/--name"):  # made before the work
+        metrics, names = validate(
+            args.weights,
+            args.data,
+            args.split,
+            args.imgsz,
+            args.batch,
+            args.device,
+            args.workers,
+            args.conf,
+            args.iou,
+            problems_file=out.parent / DATA_PROBLEMS_FILE,
+        )
     print(format_metrics_table(metrics, names))
-    out = Path(args.out) if args.out else out_dir / f"metrics_{args.split}.json"
-    make_folder(out.parent, "--project/--out")
-    out.write_text(json.dumps(metrics, indent=2))
+    atomic_write_text(out, json.dumps(metrics, indent=2))
     print(f"metrics written to {out}")
     return 0
 

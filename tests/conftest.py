@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -211,11 +212,24 @@ def python_env(**changes: str | None) -> dict[str, str]:
 class RayHead:
     """`ray start --head --block` on 127.0.0.1 in its own process group; stop() ends the whole group.
 
+    token_path: a file to write a fresh token to; the head then requires it (RAY_AUTH_MODE=token).
+
     temp_dir: Ray's --temp-dir. Leave it None only with TMPDIR set in env to a private folder: the head then keeps
     its session and its ray_current_cluster record there, where a default head keeps them under /tmp/ray.
     """
 
-    def __init__(self, log: Path, env: dict[str, str], temp_dir: Path | None = None, num_cpus: int = 2):
+    def __init__(
+        self,
+        log: Path,
+        env: dict[str, str],
+        temp_dir: Path | None = None,
+        num_cpus: int = 2,
+        token_path: Path | None = None,
+    ):
+        if token_path is not None:  # token authentication on, with this token (not the user's ~/.ray/auth_token)
+            token_path.write_text(secrets.token_hex(16))
+            env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+            env.pop("RAY_AUTH_TOKEN", None)
         if temp_dir is None and not env.get("TMPDIR", "").startswith("/tmp/pyseg-"):
             raise ValueError("a RayHead without temp_dir needs TMPDIR set to a private folder (short_temp_dir)")
         self.port, self.dashboard_port = free_port(), free_port()

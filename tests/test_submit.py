@@ -50,16 +50,25 @@ def ray_head(tmp_path_factory):
     pytest.importorskip("ray")
     root = tmp_path_factory.mktemp("ray_head")
     with short_temp_dir("pyseg-head-") as temp_dir:
-        head = RayHead(root / "head.log", python_env(), temp_dir=temp_dir / "ray")
+        head = RayHead(root / "head.log", python_env(), temp_dir=temp_dir / "ray", token_path=root / "auth_token")
         try:
             head.wait_until_up()
-            yield head.dashboard
+            yield head.dashboard, root / "auth_token"
         finally:
             head.stop()
 
 
 @pytest.mark.slow
 def test_a_training_job_reaches_succeeded_with_the_token_passed_through(ray_head, tiny_data, tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    ray_head, token_path = ray_head
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the head really wants a token
+        urllib.request.urlopen(f"{ray_head}/api/version", timeout=10)
+    assert refused.value.code == 401
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(REPO)

@@ -181,6 +181,28 @@ def test_predict_api_and_cli_write_drawings_and_coco_json(tiny_data, tmp_path):
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
     assert main(["--weights", str(weights), "--source", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2
 
+    # Same-named images in two subfolders keep their own drawings and ids (the path inside the source folder).
+    nested = tmp_path / "nested"
+    for sub in ("day", "night"):
+        (nested / sub).mkdir(parents=True)
+        cv2.imwrite(str(nested / sub / "a.jpg"), image)
+    cv2.imwrite(str(nested / "day" / "a.png"), image)
+    flags = ["--weights", str(weights), "--imgsz", "64", "--conf", "0.0001", "--device", "cpu"]
+    assert main([*flags, "--source", str(nested), "--out", str(tmp_path / "nested_out")]) == 0
+    drawn = sorted(p.relative_to(tmp_path / "nested_out").as_posix() for p in (tmp_path / "nested_out").rglob("a.*"))
+    assert drawn == ["day/a.jpg", "day/a.png", "night/a.jpg"]
+    ids = {r["image_id"] for r in json.loads((tmp_path / "nested_out" / "predictions.json").read_text())}
+    assert ids == {"day/a.jpg", "day/a.png", "night/a.jpg"}
+
+    # A folder without images, or with none readable, is a user error that leaves no output folder.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "x.jpg").write_text("not an image")
+    for source in ("empty", "unreadable"):
+        target = tmp_path / f"{source}_out"
+        assert main([*flags, "--source", str(tmp_path / source), "--out", str(target)]) == 2
+        assert not target.exists(), source
+
 
 # ------------------------------------------------------------------ interruptions, early stopping, run folders
 

@@ -451,6 +451,11 @@ class Trainer:
         for split in (self.train_split, self.val_split):
             if not split.images:
                 raise ConfigError(f"dataset {cfg.data}: the {split.name} split has no readable images")
+        if not self.train_split.num_instances:
+            raise ConfigError(
+                f"dataset {cfg.data}: the train split has no labelled instances (every image is a background): "
+                "nothing to learn; check that its labels/ folder sits beside images/ and holds YOLO polygon lines"
+            )
         self.loader_makes_masks = masks_made_by_loader(self.device)
         train_set = SegDataset(
             self.train_split.images,
