@@ -13,7 +13,6 @@ results.csv holds exactly one row per epoch. Only rank 0 writes files.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import math
 import random
@@ -526,7 +525,7 @@ class Trainer:
         if (optimizer, lr0) != (cfg.optimizer, cfg.lr0):
             if self.is_main:
                 print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {int(steps)} optimizer steps")
-            self.cfg = cfg = dataclasses.replace(cfg, optimizer=optimizer, lr0=lr0)
+            self.cfg = cfg = cfg.updated(optimizer=optimizer, lr0=lr0)
         self.optimizer = build_optimizer(self.model, optimizer, lr0, cfg.momentum, weight_decay)
         self.ema = ModelEMA(self.model, cfg.ema_decay)
         on_cuda = self.device.type == "cuda"
