@@ -3,8 +3,11 @@ one) and YAML mappings read with an error that names the file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +29,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with interrupts_deferred():  # Ctrl-C inside torch.save's writer became a RuntimeError (and a traceback)
+        _write_and_replace(path, write, durable)
+
+
+def _write_and_replace(path: Path, write: Callable[[BinaryIO], None], durable: bool) -> None:
     handle, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_MARKER, dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -45,6 +53,31 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block takes effect when the block ends: the block finishes, then the handler
+    that was in place runs (Python's raises KeyboardInterrupt). Only the main thread receives signals; elsewhere,
+    and where SIGINT is ignored, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous in (signal.SIG_IGN, None):
+        yield
+        return
+    received: list[tuple] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(*received[0])
+            else:  # SIG_DFL would end the process: end it as Python's own handler would
+                raise KeyboardInterrupt
 
 
 def _umask() -> int:

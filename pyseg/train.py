@@ -15,6 +15,7 @@ sqlite:///runs/mlflow.db` shows it); --no-mlflow turns it off.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -91,11 +92,11 @@ def train_command(argv: list[str] | None) -> int:
 
             trainer = Trainer(cfg, default_hooks() + [MlflowHook(tracking)], resume_from=args.resume_from)
             run_dir = trainer.fit()
-    except KeyboardInterrupt:
-        where = getattr(trainer, "run_dir", None) if not args.ray_workers else run_dir_of(cfg)
+    except KeyboardInterrupt as interrupt:
+        where = getattr(interrupt, "run_dir", None) or getattr(trainer, "run_dir", None)
         last = where / "weights" / "last.pt" if where else None
         if last is not None and last.is_file():
-            print(f"\npyseg.train: interrupted; continue with: python -m pyseg.train --resume {last}", file=sys.stderr)
+            print(f"\npyseg.train: interrupted; continue with: {resume_command(last, args)}", file=sys.stderr)
         else:
             print("\npyseg.train: interrupted before the first epoch was saved; start the run again", file=sys.stderr)
         return 130
@@ -103,10 +104,17 @@ def train_command(argv: list[str] | None) -> int:
     return 0
 
 
-def run_dir_of(cfg) -> Path | None:
-    """The run folder a Ray run trains in, when the name is fixed (resume) or the folder already exists."""
-    folder = Path(cfg.project) / cfg.name
-    return folder if folder.is_dir() else None
+def resume_command(last: Path, args: argparse.Namespace) -> str:
+    """The command that continues an interrupted run from its last.pt, logged and placed as before."""
+    words = ["python", "-m", "pyseg.train", "--resume", str(last)]
+    if args.no_mlflow:
+        words.append("--no-mlflow")
+    words += ["--mlflow-uri", args.mlflow_uri] if args.mlflow_uri else []
+    words += ["--mlflow-experiment", args.mlflow_experiment] if args.mlflow_experiment != "pyseg" else []
+    if args.ray_workers:
+        words += ["--ray-workers", str(args.ray_workers)]
+        words += ["--address", args.address] if args.address else []
+    return shlex.join(words)
 
 
 if __name__ == "__main__":

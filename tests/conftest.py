@@ -22,6 +22,13 @@ SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datas
 COCO128_SEG = Path(os.environ.get("PYSEG_COCO128_SEG", SHARED_DATASETS / "coco128-seg"))
 
 
+def pytest_configure(config):
+    """Every Ray the suite starts (local ray.init, `ray start`, jobs) authenticates with a token of this test session,
+    taken from the environment: without one, a local Ray writes a new token to ~/.ray/auth_token, outside the tests'
+    folders. A test that needs its own token sets RAY_AUTH_TOKEN_PATH and removes this variable."""
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -5,13 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_config
+from conftest import free_port, kill_process_group, python_env, tiny_config
 
 from pyseg.config import make_config
 from pyseg.distributed import RayScaling, absolute_paths, fit_with_ray, init_ray
@@ -214,3 +217,47 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
     with open(run_dir / "results.csv", newline="") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
     assert not list(ray_worker_tmpdir.glob("pyseg-restore-*")), list(ray_worker_tmpdir.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ray_workers", [0, 1])
+def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(ray_workers, tiny_data, tmp_path, short_tmp):
+    """pyseg.train (in this process, and with --ray-workers 1) gets SIGINT after its first epoch: exit 130 and a
+    continue command (on Ray, not Ray Train's own handler, which exited 1 without one); that command, run as printed,
+    ends the run with one row per epoch."""
+    env = python_env(TMPDIR=str(short_tmp), RAY_TMPDIR=None, RAY_ADDRESS=None, PYSEG_CACHE_DIR=str(tmp_path / "c"))
+    run_dir = tmp_path / "runs" / "ctrl_c"
+    flags = ["--data", str(tiny_data), "--imgsz", "64", "--batch", "4", "--workers", "0", "--epochs", "3"]
+    flags += ["--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "ctrl_c", "--no-mlflow"]
+    log = tmp_path / "interrupted.log"
+    with open(log, "w") as output:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pyseg.train", *flags, "--ray-workers", str(ray_workers)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not (run_dir / "results.csv").is_file() or len((run_dir / "results.csv").read_text().split()) < 2:
+                assert driver.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "no epoch finished within 240 s"
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGINT)
+            code = driver.wait(timeout=120)
+        finally:
+            kill_process_group(driver, grace_s=10)
+    text = log.read_text()
+    assert code == 130, text[-4000:]
+    last = run_dir / "weights" / "last.pt"
+    command = text.split("pyseg.train: interrupted; continue with: ", 1)[1].splitlines()[0]
+    words = shlex.split(command)
+    on_ray = ["--ray-workers", "1"] if ray_workers else []
+    assert words == ["python", "-m", "pyseg.train", "--resume", str(last), "--no-mlflow", *on_ray]
+    done = subprocess.run(
+        [sys.executable, *words[1:]], env=env, capture_output=True, text=True, timeout=300, start_new_session=True
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    with open(run_dir / "results.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]

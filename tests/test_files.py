@@ -31,9 +31,33 @@ def test_only_pyseg_temporaries_are_removed(tmp_path):
 def test_yaml_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: .+ at line 2, column 1; fix the file") as e:
         read_yaml_mapping(bad, "config file", ConfigError)
+    assert "\n" not in str(e.value)  # one line, as every user error
     with pytest.raises(ConfigError, match="cannot read config file .*gone.yaml"):
         read_yaml_mapping(tmp_path / "gone.yaml", "config file", ConfigError)
     (tmp_path / "empty.yaml").write_text("")
     assert read_yaml_mapping(tmp_path / "empty.yaml", "config file", ConfigError) == {}
+
+
+def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(tmp_path):
+    """SIGINT inside torch.save's writer turned into a RuntimeError from torch (exit 1 and a traceback instead of
+    Ctrl-C's exit 130): the write now completes, and KeyboardInterrupt comes after it."""
+    import signal
+
+    import torch
+
+    from pyseg.files import atomic_write
+
+    path = tmp_path / "state.pt"
+    state = {"weights": torch.arange(100_000, dtype=torch.float32)}
+
+    def interrupted_save(file):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered while the write goes on
+        torch.save(state, file)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted_save)
+    assert torch.equal(torch.load(path)["weights"], state["weights"])
+    assert not list(tmp_path.glob(f"*{TEMP_MARKER}"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ CONNECT_TIMEOUT_S = 10.0  # seconds to wait for a cluster's address to accept a 
 
 class RayClusterUnreachableError(UserError, ConnectionError):
     """--address or RAY_ADDRESS names a Ray cluster that does not answer; the message names it and what to do."""
+
+
+class RayRunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during fit_with_ray; run_dir is the run folder, whose weights/last.pt continues the run."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 @dataclass
@@ -328,5 +337,29 @@ def fit_with_ray(
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = fit_in_thread(trainer)
+    except KeyboardInterrupt:
+        raise RayRunInterrupted(run_dir) from None
     return run_dir, result
+
+
+def fit_in_thread(trainer):
+    """trainer.fit() in a helper thread, so that Ctrl-C reaches the caller as KeyboardInterrupt. In the main thread,
+    Ray Train installs its own SIGINT handler, which aborts the run and exits with code 1 and no word about how to
+    continue. The workers end with this process (Ray ends the actors of a driver that exits)."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="pyseg-ray-train", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a join with a timeout lets SIGINT's KeyboardInterrupt through
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
