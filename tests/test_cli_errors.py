@@ -69,6 +69,9 @@ def bad_files(tmp_path_factory, tiny_data):
     }
     files["checkpoint"] = root / "good.pt"
     torch.save(state, files["checkpoint"])
+    files["run_folder"] = root / "a_run"
+    (files["run_folder"] / "weights").mkdir(parents=True)
+    torch.save(state, files["run_folder"] / "weights" / "best.pt")
     files["truncated"] = root / "truncated.pt"
     files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
     files["no_images"] = root / "notes"
@@ -128,6 +131,11 @@ CASES = {
     "train --weights truncated": ("train", lambda f: train_flags(f, "--weights", str(f["truncated"])), "truncated.pt"),
     "train --resume missing.pt": ("train", lambda f: train_flags(f, "--resume", str(f["root"] / "x.pt")), "x.pt"),
     "train --resume nothing": ("train", lambda f: train_flags(f, "--resume", "--name", "never"), "never"),
+    "train --ray-workers 1, missing --data": (
+        "train",
+        lambda f: train_flags(f, "--ray-workers", "1", "--data", str(f["root"] / "nope.yaml")),
+        "nope.yaml",
+    ),
     "train --ray-workers -1": ("train", lambda f: train_flags(f, "--ray-workers", "-1"), "--ray-workers"),
     "train unwritable --project": ("train", lambda f: [*train_flags(f), "--project", "/dev/null/x"], "/dev/null/x"),
     "val unwritable --project": (
@@ -137,7 +145,8 @@ CASES = {
     ),
     "val --weights missing": ("val", lambda f: ["--weights", str(f["root"] / "none.pt")], "none.pt"),
     "val --weights foreign": ("val", lambda f: ["--weights", str(f["foreign"])], "foreign.pt"),
-    "val --weights text": ("val", lambda f: ["--weights", str(f["not_torch"])], "notes.pt"),
+    "val --weights text": ("val", lambda f: ["--weights", str(f["not_torch"])], "notes.pt is not a readable pyseg"),
+    "val --weights a run folder": ("val", lambda f: ["--weights", str(f["run_folder"])], "did you mean"),
     "val --split nope": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--split", "nope"], "nope"),
     "val --name ../x": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--name", "../x"], "--name"),
     "val --data offline": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--data", str(f["offline"])], ":9"),
@@ -188,6 +197,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(case, bad_files, capsys, monke
     assert code == 2, err
     assert named in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err  # argparse's too: no usage dump
+    if "--ray-workers" in case:
+        assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "checked before Ray starts"
     assert not list(tmp_path.glob("runs/*/weights/*.pt")), "a failed start leaves no weights"
 
 

@@ -42,6 +42,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Reads a pyseg checkpoint (no code is executed: weights_only=True); CheckpointError says what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        inside = next((p for p in (path / "weights" / "best.pt", path / "best.pt") if p.is_file()), None)
+        hint = f"did you mean {inside}?" if inside else "give a .pt file (runs/NAME/weights/best.pt or last.pt)"
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file; {hint}")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {path} does not exist; give a pyseg .pt file (runs/NAME/weights/best.pt or last.pt)"
@@ -50,8 +54,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, not a zip, not torch, unsafe pickle: one answer
         raise CheckpointError(
-            f"{path} is not a readable pyseg checkpoint ({str(error).splitlines()[0][:200]}); it may be truncated "
-            "or another kind of file: use runs/NAME/weights/best.pt or last.pt"
+            f"{path} is not a readable pyseg checkpoint ({_load_problem(path, error)}): use "
+            "runs/NAME/weights/best.pt or last.pt"
         ) from error
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
@@ -60,3 +64,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             "weights/best.pt and last.pt that pyseg.train writes"
         )
     return state
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def _load_problem(path: Path, error: Exception) -> str:
+    """Why torch.load failed, in words: torch's own message for a damaged torch file is often a bare number."""
+    with open(path, "rb") as file:
+        head = file.read(len(ZIP_MAGIC))
+    if not head:
+        return "an empty file"
+    if head != ZIP_MAGIC:
+        return "not a file torch.save wrote"
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"a damaged or truncated torch file: {first_line or type(error).__name__}"
