@@ -305,7 +305,18 @@ def test_patience_counts_validations_not_epochs(tiny_data, tmp_path, monkeypatch
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
     assert [int(r["epoch"]) for r in rows if r["mask/map"] != ""] == [2, 4, 6, 8]
     assert load_checkpoint(run_dir / "weights" / "best.pt")["epoch"] == 3  # epoch 4, 0-based
-    assert "no better mask mAP50-95 in 2 validations (best 0.2000 at epoch 4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no better mask mAP50-95 in 2 validations (best 0.2000 at epoch 4)" in out
+
+    # The console: the table's header once, then one aligned row per epoch; '-' where no validation ran.
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("epoch "))
+    table = [line for line in lines[header + 1 :] if "|" in line]
+    assert [line.split()[0] for line in table] == [f"{e}/10" for e in range(1, 9)]
+    bars = [i for i, char in enumerate(lines[header]) if char == "|"]
+    assert len(bars) == 3 and all([i for i, c in enumerate(line) if c == "|"] == bars for line in table)
+    assert all(("-" in line.split("|")[1]) == (epoch % 2 == 1) for epoch, line in enumerate(table, 1))
+    assert "0.200" in table[3].split("|")[2] and "train/box=" not in out  # mask mAP50 of epoch 4; no key=value
 
 
 def test_without_validation_there_is_no_early_stop_and_best_is_the_last_epoch(tiny_data, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +34,7 @@ from pyseg.data.labels import SplitLabels, load_split, report_problems
 from pyseg.data.loader import MASK_RATIO, SegCollate, build_dataloader, polygon_masks
 from pyseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pyseg.engine.coco_eval import METRIC_KEYS, CocoEvaluator
+from pyseg.engine.console import EpochTable
 from pyseg.engine.device import masks_made_by_loader, select_device, to_device
 from pyseg.engine.loss import SegLoss
 from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
@@ -364,7 +366,10 @@ class Trainer:
         self.cfg = cfg
         self.hooks = default_hooks() if hooks is None else hooks
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
-        self.show_progress, self.device, self.wrap_model = show_progress, device, wrap_model
+        # progress bars only where they redraw in place (a terminal); a log gets the epoch rows alone
+        self.show_progress = show_progress and sys.stderr.isatty()
+        self.device, self.wrap_model = device, wrap_model
+        self.table, self.table_started = EpochTable(cfg.epochs), False
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.epoch = self.start_epoch = self.iteration = 0
         self.best_fitness, self.best_epoch, self.validations_since_best = -1.0, -1, 0
@@ -664,7 +669,10 @@ class Trainer:
             "lr": lr,
         }
         if self.is_main:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if not self.table_started:
+                print(self.table.header())
+                self.table_started = True
+            print(self.table.row(row), flush=True)
         self.pending_train = None
         for hook in self.hooks:
             hook.on_epoch_end(self, row)
