@@ -26,6 +26,8 @@ from pyseg.files import atomic_write_text
 # A training must not hang on a dead server: MLflow's defaults retry for minutes (7 retries, 120 s timeout).
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 RUN_ID_FILE = "mlflow_run.json"
+# MLflow's UI opens an experiment without this tag as a GenAI experiment (a traces page); pyseg's are model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 ARTIFACTS = ("results.csv", "results.png", "args.yaml", "train_batch.jpg", "val_predictions.jpg")
 
 
@@ -164,9 +166,13 @@ class MlflowRun:
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
                 experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older pyseg or by hand
+                    self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             else:
                 experiment_id = self.client.create_experiment(
-                    self.experiment, artifact_location=artifact_root(self.uri)
+                    self.experiment,
+                    artifact_location=artifact_root(self.uri),
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
                 )
             all_tags = {k: str(v) for k, v in tags.items() if v is not None}
             if parent_run_id:

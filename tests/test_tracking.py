@@ -103,3 +103,22 @@ def test_training_outlives_a_stopped_tracking_server_and_logs_everything_once_it
     assert len(client.get_metric_history(run.info.run_id, "mask/map")) == 3
     artifacts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id)}
     assert {"results.csv", "results.png", "args.yaml"} <= artifacts
+
+
+def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(tmp_path):
+    """Without mlflow.experimentKind, MLflow 3's UI shows the experiment as GenAI (traces, "No data available")."""
+    from mlflow import MlflowClient
+
+    from pyseg.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowRun(uri, "new-experiment")
+    run.start("r", {})
+    assert run.flush()
+    client = MlflowClient(uri)
+    assert client.get_experiment_by_name("new-experiment").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    client.create_experiment("made-elsewhere")  # by hand or an older pyseg: tagged when pyseg first logs to it
+    later = MlflowRun(uri, "made-elsewhere")
+    later.start("r", {})
+    assert later.flush()
+    assert client.get_experiment_by_name("made-elsewhere").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
