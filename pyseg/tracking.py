@@ -12,6 +12,7 @@ Tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file next to
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -123,6 +124,8 @@ class MlflowRun:
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
+            # "Creating initial MLflow database tables..." and the like: not news to a user of a new store
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 

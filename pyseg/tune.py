@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster fits)")
     group.add_argument("--time-budget", type=float, default=0.0, help="stop the search after S seconds (0 = none)")
     group.add_argument("--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: local Ray)")
+    group.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output")
     add_tracking_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(name=None, epochs=None)
@@ -93,6 +94,7 @@ def tune_command(argv: list[str] | None) -> int:
             resume=tune_resume,
             name=name,
             grace_period=args.grace_period,
+            verbose=args.verbose,
         )
     except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
         raise ConfigError(str(error)) from error
@@ -113,7 +115,31 @@ def tune_command(argv: list[str] | None) -> int:
             f"pyseg.tune: {summary.unfinished} of {settings.samples} trials did not finish (interrupted or out of "
             f"time); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
         )
+    if summary.best_config:
+        print(next_steps(summary, base.epochs))
     return 0 if summary.best_config else 1
+
+
+def next_steps(summary, epochs: int) -> str:
+    """The commands that take a finished search further: train the best config longer, compare the trials in
+    MLflow's UI, predict with the best weights."""
+    lines = [
+        "next:",
+        f"  train the best config longer:  python -m pyseg.train --cfg {summary.best_config} --epochs {3 * epochs}",
+    ]
+    if summary.tracking_uri:
+        lines.append(
+            f"  compare the trials in MLflow:  mlflow ui --backend-store-uri {summary.tracking_uri}"
+            "   (then open http://127.0.0.1:5000)"
+            if not summary.tracking_uri.startswith("http")
+            else f"  compare the trials in MLflow:  open {summary.tracking_uri}"
+        )
+    if summary.best_checkpoint:
+        lines.append(
+            f"  predict with the best weights: python -m pyseg.predict --weights {summary.best_checkpoint} "
+            "--source IMAGES"
+        )
+    return "\n".join(lines)
 
 
 def _default_space() -> str:

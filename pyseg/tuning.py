@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import yaml
 
 from pyseg.config import TrainConfig
 from pyseg.distributed.ray_train import CHECKPOINT_FILE, RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
@@ -169,62 +170,6 @@ def run_trial(config: dict, *, base: TrainConfig, scaling: dict, tracking: dict,
     fit_with_ray(cfg, RayScaling(**scaling), trial_tracking, extra_hooks=hooks, callbacks=[TuneReportCallback()])
 
 
-# ------------------------------------------------------------------ progress
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _progress_callback(searched: list[str], every_s: float):
-    from ray.tune import Callback
-
-    class ProgressTable(Callback):
-        """Prints the trials (status, epoch, mask mAP, searched values) at most every every_s seconds."""
-
-        def __init__(self):
-            self.last_print = 0.0
-            self.latest: dict[str, dict] = {}
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.latest[trial.trial_id] = result
-            if time.monotonic() - self.last_print >= every_s:
-                self.print(trials)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.print(trials)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.print(trials)
-
-        def print(self, trials):
-            self.last_print = time.monotonic()
-            rows = []
-            for trial in trials:
-                result = self.latest.get(trial.trial_id, {})
-                row = {"trial": trial.trial_id, "status": trial.status, "epoch": result.get("epoch")}
-                row.update({"mask mAP50-95": result.get(METRIC), "mask mAP50": result.get("mask/map50")})
-                row.update({key: trial.config.get(key) for key in searched})
-                rows.append(row)
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            header = f"--- pyseg.tune: {done}/{len(trials)} trials finished ---"
-            print(f"{header}\n{format_table(rows, list(rows[0]) if rows else ['trial'])}", flush=True)
-
-    return ProgressTable()
-
-
 # ------------------------------------------------------------------ experiment
 
 
@@ -244,7 +189,8 @@ class TuneSettings:
     resume: bool = False
     name: str = "tune"
     grace_period: int = 0  # ASHA: epochs before a trial can be stopped (0 = max(1, epochs // 10))
-    progress_every_s: float = 15.0
+    progress_every_s: float = 30.0  # in a log (not a terminal): seconds between status lines
+    verbose: bool = False  # show Ray's and Tune's own output (worker logs, warnings, Tune's tables)
 
     def __post_init__(self):
         if self.samples < 1:
@@ -269,6 +215,26 @@ class TuneSummary:
     best_metric: float | None
     rows: list[dict]
     unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of time
+    tracking_uri: str | None = None  # the MLflow store the trials were logged to
+
+
+def ray_trial_folder(trial) -> str:
+    """The folder Tune keeps a trial's own records in: its id (Tune's default name lists every sampled value)."""
+    return trial.trial_id
+
+
+# ray.init arguments that keep Ray's own messages out of the search's output (--verbose shows them): the workers'
+# output (the trials' training rows, Ray's internal error lines, start-up warnings) stays in Ray's log files, and
+# the driver's log shows errors only (not the token notice or the dashboard address).
+QUIET_RAY_INIT = {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+def quiet_ray() -> None:
+    """Tune's and Train's driver-side logs to errors only; Tune's own reporter (its configuration box, the
+    TensorBoard hint, its trial tables) off: pyseg's SearchView shows the trials."""
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which prints nothing at verbose=0
 
 
 def default_concurrency(settings: TuneSettings) -> int:
@@ -341,7 +307,9 @@ def run_tune(
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
-    init_ray(settings.address)
+    if not settings.verbose:
+        quiet_ray()
+    init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
     if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
         gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
         settings = dataclasses.replace(settings, gpus_per_trial=gpus)
@@ -353,7 +321,8 @@ def run_tune(
         tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
 
     trainable = _trainable(base, settings, tracking, trials_dir, hooks)
-    progress = _progress_callback(searched, settings.progress_every_s)
+    view = SearchView(searched, base.epochs, settings.progress_every_s)
+    callback = activate(view)
     if settings.resume:
         tuner = tune.Tuner.restore(
             str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
@@ -379,22 +348,28 @@ def run_tune(
                 num_samples=settings.samples,
                 max_concurrent_trials=max_concurrent,
                 time_budget_s=settings.time_budget or None,
+                trial_dirname_creator=ray_trial_folder,
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
                 storage_path=str(Path(base.project)),
-                callbacks=[progress],
-                verbose=0,
+                callbacks=[callback],
+                verbose=2 if settings.verbose else 0,
             ),
         )
         print(
             f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to {max_concurrent} at "
-            f"a time, {settings.workers_per_trial} worker(s) each; searching {', '.join(searched) or 'nothing'}"
+            f"a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values searched"
         )
-    results = tuner.fit()
+    view.start()
+    try:
+        results = tuner.fit()
+    finally:
+        view.close()
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
     if parent is not None:
         _finish_parent_run(parent, summary)
+        summary.tracking_uri = tracking.uri
     return summary
 
 
@@ -436,7 +411,8 @@ def summarize(
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(results_csv, table.getvalue())
-    print(format_table(rows, columns))
+    print(legend(abbreviate(searched)))
+    print(ranked_table(rows, searched))
 
     best_config = best_checkpoint = best_trial = best_metric = None
     if rows and rows[0][METRIC] is not None:
@@ -451,8 +427,12 @@ def summarize(
         atomic_write_text(best_config, header + yaml.safe_dump(best_run.to_dict(), sort_keys=False))
         candidate = Path(best["run_dir"]) / "weights" / "best.pt"
         best_checkpoint = candidate if candidate.is_file() else None
-        print(f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f} at epoch {best['best_epoch']}")
-        print(f"best config: {best_config}   (python -m pyseg.train --cfg {best_config})")
+        values = ", ".join(f"{key} {format_value(best.get(key))}" for key in searched)
+        print(
+            f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f}, mAP50 {best['mask/map50'] or 0:.4f} at epoch "
+            f"{best['best_epoch']}" + (f"; {values}" if values else "")
+        )
+        print(f"best config: {best_config}")
         print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
     print(f"all trials: {results_csv}")
     unfinished = max(samples - finished_trials(experiment_dir, results), 0)  # interrupted, or never started

@@ -25,7 +25,6 @@ from pyseg.tuning import (
     SearchSpaceError,
     TuneSettings,
     check_search_space,
-    format_table,
     load_search_space,
     run_tune,
     to_tune_space,
@@ -127,6 +126,8 @@ def test_tune_cli_reports_a_bad_space_without_starting_ray(tmp_path, capsys):
 
 
 def test_format_table_aligns_columns_and_marks_missing_values():
+    from pyseg.distributed.search_view import format_table
+
     text = format_table([{"a": 1.23456789, "b": None}, {"a": float("nan"), "b": "x"}], ["a", "b"])
     assert text.splitlines() == ["a      b", "1.235  -", "-      x"]
 
@@ -320,7 +321,9 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
     env = command_env(tmp_path, short_tmp)
     project = tmp_path / "runs"
     space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    # --verbose: the trials' own output ("restoring from Ray checkpoint") reaches the console
     given = tune_command(tiny_data, project, space, "--samples", "2", "--epochs", "3", "--max-concurrent", "2")
+    given.append("--verbose")
     trials = project / "tune" / "trials"
 
     with open(tmp_path / "interrupted.log", "w") as output:
@@ -366,3 +369,33 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
         with open(Path(row["run_dir"]) / "results.csv", newline="") as f:
             assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3], row["trial"]
     assert not list(short_tmp.glob("pyseg-restore-*")), list(short_tmp.iterdir())
+
+
+@pytest.mark.slow
+def test_a_search_in_a_log_is_short_and_free_of_ray_noise(tiny_data, tmp_path, short_tmp):
+    """Without --verbose, a search's log holds pyseg's lines only: no worker output, no Ray-internal lines, no
+    Tune configuration box or TensorBoard hint; Ray's trial folders are named by trial id; the end says what next."""
+    env = command_env(tmp_path, short_tmp)
+    space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\nmosaic: {uniform: [0, 1]}\n")
+    args = tune_command(tiny_data, tmp_path / "runs", space, "--samples", "2", "--epochs", "2", "--name", "quiet")
+    code, output = run_tune_command(args, env, tmp_path / "tune.log", timeout=300)
+    assert code == 0, output[-4000:]
+    for noise in (
+        "core_worker.cc",
+        "PreemptionWatcher",
+        "RayTrainWorker",
+        "TrainController",
+        "TensorBoard",
+        "Configuration for experiment",
+        "Token authentication",
+        "train/box=",
+    ):
+        assert noise not in output, noise
+    lines = output.splitlines()
+    assert len(lines) <= 40, output
+    assert "searched: lr0, mos = mosaic" in output and "rank  trial" in output
+    assert "next:" in output and "python -m pyseg.train --cfg" in output
+    experiment = tmp_path / "runs" / "quiet"
+    trial_ids = {path.name for path in (experiment / "trials").iterdir()}
+    ray_folders = {path.name for path in experiment.iterdir() if path.is_dir() and path.name != "trials"}
+    assert len(trial_ids) == 2 and ray_folders == trial_ids, (ray_folders, trial_ids)
