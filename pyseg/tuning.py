@@ -13,6 +13,7 @@ import io
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,7 @@ class TuneSummary:
     best_metric: float | None
     rows: list[dict]
     unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of time
+    pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
 
 
@@ -435,10 +437,29 @@ def summarize(
         print(f"best config: {best_config}")
         print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
     print(f"all trials: {results_csv}")
+    pictures = search_pictures(rows, searched, base.epochs, experiment_dir)
+    if pictures:
+        print(f"pictures: {', '.join(str(p) for p in pictures)}")
     unfinished = max(samples - finished_trials(experiment_dir, results), 0)  # interrupted, or never started
     return TuneSummary(
-        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished
+        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures
     )
+
+
+def search_pictures(rows: list[dict], searched: list[str], epochs: int, experiment_dir: Path) -> list[Path]:
+    """tune_curves.png, tune_params.png and the best trial's val_predictions.jpg, in the search folder."""
+    from pyseg.engine.search_plots import CURVES_FILE, PARAMS_FILE, plot_search_curves, plot_search_params
+
+    pictures = [plot_search_curves(rows, epochs, experiment_dir / CURVES_FILE)]
+    params = plot_search_params(rows, searched, experiment_dir / PARAMS_FILE)
+    pictures += [params] if params else []
+    if rows and rows[0].get("run_dir"):
+        predictions = Path(rows[0]["run_dir"]) / "val_predictions.jpg"
+        if predictions.is_file():
+            copy = experiment_dir / "best_val_predictions.jpg"
+            shutil.copyfile(predictions, copy)
+            pictures.append(copy)
+    return pictures
 
 
 def finished_trials(experiment_dir: Path, results) -> int:
@@ -478,6 +499,8 @@ def _finish_parent_run(parent: MlflowRun, summary: TuneSummary) -> None:
         parent.log_metrics({"best/" + METRIC: summary.best_metric}, step=0)
         parent.set_tags({"pyseg.best_trial": summary.best_trial})
     parent.log_artifact(summary.results_csv)
+    for picture in summary.pictures:
+        parent.log_artifact(picture)
     if summary.best_config:
         parent.log_artifact(summary.best_config)
     if summary.best_checkpoint and summary.best_trial:

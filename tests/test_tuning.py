@@ -181,7 +181,8 @@ def test_three_trial_asha_search_gives_each_trial_its_hyperparameters_and_logs_t
     parent = parents[0]
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert parent.data.tags["pyseg.best_trial"] == summary.best_trial
-    assert {Path(a.path).name for a in client.list_artifacts(parent.info.run_id)} >= {"tune_results.csv", "best.yaml"}
+    parent_artifacts = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id)}
+    assert parent_artifacts >= {"tune_results.csv", "best.yaml", "tune_curves.png", "tune_params.png"}
     for child in children:
         trial = child.data.tags["pyseg.trial_id"]
         assert float(child.data.params["lr0"]) == pytest.approx(trained[trial])
@@ -399,3 +400,5 @@ def test_a_search_in_a_log_is_short_and_free_of_ray_noise(tiny_data, tmp_path, s
     trial_ids = {path.name for path in (experiment / "trials").iterdir()}
     ray_folders = {path.name for path in experiment.iterdir() if path.is_dir() and path.name != "trials"}
     assert len(trial_ids) == 2 and ray_folders == trial_ids, (ray_folders, trial_ids)
+    pictures = {"tune_curves.png", "tune_params.png", "best_val_predictions.jpg"}
+    assert pictures <= {path.name for path in experiment.iterdir()} and "pictures: " in output
