@@ -29,6 +29,14 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TI
 RUN_ID_FILE = "mlflow_run.json"
 # MLflow's UI opens an experiment without this tag as a GenAI experiment (a traces page); pyseg's are model training.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_WORKFLOW = "workflowType=machine_learning"  # MLflow 3.17's UI opens the GenAI workspace without it
+
+
+def experiment_url(ui_url: str, experiment_id: str) -> str:
+    """The page of an experiment's runs in the MLflow UI at ui_url (http://HOST:PORT), as model training."""
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs?{UI_WORKFLOW}"
+
+
 ARTIFACTS = ("results.csv", "results.png", "args.yaml", "train_batch.jpg", "val_predictions.jpg")
 
 
@@ -80,10 +88,16 @@ def git_commit(path: Path | None = None) -> str | None:
     return (result.stdout.strip() or None) if result.returncode == 0 else None
 
 
+# Logged first: MLflow's compare page charts the first metric a run logged (train/box, before this order).
+LEADING_METRICS = ("mask/map", "mask/map50", "box/map", "box/map50")
+
+
 def numeric_metrics(row: dict) -> dict[str, float]:
-    """The float-valued entries of an epoch row, without the epoch itself."""
+    """The float-valued entries of an epoch row, without the epoch itself; LEADING_METRICS first."""
     metrics = {}
-    for key, value in row.items():
+    ordered = [*(key for key in LEADING_METRICS if key in row), *(key for key in row if key not in LEADING_METRICS)]
+    for key in ordered:
+        value = row[key]
         if key == "epoch" or isinstance(value, bool):
             continue
         try:
@@ -114,6 +128,7 @@ class MlflowRun:
         self.uri, self.experiment = uri, experiment
         self._client = None
         self.run_id = run_id
+        self.experiment_id: str | None = None  # known once the run is created or reopened
         self.pending: list[tuple[str, Callable[[], None]]] = []
         self.failing = False
         self.failures = 0
@@ -165,6 +180,7 @@ class MlflowRun:
         def create():
             if self.run_id is not None:
                 self.client.update_run(self.run_id, status="RUNNING")
+                self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
                 return
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
@@ -181,7 +197,7 @@ class MlflowRun:
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
-            self.run_id = run.info.run_id
+            self.run_id, self.experiment_id = run.info.run_id, experiment_id
 
         self.queue("creating the run", create)
 

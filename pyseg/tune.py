@@ -128,12 +128,17 @@ def next_steps(summary, epochs: int) -> str:
         f"  train the best config longer:  python -m pyseg.train --cfg {summary.best_config} --epochs {3 * epochs}",
     ]
     if summary.tracking_uri:
-        lines.append(
-            f"  compare the trials in MLflow:  mlflow ui --backend-store-uri {summary.tracking_uri}"
-            "   (then open http://127.0.0.1:5000)"
-            if not summary.tracking_uri.startswith("http")
-            else f"  compare the trials in MLflow:  open {summary.tracking_uri}"
+        from pyseg.tracking import experiment_url
+
+        remote = summary.tracking_uri.startswith(("http://", "https://"))
+        page = experiment_url(
+            summary.tracking_uri if remote else "http://127.0.0.1:5000", summary.mlflow_experiment_id or "0"
         )
+        if not remote:
+            lines.append(f"  compare the trials in MLflow:  mlflow ui --backend-store-uri {summary.tracking_uri}")
+            lines.append(f"                                 then open {page}")
+        else:
+            lines.append(f"  compare the trials in MLflow:  open {page}")
     if summary.best_checkpoint:
         lines.append(
             f"  predict with the best weights: python -m pyseg.predict --weights {summary.best_checkpoint} "

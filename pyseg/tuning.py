@@ -218,6 +218,7 @@ class TuneSummary:
     unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of time
     pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
+    mlflow_experiment_id: str | None = None
 
 
 def ray_trial_folder(trial) -> str:
@@ -371,7 +372,7 @@ def run_tune(
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
     if parent is not None:
         _finish_parent_run(parent, summary)
-        summary.tracking_uri = tracking.uri
+        summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id
     return summary
 
 

@@ -402,3 +402,24 @@ def test_a_search_in_a_log_is_short_and_free_of_ray_noise(tiny_data, tmp_path, s
     assert len(trial_ids) == 2 and ray_folders == trial_ids, (ray_folders, trial_ids)
     pictures = {"tune_curves.png", "tune_params.png", "best_val_predictions.jpg"}
     assert pictures <= {path.name for path in experiment.iterdir()} and "pictures: " in output
+
+
+def test_next_steps_name_the_best_config_the_mlflow_page_and_the_best_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from pyseg.tune import next_steps
+
+    summary = SimpleNamespace(
+        best_config=tmp_path / "best.yaml",
+        best_checkpoint=tmp_path / "best.pt",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        mlflow_experiment_id="7",
+    )
+    text = next_steps(summary, epochs=10)
+    assert f"python -m pyseg.train --cfg {tmp_path / 'best.yaml'} --epochs 30" in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in text
+    assert "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning" in text  # not the GenAI page
+    assert f"python -m pyseg.predict --weights {tmp_path / 'best.pt'}" in text
+    served = next_steps(SimpleNamespace(**{**vars(summary), "tracking_uri": "http://mlflow:5000"}), epochs=10)
+    assert "open http://mlflow:5000/#/experiments/7/runs?workflowType=machine_learning" in served
+    assert "mlflow ui" not in served
