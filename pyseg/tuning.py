@@ -324,7 +324,7 @@ def run_tune(
         tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
 
     trainable = _trainable(base, settings, tracking, trials_dir, hooks)
-    view = SearchView(searched, base.epochs, settings.progress_every_s)
+    view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
     callback = activate(view)
     if settings.resume:
         tuner = tune.Tuner.restore(

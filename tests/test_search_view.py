@@ -48,6 +48,7 @@ def test_the_table_fits_the_width_best_first_with_best_and_last_metrics():
     assert row[7] == "1:05"  # 5 s of its first epoch before its first report, then 60 s
     assert "0.0031" in wide[2] and "0.8" in wide[2]
     assert "best 4634f_00001 mask mAP50-95 0.200" in status_line(trials, 75.0)
+    assert "2 running, 0 ended, 0 failed, 2 waiting of 4" in status_line(trials, 75.0, samples=4)  # 2 not begun
 
 
 def test_in_a_log_a_status_line_every_n_seconds_and_the_table_when_a_trial_ends():

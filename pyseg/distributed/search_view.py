@@ -166,7 +166,7 @@ def legend(names: dict[str, str], width: int = DEFAULT_WIDTH) -> str:
     return textwrap.fill(text, width=width, subsequent_indent="  ", break_on_hyphens=False)
 
 
-def status_line(states: list[TrialState], elapsed_s: float) -> str:
+def status_line(states: list[TrialState], elapsed_s: float, samples: int = 0) -> str:
     """'pyseg.tune 1:02: 2 running, 1 done, 1 stopped, 0 failed, 0 pending of 4; best 4634f_00001 0.123 (epoch 7)'."""
     counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
     for state in states:
@@ -175,7 +175,8 @@ def status_line(states: list[TrialState], elapsed_s: float) -> str:
     best = max(scored, key=lambda s: s.best) if scored else None
     text = (
         f"pyseg.tune {_duration(elapsed_s)}: {counts['RUNNING']} running, {counts['TERMINATED']} ended, "
-        f"{counts['ERROR']} failed, {counts['PENDING'] + counts['PAUSED']} waiting of {len(states)}"
+        f"{counts['ERROR']} failed, {counts['PENDING'] + counts['PAUSED'] + max(samples - len(states), 0)} waiting "
+        f"of {max(samples, len(states))}"
     )
     if best is not None:
         text += f"; best {short_trial_id(best.trial_id)} mask mAP50-95 {best.best:.3f} (mAP50 {best.best50 or 0:.3f})"
@@ -241,10 +242,10 @@ class SearchView:
     every_s seconds and the whole table when a trial ends. The legend of the searched values is printed once.
     """
 
-    def __init__(self, searched: list[str], epochs: int, every_s: float = 30.0, stream=None):
+    def __init__(self, searched: list[str], epochs: int, every_s: float = 30.0, stream=None, samples: int = 0):
         self.stream = stream or sys.stdout
         self.names = abbreviate(searched)
-        self.epochs, self.every_s = epochs, every_s
+        self.epochs, self.every_s, self.samples = epochs, every_s, samples  # samples: trials in all (0: unknown)
         self.states: dict[str, TrialState] = {}
         self.started_at = time.monotonic()
         self.last_status = self.started_at
@@ -298,7 +299,7 @@ class SearchView:
             self._draw()
         elif now - self.last_status >= self.every_s:
             self.last_status = now
-            self.print(status_line(list(self.states.values()), now - self.started_at))
+            self.print(status_line(list(self.states.values()), now - self.started_at, self.samples))
 
     def print(self, text: str) -> None:
         if self.live is not None:
@@ -312,7 +313,9 @@ class SearchView:
         from rich.text import Text
 
         renderable = Text(
-            self.table() + "\n" + status_line(list(self.states.values()), time.monotonic() - self.started_at)
+            self.table()
+            + "\n"
+            + status_line(list(self.states.values()), time.monotonic() - self.started_at, self.samples)
         )
         if self.live is None:
             console = Console(file=self.stream, force_terminal=True, highlight=False)
