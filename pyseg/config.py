@@ -143,6 +143,7 @@ RULES: dict[str, tuple] = {
     "workers": _at_least(0),
     "project": (lambda v: v.strip() != "", "a folder"),
     "name": (_single_path_component, "a single folder name (no '/', not '.' or '..'); use --project for the parent"),
+    "seed": _between(0, 2**32 - 1),
     "patience": _at_least(0),
     "val_period": _at_least(1),
     "buffer_mb": _at_least(0.0),

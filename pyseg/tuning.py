@@ -200,6 +200,17 @@ class TuneSettings:
             raise ValueError(f"--scheduler must be asha or none, got {self.scheduler!r}")
         if self.search not in ("random", "optuna"):
             raise ValueError(f"--search must be random or optuna, got {self.search!r}")
+        for flag_name, value, low in (
+            ("--workers-per-trial", self.workers_per_trial, 1),
+            ("--max-concurrent", self.max_concurrent, 0),
+            ("--time-budget", self.time_budget, 0),
+            ("--grace-period", self.grace_period, 0),
+            ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
+        ):
+            if not (value >= low and math.isfinite(value)):
+                raise ValueError(f"{flag_name} must be >= {low}, got {value!r}")
+        if not (self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker)):
+            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
 
     def scaling(self) -> RayScaling:
         gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
@@ -219,6 +230,16 @@ class TuneSummary:
     pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
     mlflow_experiment_id: str | None = None
+
+
+def check_creatable(folder: Path) -> None:
+    """ConfigError unless folder can be created: its nearest existing ancestor must be a writable folder."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "not a folder" if not existing.is_dir() else "not writable"
+        raise ConfigError(f"--project/--name: cannot create {folder} ({existing} is {what}); pick a writable folder")
 
 
 def ray_trial_folder(trial) -> str:
@@ -306,6 +327,8 @@ def run_tune(
         raise FileExistsError(
             f"{experiment_dir} already holds an experiment: pass --resume to continue it or another --name"
         )
+    if not settings.resume:
+        check_creatable(experiment_dir)  # before Ray starts
     searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.

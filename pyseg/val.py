@@ -154,6 +154,8 @@ def val_command(argv: list[str] | None) -> int:
 
     args = parse_args(argv)
     out = Path(args.out) if args.out else output_dir(args) / f"metrics_{args.split}.json"
+    if out.is_dir():  # a folder: the metrics file goes into it
+        out = out / f"metrics_{args.split}.json"
     with output_folder(out.parent, "--out" if args.out else "--project/--name"):  # made before the work
         metrics, names = validate(
             args.weights,

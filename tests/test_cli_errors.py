@@ -175,6 +175,11 @@ CASES = {
     "tune --name ../x": ("tune", lambda f: ["--name", "../x", "--no-mlflow"], "--name"),
     "tune --space broken": ("tune", lambda f: ["--space", str(f["not_yaml"]), "--no-mlflow"], "broken.yaml"),
     "tune --resume PATH": ("tune", lambda f: ["--resume", str(f["checkpoint"])], "--resume"),
+    "tune --grace-period -1": ("tune", lambda f: ["--grace-period", "-1", "--no-mlflow"], "--grace-period"),
+    "tune --cpus-per-worker 0": ("tune", lambda f: ["--cpus-per-worker", "0", "--no-mlflow"], "--cpus-per-worker"),
+    "tune unwritable --project": ("tune", lambda f: ["--project", "/dev/null/x", "--no-mlflow"], "/dev/null"),
+    "train --seed -1": ("train", lambda f: train_flags(f, "--seed", "-1"), "--seed"),
+    "train --seed 2**64": ("train", lambda f: train_flags(f, "--seed", str(2**64)), "--seed"),
     "submit without a command": ("submit", lambda f: ["--address", "http://127.0.0.1:9"], "command"),
     "submit unreachable": ("submit", lambda f: ["--address", "http://127.0.0.1:9", "--", "train"], "127.0.0.1:9"),
 }

@@ -388,6 +388,11 @@ def test_data_problems_are_shown_and_written_by_train_and_val(tiny_data, tmp_pat
     )
     assert (tmp_path / "val" / "check" / "data_problems.txt").read_text().splitlines() == written
     assert (tmp_path / "val" / "check" / "metrics_val.json").is_file()
+    # --out naming an existing folder puts the metrics file into it (it was a traceback)
+    (tmp_path / "folder").mkdir()
+    weights = str(run_dir / "weights" / "last.pt")
+    assert val_main(["--weights", weights, "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "folder")]) == 0
+    assert (tmp_path / "folder" / "metrics_val.json").is_file()
 
 
 def test_a_taken_name_trains_into_name2_and_records_it(tiny_data, tmp_path):
