@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -88,6 +89,10 @@ class TrainConfig:
     max_det: int = 300  # detections per image
 
     def __post_init__(self) -> None:
+        for key in ("project", "data", "weights"):  # "~/runs" from a quoted flag or a YAML file means the home folder
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, key, os.path.expanduser(value))
         check_config(self)
 
     def to_dict(self) -> dict:
@@ -279,13 +284,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 nargs="?",
                 const=True,
                 default=None,
-                type=lambda v, name=field.name: _coerce(name, v, bool),
+                type=_true_or_false,
                 help=f"(default {field.default})",
             )
         else:
             parser.add_argument(
                 flag(field.name), dest=field.name, type=kind, default=None, help=f"(default {field.default!r})"
             )
+
+
+def _true_or_false(value: str) -> bool:
+    return _coerce("flag", value, bool)
+
+
+_true_or_false.__name__ = "true/false"  # argparse names the expected kind by it: "invalid true/false value"
 
 
 def resume_target(value: str | bool | None) -> tuple[bool, Path | None]:
@@ -310,6 +322,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         run_dir = args.resume_from.resolve().parent.parent
         args.project, args.name = str(run_dir.parent), run_dir.name
     values = load_config_file(args.cfg) if args.cfg else {}
-    values.pop("resume", None)  # a command, not a setting: a saved args.yaml of a resumed run starts a new one
+    # commands, not settings: a saved args.yaml of a resumed run (resume, exist_ok true) starts a new run
+    values.pop("resume", None)
+    values.pop("exist_ok", None)
     values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
     return make_config(values)

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Callable
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 class UserError(Exception):
@@ -37,6 +38,9 @@ def run_command(prog: str, main: Callable[[list[str] | None], int], argv: list[s
     """Runs an entry point's main(argv); a UserError becomes `prog: message` on stderr and exit code 2."""
     try:
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C where the command has nothing to save (train and tune handle their own)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     except UserError as error:
         if debug_enabled():
             traceback.print_exc()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def train_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    if not args.ray_workers:  # `kill PID` (SIGTERM) ends a run as Ctrl-C does: the message and the continue command
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from pyseg.tracking import MlflowHook, TrackingConfig
 
     tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
@@ -102,6 +105,10 @@ def train_command(argv: list[str] | None) -> int:
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def resume_command(last: Path, args: argparse.Namespace) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import sys
 
@@ -49,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_tracking_arguments(parser)
     add_config_arguments(parser)
     parser.set_defaults(name=None, epochs=None)
+    for action in parser._actions:  # the training flags' help names train's defaults; a search's differ
+        if action.dest == "name":
+            action.help = "the search's folder: project/name (default tune)"
+        elif action.dest == "epochs":
+            action.help = "epochs per trial (default 30)"
+        elif action.dest == "resume":
+            action.help = "continue the search --name (finished trials are kept)"
     return parser.parse_args(argv)
 
 
@@ -76,6 +84,14 @@ def tune_command(argv: list[str] | None) -> int:
     from pyseg.data.dataset_config import resolve_dataset
 
     resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
+    if base.weights:  # a bad --weights too
+        from pyseg.engine.checkpoint import load_checkpoint
+
+        load_checkpoint(base.weights)
+    if base.device not in ("", "cpu") and not (args.address or os.environ.get("RAY_ADDRESS")):
+        from pyseg.engine.device import select_device
+
+        select_device(base.device)  # a local search: --device cuda needs a GPU here
     if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
         # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
         print("--optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")

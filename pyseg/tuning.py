@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import io
 import logging
 import math
@@ -211,6 +212,8 @@ class TuneSettings:
                 raise ValueError(f"{flag_name} must be >= {low}, got {value!r}")
         if not (self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker)):
             raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.search == "optuna" and importlib.util.find_spec("optuna") is None:
+            raise ValueError("--search optuna needs Optuna: pip install optuna (or leave out --search)")
 
     def scaling(self) -> RayScaling:
         gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
@@ -261,15 +264,35 @@ def quiet_ray() -> None:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which prints nothing at verbose=0
 
 
+def check_local_resources(settings: TuneSettings) -> None:
+    """Before a local Ray starts (no --address, no RAY_ADDRESS): ConfigError when one trial needs more CPUs than
+    this machine has; Ray would wait for them forever."""
+    if settings.address or os.environ.get("RAY_ADDRESS"):
+        return
+    needed, available = settings.cpus_per_worker * settings.workers_per_trial, os.cpu_count() or 1
+    if needed > available:
+        raise ConfigError(
+            f"a trial needs {needed:g} CPUs ({settings.workers_per_trial} workers x --cpus-per-worker "
+            f"{settings.cpus_per_worker:g}) but this machine has {available}; lower --workers-per-trial or "
+            "--cpus-per-worker"
+        )
+
+
 def default_concurrency(settings: TuneSettings) -> int:
+    """Trials that fit the cluster at once; ConfigError when not even one fits (a trial would wait forever)."""
     import ray
 
     resources = ray.cluster_resources()
     scaling = settings.scaling()
-    if scaling.gpus_per_worker:
-        fit = resources.get("GPU", 0) / (scaling.gpus_per_worker * scaling.workers)
-    else:
-        fit = resources.get("CPU", 1) / (scaling.cpus_per_worker * scaling.workers)
+    kind, per_trial = ("GPU", scaling.gpus_per_worker) if scaling.gpus_per_worker else ("CPU", scaling.cpus_per_worker)
+    per_trial *= scaling.workers
+    fit = resources.get(kind, 0) / per_trial
+    if fit < 1 and not settings.address:  # a local Ray does not grow (a cluster's autoscaler may add nodes)
+        raise ConfigError(
+            f"a trial needs {per_trial:g} {kind}s ({scaling.workers} workers x --{kind.lower()}s-per-worker) but this "
+            f"machine's Ray has {resources.get(kind, 0):g}; lower --workers-per-trial or --{kind.lower()}s-per-"
+            f"{'worker' if kind == 'CPU' else 'trial'}"
+        )
     return max(int(fit), 1)
 
 
@@ -323,7 +346,7 @@ def run_tune(
         raise FileNotFoundError(
             f"--resume: no Tune experiment to continue in {experiment_dir}; check --project and --name"
         )
-    if not settings.resume and experiment_dir.exists():
+    if not settings.resume and experiment_dir.exists() and any(experiment_dir.iterdir()):
         raise FileExistsError(
             f"{experiment_dir} already holds an experiment: pass --resume to continue it or another --name"
         )
@@ -333,12 +356,14 @@ def run_tune(
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
+    check_local_resources(settings)
     if not settings.verbose:
         quiet_ray()
     init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
     if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
         gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
         settings = dataclasses.replace(settings, gpus_per_trial=gpus)
+    trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
 
     parent = None
     if tracking.enabled:
@@ -362,7 +387,7 @@ def run_tune(
             # max_t one past the last epoch: ASHA never stops a trial at its last report, which would race the
             # trial's own ending (final plots, MLflow artifacts) and kill it half-way.
             scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=min(grace, base.epochs))
-        max_concurrent = settings.max_concurrent or default_concurrency(settings)
+        max_concurrent = settings.max_concurrent or trials_that_fit
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune_space(space),

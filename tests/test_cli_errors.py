@@ -180,6 +180,26 @@ CASES = {
     "tune unwritable --project": ("tune", lambda f: ["--project", "/dev/null/x", "--no-mlflow"], "/dev/null"),
     "train --seed -1": ("train", lambda f: train_flags(f, "--seed", "-1"), "--seed"),
     "train --seed 2**64": ("train", lambda f: train_flags(f, "--seed", str(2**64)), "--seed"),
+    "tune --cpus-per-worker 64 (more than there are)": (
+        "tune",
+        lambda f: [
+            "--data",
+            str(f["tiny_data"]),
+            "--cpus-per-worker",
+            "64",
+            "--no-mlflow",
+            "--project",
+            str(f["root"]),
+        ],
+        "lower --workers-per-trial",
+    ),
+    "tune --weights text": (
+        "tune",
+        lambda f: ["--data", str(f["tiny_data"]), "--weights", str(f["not_torch"]), "--no-mlflow"],
+        "notes.pt",
+    ),
+    "tune --max-concurrent -1": ("tune", lambda f: ["--max-concurrent", "-1", "--no-mlflow"], "--max-concurrent"),
+    "train --val maybe": ("train", lambda f: train_flags(f, "--val", "maybe"), "invalid true/false value"),
     "submit without a command": ("submit", lambda f: ["--address", "http://127.0.0.1:9"], "command"),
     "submit unreachable": ("submit", lambda f: ["--address", "http://127.0.0.1:9", "--", "train"], "127.0.0.1:9"),
 }
@@ -231,3 +251,14 @@ def test_a_real_process_prints_no_traceback_unless_debugging(command, argv, name
         env={**env, "PYSEG_DEBUG": "1"},
     )
     assert debug.returncode == 2 and "Traceback" in debug.stderr and named in debug.stderr
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(capsys):
+    from pyseg.errors import run_command
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_command("pyseg.val", interrupted, []) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "pyseg.val: interrupted" and "Traceback" not in err

@@ -107,3 +107,18 @@ def test_resume_takes_a_checkpoint_path_or_a_bool(tmp_path):
     assert parse(["--resume"]).resume and not parse(["--resume", "false"]).resume
     with pytest.raises(ConfigError, match="no such checkpoint"):
         parse(["--resume", str(tmp_path / "missing.pt")])
+
+
+def test_a_resumed_runs_args_yaml_starts_a_new_run_as_cfg(tmp_path):
+    """A resumed run records resume and exist_ok true in args.yaml; as --cfg they are commands, not settings."""
+    saved = tmp_path / "args.yaml"
+    saved.write_text(yaml.safe_dump({**TrainConfig(epochs=4).to_dict(), "resume": True, "exist_ok": True}))
+    cfg = parse(["--cfg", str(saved), "--epochs", "50"])
+    assert (cfg.resume, cfg.exist_ok, cfg.epochs) == (False, False, 50)
+    assert parse(["--cfg", str(saved), "--exist-ok"]).exist_ok  # as a flag it still counts
+
+
+def test_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = make_config({"project": "~/runs", "weights": "~/w/best.pt"})
+    assert cfg.project == str(tmp_path / "runs") and cfg.weights == str(tmp_path / "w" / "best.pt")

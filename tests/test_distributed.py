@@ -220,11 +220,17 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ray_workers", [0, 1])
-def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(ray_workers, tiny_data, tmp_path, short_tmp):
-    """pyseg.train (in this process, and with --ray-workers 1) gets SIGINT after its first epoch: exit 130 and a
-    continue command (on Ray, not Ray Train's own handler, which exited 1 without one); that command, run as printed,
-    ends the run with one row per epoch."""
+@pytest.mark.parametrize(
+    ("ray_workers", "stop"),
+    [(0, signal.SIGINT), (1, signal.SIGINT), (0, signal.SIGTERM)],
+    ids=["int", "int-ray", "term"],
+)
+def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(
+    ray_workers, stop, tiny_data, tmp_path, short_tmp
+):
+    """pyseg.train (in this process, and with --ray-workers 1) gets SIGINT (Ctrl-C; or SIGTERM, `kill PID`) after
+    its first epoch: exit 130 and a continue command (on Ray, not Ray Train's own handler, which exited 1 without
+    one); that command, run as printed, ends the run with one row per epoch."""
     env = python_env(TMPDIR=str(short_tmp), RAY_TMPDIR=None, RAY_ADDRESS=None, PYSEG_CACHE_DIR=str(tmp_path / "c"))
     run_dir = tmp_path / "runs" / "ctrl_c"
     flags = ["--data", str(tiny_data), "--imgsz", "64", "--batch", "4", "--workers", "0", "--epochs", "3"]
@@ -244,7 +250,7 @@ def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(ray_worke
                 assert driver.poll() is None, log.read_text()[-4000:]
                 assert time.monotonic() < deadline, "no epoch finished within 240 s"
                 time.sleep(0.2)
-            driver.send_signal(signal.SIGINT)
+            driver.send_signal(stop)
             code = driver.wait(timeout=120)
         finally:
             kill_process_group(driver, grace_s=10)
