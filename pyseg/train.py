@@ -18,9 +18,10 @@ import argparse
 import shlex
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 
-from pyseg.config import add_config_arguments, config_from_args
+from pyseg.config import TrainConfig, add_config_arguments, config_from_args, flag
 from pyseg.errors import CommandParser, run_command
 
 
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 def train_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
+    if cfg.resume and (ignored or args.cfg):
+        print(
+            f"pyseg.train: --resume continues with the settings the run was started with; ignored: "
+            f"{', '.join(ignored + (['--cfg'] if args.cfg else []))} (to change them, start a new run: "
+            "--cfg RUN/args.yaml with the new flags)"
+        )
     if not args.ray_workers:  # `kill PID` (SIGTERM) ends a run as Ctrl-C does: the message and the continue command
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from pyseg.tracking import MlflowHook, TrackingConfig
@@ -105,6 +113,10 @@ def train_command(argv: list[str] | None) -> int:
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+# Training settings a resumed run takes from its checkpoint, whatever the command line says.
+RESUME_IGNORES = tuple(f.name for f in fields(TrainConfig) if f.name not in ("resume", "project", "name", "exist_ok"))
 
 
 def _terminate_as_interrupt(signum, frame):

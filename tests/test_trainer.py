@@ -96,11 +96,18 @@ def test_resume_continues_exactly(tiny_data, tmp_path, workers):
 
 
 def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
+    from pyseg.train import main as train_main
+
     Trainer(tiny_config(tiny_data, tmp_path, epochs=1), show_progress=False).fit()
     before = (tmp_path / "runs" / "tiny" / "weights" / "last.pt").stat().st_mtime_ns
     Trainer(tiny_config(tiny_data, tmp_path, epochs=1, resume=True), show_progress=False).fit()
     assert "already finished" in capsys.readouterr().out
     assert (tmp_path / "runs" / "tiny" / "weights" / "last.pt").stat().st_mtime_ns == before
+    # Flags given with --resume do not change the run: the command says which it ignores.
+    flags = ["--resume", "--project", str(tmp_path / "runs"), "--name", "tiny", "--epochs", "3", "--imgsz", "128"]
+    assert train_main([*flags, "--no-mlflow"]) == 0
+    out, err = capsys.readouterr()
+    assert "ignored: --epochs, --imgsz" in out and "already finished 1 epochs" in out and not err
 
 
 def test_val_reproduces_results_csv(tiny_data, tmp_path):

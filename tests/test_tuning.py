@@ -205,6 +205,7 @@ def test_three_trial_asha_search_gives_each_trial_its_hyperparameters_and_logs_t
 def test_an_existing_experiment_needs_resume_or_a_new_name(tiny_data, tmp_path):
     base = tiny_config(tiny_data, tmp_path)
     (Path(base.project) / "taken").mkdir(parents=True)
+    (Path(base.project) / "taken" / "tune_results.csv").write_text("trial\n")  # an empty folder is no experiment
     space = {"lr0": ("uniform", [0.001, 0.01])}
     with pytest.raises(FileExistsError, match="--resume"):
         run_tune(base, space, TuneSettings(name="taken"), TrackingConfig(enabled=False))
