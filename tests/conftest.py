@@ -22,11 +22,22 @@ SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datas
 COCO128_SEG = Path(os.environ.get("PYSEG_COCO128_SEG", SHARED_DATASETS / "coco128-seg"))
 
 
+MLFLOW_LOCKS = "db_init_lock-*"  # MLflow's lock files of new SQLite stores, in the temp folder
+_locks_before: set[Path] = set()
+
+
 def pytest_configure(config):
     """Every Ray the suite starts (local ray.init, `ray start`, jobs) authenticates with a token of this test session,
     taken from the environment: without one, a local Ray writes a new token to ~/.ray/auth_token, outside the tests'
     folders. A test that needs its own token sets RAY_AUTH_TOKEN_PATH and removes this variable."""
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
+    _locks_before.update(Path(tempfile.gettempdir()).glob(MLFLOW_LOCKS))
+
+
+def pytest_unconfigure(config):
+    """Removes the lock files MLflow left in the temp folder for the SQLite stores the tests made."""
+    for lock in set(Path(tempfile.gettempdir()).glob(MLFLOW_LOCKS)) - _locks_before:
+        lock.unlink(missing_ok=True)
 
 
 def pytest_collection_modifyitems(config, items):
