@@ -15,7 +15,7 @@ import shutil
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ray.tune import Callback
 
@@ -50,7 +50,6 @@ class TrialState:
     seconds: float = 0.0
     error: str | None = None  # the last line of its error
     error_file: str | None = None
-    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, mask mAP50-95)
 
     def record(self, result: dict, now: float) -> None:
         """Takes one reported result (an epoch's results.csv row as Tune passes it on)."""
@@ -61,7 +60,6 @@ class TrialState:
         value, value50 = _number(result.get(METRIC)), _number(result.get(METRIC50))
         if value is not None:
             self.last, self.last50 = value, value50
-            self.history.append((self.epoch or 0, value))
             if self.best is None or value > self.best:
                 self.best, self.best50 = value, value50
 
