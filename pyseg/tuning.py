@@ -262,6 +262,7 @@ def quiet_ray() -> None:
     for name in ("ray", "ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which prints nothing at verbose=0
+    drop_worker_pool_warnings()
 
 
 def check_local_resources(settings: TuneSettings) -> None:

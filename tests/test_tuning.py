@@ -405,6 +405,49 @@ def test_a_search_in_a_log_is_short_and_free_of_ray_noise(tiny_data, tmp_path, s
     assert pictures <= {path.name for path in experiment.iterdir()} and "pictures: " in output
 
 
+# A driver that starts more actors than Ray expects for 1 CPU (4x 1, past the 8 IO workers Ray leaves out), so the
+# raylet sends its worker-pool warning; with "drop" pyseg's quiet mode is on before ray.init.
+WORKER_POOL_SCRIPT = """
+import sys, time, ray
+if sys.argv[1] == "drop":
+    from pyseg.distributed.ray_train import drop_worker_pool_warnings
+    drop_worker_pool_warnings()
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, _temp_dir=sys.argv[2])
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+
+actors = [Idle.remote() for _ in range(14)]
+ray.get([actor.ping.remote() for actor in actors])
+time.sleep(3)
+print("actors up", flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_quiet_mode_drops_the_raylets_worker_pool_warning(tmp_path, short_tmp):
+    """The raylet's "N PYTHON worker processes have been started" line reaches a plain driver; pyseg's quiet mode
+    keeps it out of the search's output."""
+    from pyseg.distributed.ray_train import WORKER_POOL_WARNING
+
+    outputs = {}
+    for mode in ("keep", "drop"):
+        done = subprocess.run(
+            [sys.executable, "-c", WORKER_POOL_SCRIPT, mode, str(short_tmp / mode)],
+            env=python_env(TMPDIR=str(short_tmp), RAY_ADDRESS=None, PYTHONPATH=str(Path(__file__).parents[1])),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0 and "actors up" in done.stdout, done.stdout + done.stderr
+        outputs[mode] = done.stdout + done.stderr
+    assert WORKER_POOL_WARNING in outputs["keep"], outputs["keep"]
+    assert WORKER_POOL_WARNING not in outputs["drop"], outputs["drop"]
+
+
 def test_next_steps_name_the_best_config_the_mlflow_page_and_the_best_weights(tmp_path):
     from types import SimpleNamespace
 

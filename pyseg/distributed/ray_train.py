@@ -136,6 +136,32 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         ) from error
 
 
+# The raylet's "N PYTHON worker processes have been started on node ..." warns about Ray's own worker pool: every
+# trial starts a trainable, a Train controller and its workers, so a search on a small machine passes Ray's
+# threshold (4x its CPUs) without anything being wrong. Quiet runs drop it on the driver; other raylet messages
+# (a worker killed for memory, a node that died) still print.
+WORKER_POOL_WARNING = "worker processes have been started on node"
+
+
+def drop_worker_pool_warnings() -> None:
+    """Wraps the driver's printer of raylet messages so the worker-pool warning is not printed; idempotent, and a
+    no-op if Ray's internal printer moves."""
+    from ray._private import worker  # internal: checked below, skipped if it moves
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "drops_worker_pool_warnings", False):
+        return
+
+    def print_unless_worker_pool_warning(data, *args, **kwargs):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and lines and all(WORKER_POOL_WARNING in line for line in lines):
+            return None
+        return printer(data, *args, **kwargs)
+
+    print_unless_worker_pool_warning.drops_worker_pool_warnings = True
+    worker.print_to_stdstream = print_unless_worker_pool_warning
+
+
 def _check_reachable(target: str, source: str, hint: str) -> None:
     """Raises RayClusterUnreachableError unless target's host:port (auto: the one `ray start` recorded) accepts a
     TCP connection within CONNECT_TIMEOUT_S; ray.init would retry a dead address for minutes."""
