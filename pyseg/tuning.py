@@ -21,7 +21,14 @@ from pathlib import Path
 import yaml
 
 from pyseg.config import TrainConfig
-from pyseg.distributed.ray_train import CHECKPOINT_FILE, RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.distributed.ray_train import (
+    CHECKPOINT_FILE,
+    RayScaling,
+    absolute_paths,
+    drop_worker_pool_warnings,
+    fit_with_ray,
+    init_ray,
+)
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
@@ -181,7 +188,7 @@ class TuneSettings:
 
     samples: int = 16
     scheduler: str = "asha"  # asha | none
-    search: str = "random"  # random | optuna
+    search: str = "random"  # random | optuna (Optuna's TPE)
     workers_per_trial: int = 1
     gpus_per_trial: float | None = None  # in total per trial, split over its workers; None: 1 per worker with GPUs
     cpus_per_worker: float = 1.0
@@ -193,6 +200,8 @@ class TuneSettings:
     grace_period: int = 0  # ASHA: epochs before a trial can be stopped (0 = max(1, epochs // 10))
     progress_every_s: float = 30.0  # in a log (not a terminal): seconds between status lines
     verbose: bool = False  # show Ray's and Tune's own output (worker logs, warnings, Tune's tables)
+    epoch_budget: int = 0  # stop the search after this many trial-epochs in all (0 = none): equal-compute comparisons
+    seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
 
     def __post_init__(self):
         if self.samples < 1:
@@ -206,6 +215,7 @@ class TuneSettings:
             ("--max-concurrent", self.max_concurrent, 0),
             ("--time-budget", self.time_budget, 0),
             ("--grace-period", self.grace_period, 0),
+            ("--epoch-budget", self.epoch_budget, 0),
             ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
         ):
             if not (value >= low and math.isfinite(value)):
@@ -297,17 +307,37 @@ def default_concurrency(settings: TuneSettings) -> int:
     return max(int(fit), 1)
 
 
+def tpe_startup_trials(samples: int) -> int:
+    """Trials Optuna's TPE samples at random before it models the results: its default of 10 would make a short
+    search all random; a quarter of the search (2 to 10) leaves it trials to exploit."""
+    return min(10, max(2, samples // 4))
+
+
 def _search_algorithm(settings: TuneSettings):
+    """Tune's search algorithm: None for random (Tune's own sampler, seeded through its generator), OptunaSearch
+    with a seeded multivariate TPE for optuna."""
     if settings.search == "random":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=settings.seed)
     try:
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as error:
         raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
-    try:
-        return OptunaSearch(metric=METRIC, mode="max")
-    except (ImportError, AssertionError) as error:
-        raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=tpe_startup_trials(settings.samples), multivariate=True, seed=settings.seed
+    )
+    return OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
+
+
+def _stopper(settings: TuneSettings):
+    if not settings.epoch_budget:
+        return None
+    from pyseg.distributed.stoppers import TrialEpochBudget  # imports Ray
+
+    return TrialEpochBudget(settings.epoch_budget)
 
 
 def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConfig, trials_dir: Path, hooks):
@@ -405,6 +435,7 @@ def run_tune(
             run_config=tune.RunConfig(
                 name=settings.name,
                 storage_path=str(Path(base.project)),
+                stop=_stopper(settings),
                 callbacks=[callback],
                 verbose=2 if settings.verbose else 0,
             ),
