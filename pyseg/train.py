@@ -54,6 +54,12 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-failures", type=int, default=2, help="restarts from the last checkpoint after worker failures"
     )
+    group.add_argument(
+        "--min-workers",
+        type=int,
+        default=None,
+        help="elastic: when workers or nodes are lost, go on with as few as this (default: always --ray-workers)",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +98,12 @@ def train_command(argv: list[str] | None) -> int:
 
             resolve_dataset(cfg.data)  # a bad --data is one line here, not a traceback per Ray worker
             scaling = RayScaling(
-                args.ray_workers, args.gpus_per_worker, args.cpus_per_worker, args.address, args.max_failures
+                args.ray_workers,
+                args.gpus_per_worker,
+                args.cpus_per_worker,
+                args.address,
+                args.max_failures,
+                args.min_workers,
             )
             run_dir, result = fit_with_ray(cfg, scaling, tracking)
             if result.error is not None:
@@ -132,6 +143,7 @@ def resume_command(last: Path, args: argparse.Namespace) -> str:
     words += ["--mlflow-experiment", args.mlflow_experiment] if args.mlflow_experiment != "pyseg" else []
     if args.ray_workers:
         words += ["--ray-workers", str(args.ray_workers)]
+        words += ["--min-workers", str(args.min_workers)] if args.min_workers else []
         words += ["--address", args.address] if args.address else []
     return shlex.join(words)
 

@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker (default 1)")
     group.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster fits)")
     group.add_argument("--time-budget", type=float, default=0.0, help="stop the search after S seconds (0 = none)")
+    group.add_argument(
+        "--max-failures", type=int, default=2, help="restarts of a trial's workers after a failure (default 2)"
+    )
+    group.add_argument(
+        "--epoch-budget", type=int, default=0, help="stop the search after N trial-epochs in all (0 = none)"
+    )
     group.add_argument("--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: local Ray)")
     group.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output")
     add_tracking_arguments(parser)
@@ -111,6 +117,9 @@ def tune_command(argv: list[str] | None) -> int:
             name=name,
             grace_period=args.grace_period,
             verbose=args.verbose,
+            epoch_budget=args.epoch_budget,
+            max_failures=args.max_failures,
+            seed=base.seed,
         )
     except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
         raise ConfigError(str(error)) from error
@@ -128,8 +137,8 @@ def tune_command(argv: list[str] | None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         again = given + (["--name", name] if args_name is None else []) + ([] if tune_resume else ["--resume"])
         print(
-            f"pyseg.tune: {summary.unfinished} of {settings.samples} trials did not finish (interrupted or out of "
-            f"time); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
+            f"pyseg.tune: {summary.unfinished} of {settings.samples} trials did not finish (interrupted, or "
+            f"out of time or epoch budget); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
         )
     if summary.best_config:
         print(next_steps(summary, base.epochs))

@@ -202,6 +202,7 @@ class TuneSettings:
     verbose: bool = False  # show Ray's and Tune's own output (worker logs, warnings, Tune's tables)
     epoch_budget: int = 0  # stop the search after this many trial-epochs in all (0 = none): equal-compute comparisons
     seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
+    max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
 
     def __post_init__(self):
         if self.samples < 1:
@@ -216,6 +217,7 @@ class TuneSettings:
             ("--time-budget", self.time_budget, 0),
             ("--grace-period", self.grace_period, 0),
             ("--epoch-budget", self.epoch_budget, 0),
+            ("--max-failures", self.max_failures, -1),
             ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
         ):
             if not (value >= low and math.isfinite(value)):
@@ -227,7 +229,9 @@ class TuneSettings:
 
     def scaling(self) -> RayScaling:
         gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
-        return RayScaling(self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=2)
+        return RayScaling(
+            self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=self.max_failures
+        )
 
 
 @dataclass
@@ -313,13 +317,13 @@ def tpe_startup_trials(samples: int) -> int:
     return min(10, max(2, samples // 4))
 
 
-def _search_algorithm(settings: TuneSettings):
-    """Tune's search algorithm: None for random (Tune's own sampler, seeded through its generator), OptunaSearch
-    with a seeded multivariate TPE for optuna."""
+def _search_algorithm(settings: TuneSettings, max_concurrent: int):
+    """Tune's search algorithm, running at most max_concurrent trials at once: Tune's own random sampler, or a
+    seeded multivariate TPE of Optuna (Tune ignores max_concurrent_trials once a search algorithm is given)."""
     if settings.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=settings.seed)
+        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
     try:
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -329,7 +333,9 @@ def _search_algorithm(settings: TuneSettings):
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=tpe_startup_trials(settings.samples), multivariate=True, seed=settings.seed
     )
-    return OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode="max", sampler=sampler), max_concurrent=max_concurrent)
 
 
 def _stopper(settings: TuneSettings):
@@ -426,9 +432,8 @@ def run_tune(
                 metric=METRIC,
                 mode="max",
                 scheduler=scheduler,
-                search_alg=_search_algorithm(settings),
+                search_alg=_search_algorithm(settings, max_concurrent),
                 num_samples=settings.samples,
-                max_concurrent_trials=max_concurrent,
                 time_budget_s=settings.time_budget or None,
                 trial_dirname_creator=ray_trial_folder,
             ),
@@ -436,6 +441,8 @@ def run_tune(
                 name=settings.name,
                 storage_path=str(Path(base.project)),
                 stop=_stopper(settings),
+                # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
+                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 callbacks=[callback],
                 verbose=2 if settings.verbose else 0,
             ),

@@ -209,6 +209,12 @@ def short_temp_dir(prefix: str = "pyseg-test-"):
 
 
 @pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """pyseg's cache (verified labels, generated datasets) in this test's tmp_path; Ray workers inherit it."""
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
 def short_tmp():
     """A short private folder under /tmp for this test (Ray temp dirs, TMPDIR of subprocesses that start Ray)."""
     with short_temp_dir() as folder:
@@ -367,6 +373,39 @@ def local_ray(ray_worker_tmpdir):
     finally:
         ray.shutdown()
         _restore_env(saved)
+
+
+@contextlib.contextmanager
+def ray_cluster(head_cpus: int = 1, worker_cpus: int = 1, worker_gpus: int = 0):
+    """A Ray cluster of two nodes on loopback (ray.cluster_utils.Cluster: a head and a worker node, each a raylet of
+    its own), this process connected as its driver; yields the Cluster with .worker_node. Sessions, lock and address
+    files stay in a private folder, removed afterwards. The worker node may declare GPUs (Ray schedules on declared
+    resources, real or not)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    with short_temp_dir("pyseg-cluster-") as folder:
+        saved = {key: os.environ.get(key) for key in ("TMPDIR", "RAY_TMPDIR")}
+        os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(folder)
+        nodes = None
+        try:
+            nodes = Cluster(
+                initialize_head=True,
+                head_node_args={
+                    "num_cpus": head_cpus,
+                    "include_dashboard": True,  # its state API serves Ray Train's placement-group cleaner
+                    "dashboard_host": "127.0.0.1",
+                    "dashboard_port": None,
+                },
+            )
+            nodes.worker_node = nodes.add_node(num_cpus=worker_cpus, num_gpus=worker_gpus)
+            ray.init(address=nodes.address)
+            yield nodes
+        finally:
+            ray.shutdown()
+            if nodes is not None:
+                nodes.shutdown()
+            _restore_env(saved)
 
 
 def _restore_env(saved: dict[str, str | None]) -> None:

@@ -213,19 +213,39 @@ def test_an_existing_experiment_needs_resume_or_a_new_name(tiny_data, tmp_path):
         run_tune(base, space, TuneSettings(name="missing", resume=True), TrackingConfig(enabled=False))
 
 
-def test_optuna_search_is_used_when_installed_and_named_when_missing():
-    from pyseg.tuning import _search_algorithm
+def test_both_searches_are_seeded_and_run_at_most_max_concurrent_trials():
+    """Tune ignores max_concurrent_trials once a search algorithm is given (it started all 16 trial drivers of a
+    search at once, 578 MB each): each search limits itself. TPE models the results after a quarter of the trials
+    (its default of 10 random ones would make a short search all random), and a seed repeats the same suggestions."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    assert _search_algorithm(TuneSettings(search="random")) is None
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="pip install optuna"):
-            _search_algorithm(TuneSettings(search="optuna"))
-    else:
-        from ray.tune.search.optuna import OptunaSearch
+    from pyseg.tuning import _search_algorithm, to_tune_space, tpe_startup_trials
 
-        assert isinstance(_search_algorithm(TuneSettings(search="optuna")), OptunaSearch)
+    random_search = _search_algorithm(TuneSettings(search="random", seed=3), max_concurrent=2)
+    assert isinstance(random_search, BasicVariantGenerator) and random_search.max_concurrent == 2
+    pytest.importorskip("optuna")
+    from ray.tune.search.optuna import OptunaSearch
+
+    tpe = _search_algorithm(TuneSettings(search="optuna", samples=16, seed=3), max_concurrent=2)
+    assert isinstance(tpe, ConcurrencyLimiter) and tpe.max_concurrent == 2 and isinstance(tpe.searcher, OptunaSearch)
+    assert tpe.searcher._sampler._n_startup_trials == tpe_startup_trials(16) == 4
+    assert [tpe_startup_trials(n) for n in (4, 8, 40, 400)] == [2, 2, 10, 10]
+
+    def suggestions(seed: int) -> list[dict]:
+        search = _search_algorithm(TuneSettings(search="optuna", samples=16, seed=seed), max_concurrent=2)
+        search.set_search_properties(METRIC, "max", to_tune_space({"lr0": ("loguniform", [1e-4, 1e-2])}))
+        return [search.suggest(f"trial{i}") for i in range(2)]
+
+    assert suggestions(3) == suggestions(3) != suggestions(4)
+
+
+def test_a_missing_optuna_is_named_with_what_to_do(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install optuna"):
+        TuneSettings(search="optuna")
     with pytest.raises(ValueError, match="--search must be random or optuna"):
         TuneSettings(search="grid")
 
@@ -323,7 +343,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
     env = command_env(tmp_path, short_tmp)
     project = tmp_path / "runs"
     space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    # --verbose: the trials' own output ("restoring from Ray checkpoint") reaches the console
+    # --verbose: the trials' own output ("resuming at epoch N ... from Ray checkpoint") reaches the console
     given = tune_command(tiny_data, project, space, "--samples", "2", "--epochs", "3", "--max-concurrent", "2")
     given.append("--verbose")
     trials = project / "tune" / "trials"
@@ -362,7 +382,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
 
     code, resumed = run_tune_command(again, env, tmp_path / "resumed.log", timeout=300)
     assert code == 0, resumed[-4000:]
-    assert resumed.count("restoring from Ray checkpoint") >= len(checkpointed), resumed[-4000:]
+    assert resumed.count("from Ray checkpoint") >= len(checkpointed), resumed[-4000:]
     assert "did not finish" not in resumed
     with open(project / "tune" / "tune_results.csv", newline="") as f:
         table = list(csv.DictReader(f))

@@ -16,6 +16,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +62,17 @@ class RayScaling:
     cpus_per_worker: float = 1.0
     address: str | None = None  # None: RAY_ADDRESS or a new local Ray; "auto": the running cluster; or a URL
     max_failures: int = 2  # worker-group restarts from the last checkpoint (-1 = unlimited)
+    min_workers: int | None = None  # elastic: after a node is lost, go on with as few as this (None: always workers)
 
     def __post_init__(self):
         if self.workers < 1:
             raise ConfigError(f"--ray-workers must be >= 1, got {self.workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
+            raise ConfigError(
+                f"--min-workers must be between 1 and --ray-workers {self.workers}, got {self.min_workers}"
+            )
+        if self.max_failures < -1:
+            raise ConfigError(f"--max-failures must be >= 0 (or -1: unlimited), got {self.max_failures}")
         if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker <= 0:
             raise ConfigError(
                 f"--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got {self.gpus_per_worker} and "
@@ -85,6 +93,12 @@ class RayScaling:
         if self.gpus_per_worker:
             resources["GPU"] = self.gpus_per_worker
         return resources
+
+    def num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's num_workers: a count, or (min, max) for elastic training."""
+        if self.min_workers is None or self.min_workers == self.workers:
+            return self.workers
+        return (self.min_workers, self.workers)
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
@@ -269,24 +283,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracking = TrackingConfig(**loop_config["tracking"])
     report = RayReportHook()
     hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), report]
-    restore_dir = None
+    restore_dir = resume_from = None
+    fit_started_at = loop_config.get("fit_started_at", 0.0)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             restore_dir = Path(tempfile.mkdtemp(prefix=f"{RESTORE_PREFIX}rank{rank}-"))
             checkpoint.to_directory(restore_dir)
             hooks.insert(0, RemoveFolderHook(restore_dir))
-            if rank == 0:
-                print(f"restoring from Ray checkpoint {checkpoint.path}")
+            resume_from = restore_dir / CHECKPOINT_FILE
+            hooks.append(RestartMessageHook(f"Ray checkpoint {checkpoint.path}", fit_started_at))
+        else:
+            own = Path(cfg.project) / cfg.name / "weights" / CHECKPOINT_FILE
+            if not cfg.resume and own.is_file() and own.stat().st_mtime >= fit_started_at:
+                # restarted before Ray registered any checkpoint of this fit (the first report died with its
+                # worker): the run's own last.pt, written in this fit, is where it stands
+                resume_from = own
+                hooks.append(RestartMessageHook(str(own), fit_started_at))
         trainer = Trainer(
             cfg,
             hooks,
             rank=rank,
             world_size=world_size,
             show_progress=False,
-            device=ray.train.torch.get_device(),
+            device=assigned_device(rank),
             wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
-            resume_from=restore_dir / CHECKPOINT_FILE if restore_dir else None,
+            resume_from=resume_from,
         )
         trainer.fit()
         if report.reports == 0:
@@ -294,6 +316,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
+
+
+def assigned_device(rank: int):
+    """The torch device Ray assigned this worker; CPU, said once, when Ray assigned a GPU that torch cannot see
+    (a node that declares GPUs it lacks, `ray start --num-gpus`, or a CPU-only torch)."""
+    import ray
+    import ray.train.torch
+    import torch
+
+    device = ray.train.torch.get_device()
+    gpu_ids = ray.get_gpu_ids()
+    if gpu_ids and (device.type != "cuda" or not torch.cuda.is_available()):
+        node = ray.get_runtime_context().get_node_id()[:8]
+        print(
+            f"rank {rank}: Ray assigned GPU {', '.join(map(str, gpu_ids))} of node {node} but torch sees no CUDA "
+            "device there (torch.cuda.is_available() is False): training on CPU. Check the "
+            "node's --num-gpus and that its torch is a CUDA build."
+        )
+        return torch.device("cpu")
+    return device
+
+
+class RestartMessageHook(Hook):
+    """Rank 0 says where a restored run continues: after a worker or node failure in this fit, with the time lost
+    (the work since the checkpoint was written, and the restart); else a run resumed from an earlier fit."""
+
+    def __init__(self, source: str, fit_started_at: float):
+        self.source, self.fit_started_at = source, fit_started_at
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        saved_at = trainer.restored_saved_at
+        workers = f"{trainer.world_size} worker{'s' if trainer.world_size > 1 else ''}"
+        where = f"epoch {trainer.start_epoch + 1} on {workers}, from {self.source}"
+        if saved_at is not None and saved_at >= self.fit_started_at:
+            print(f"restarted after a failure: continuing at {where}; time lost: {time.time() - saved_at:.0f} s")
+        else:
+            print(f"resuming at {where}")
 
 
 class RemoveFolderHook(Hook):
@@ -346,10 +407,12 @@ def fit_with_ray(
             "tracking": dataclasses.asdict(tracking),
             "hooks": list(extra_hooks),
             "cpus_per_worker": scaling.cpus_per_worker,
+            "fit_started_at": time.time(),  # a checkpoint written after this is a restart after a failure
         },
-        torch_config=TorchConfig(backend="nccl" if scaling.gpus_per_worker else "gloo"),
+        # NCCL needs a whole GPU per rank; workers that share a GPU (fractions) talk over gloo
+        torch_config=TorchConfig(backend="nccl" if (scaling.gpus_per_worker or 0) >= 1 else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.workers,
+            num_workers=scaling.num_workers(),
             use_gpu=bool(scaling.gpus_per_worker),
             resources_per_worker=scaling.resources_per_worker(),
         ),

@@ -372,6 +372,7 @@ class Trainer:
         self.table, self.table_started = EpochTable(cfg.epochs), False
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.epoch = self.start_epoch = self.iteration = 0
+        self.restored_saved_at: float | None = None  # when the checkpoint this run continues from was written
         self.best_fitness, self.best_epoch, self.validations_since_best = -1.0, -1, 0
         self.improved = self.stop = False
         self.pending_train = None
@@ -559,6 +560,7 @@ class Trainer:
         else:
             self.start_epoch = state["epoch"] + 1
         restore_rng_state(state["rng"])
+        self.restored_saved_at = state.get("saved_at")
 
     def checkpoint_state(self, phase: str) -> dict:
         return {
@@ -577,6 +579,7 @@ class Trainer:
             "stopped_early": self.stop,
             "config": self.cfg.to_dict(),
             "names": list(self.dataset_config.names),
+            "saved_at": time.time(),  # wall clock, s: a restart after a failure says how much time it lost
             "model_name": self.cfg.model,
             "rng": rng_state(),
         }
