@@ -3,7 +3,7 @@
 
 run:
 	scripts/with-env.sh python -m pyseg.tune --space tune/quick.yaml --samples 4 --epochs 50 --imgsz 160 \
-		--grace-period 15 --time-budget 480 --name quickstart-$$(date +%Y%m%d-%H%M%S)
+		--grace-period 15 --time-budget 450 --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test:
 	scripts/with-env.sh scripts/run-tests.sh -q

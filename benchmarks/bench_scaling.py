@@ -117,7 +117,7 @@ def run_tune_search(args, project: Path) -> dict:
 
     values = {**base_config(args, project, "unused").to_dict(), "val": True}
     cfg = make_config({**values, "epochs": args.tune_epochs, "imgsz": args.tune_imgsz})
-    space = load_search_space(ROOT / "tune" / "default.yaml")
+    space = load_search_space(ROOT / "tune" / "full.yaml")
     settings = TuneSettings(samples=4, scheduler="none", name="tune4", max_concurrent=2, progress_every_s=60)
     wall = time.perf_counter()
     summary = run_tune(cfg, space, settings, TrackingConfig(enabled=False))

@@ -1,7 +1,9 @@
 """python -m pyseg.tune: hyperparameter search on Ray Tune, every trial a Ray Train run, every run in MLflow.
 
 Examples:
-    python -m pyseg.tune                                            # small CPU search on the built-in shapes-seg
+    python -m pyseg.tune --space tune/quick.yaml --samples 4 --epochs 50 --imgsz 160 --time-budget 450
+                                                                    # the quick start: 8 minutes on 2 CPU cores
+    python -m pyseg.tune --scheduler pbt --samples 8                # population based training
     python -m pyseg.tune --data coco128-seg.yaml --samples 16 --epochs 30 --imgsz 320
     python -m pyseg.tune --data coco128-seg.yaml --address auto --gpus-per-trial 1 --samples 64   # on a cluster
     python -m pyseg.tune --resume --name tune                       # continue an interrupted search
@@ -22,6 +24,7 @@ import sys
 
 from pyseg.config import RULES, add_config_arguments, config_from_args, resume_target
 from pyseg.errors import CommandParser, ConfigError, run_command
+from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
 from pyseg.train import add_tracking_arguments
 
 DEFAULT_SPACE = "tune/default.yaml"
@@ -32,8 +35,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("search")
     group.add_argument("--space", default=None, help=f"search-space YAML (default {DEFAULT_SPACE})")
     group.add_argument("--samples", type=int, default=16, help="trials to sample (default 16)")
-    group.add_argument("--scheduler", default="asha", choices=("asha", "none"), help="early stopping (default asha)")
-    group.add_argument("--search", default="random", choices=("random", "optuna"), help="search (default random)")
+    group.add_argument(
+        "--scheduler",
+        default="asha",
+        choices=SCHEDULERS,
+        help="asha: stop weak trials early; pbt: population based training; none (default asha)",
+    )
+    group.add_argument(
+        "--search",
+        default=None,
+        choices=SEARCHES,
+        help=f"optuna: Optuna's TPE; random (default {DEFAULT_SEARCH}; random under --scheduler pbt)",
+    )
+    group.add_argument(
+        "--perturbation-interval", type=int, default=0, help="pbt: epochs between perturbations (0 = epochs // 5)"
+    )
     group.add_argument("--grace-period", type=int, default=0, help="ASHA: epochs before stopping (0 = epochs // 10)")
     group.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     group.add_argument(
@@ -67,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: 0 (a best trial), 1 (no trial finished), 2 (a user error, one line), 130 (Ctrl-C)."""
+    """The command line: 0 (a best trial), 1 (no trial finished), 2 (a user error, one line), 130 (Ctrl-C: the
+    search stopped with trials unfinished; it printed the command that continues it)."""
     return run_command("pyseg.tune", tune_command, argv)
 
 
@@ -89,7 +106,8 @@ def tune_command(argv: list[str] | None) -> int:
     space = load_search_space(args.space or _default_space())
     from pyseg.data.dataset_config import resolve_dataset
 
-    resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
+    dataset = resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
+    val_images = next((source for source in dataset.splits.get("val", []) if source.is_dir()), None)
     if base.weights:  # a bad --weights too
         from pyseg.engine.checkpoint import load_checkpoint
 
@@ -100,7 +118,7 @@ def tune_command(argv: list[str] | None) -> int:
         select_device(base.device)  # a local search: --device cuda needs a GPU here
     if base.optimizer == "auto" and "lr0" in space and "optimizer" not in space:
         # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
-        print("--optimizer auto would replace the sampled lr0 on short runs: the trials use adamw")
+        # (README: the trials use AdamW)
         base = dataclasses.replace(base, optimizer="adamw")
     try:
         settings = TuneSettings(
@@ -119,6 +137,7 @@ def tune_command(argv: list[str] | None) -> int:
             verbose=args.verbose,
             epoch_budget=args.epoch_budget,
             max_failures=args.max_failures,
+            perturbation_interval=args.perturbation_interval,
             seed=base.seed,
         )
     except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
@@ -141,13 +160,15 @@ def tune_command(argv: list[str] | None) -> int:
             f"out of time or epoch budget); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
         )
     if summary.best_config:
-        print(next_steps(summary, base.epochs))
+        print(next_steps(summary, base.epochs, val_images))
+    if summary.unfinished:  # trials cut by the time or epoch budget count as finished: this was Ctrl-C
+        return 130
     return 0 if summary.best_config else 1
 
 
-def next_steps(summary, epochs: int) -> str:
+def next_steps(summary, epochs: int, images=None) -> str:
     """The commands that take a finished search further: train the best config longer, compare the trials in
-    MLflow's UI, predict with the best weights."""
+    MLflow's UI, predict with the best weights (on images: the dataset's validation folder, when it has one)."""
     lines = [
         "next:",
         f"  train the best config longer:  python -m pyseg.train --cfg {summary.best_config} --epochs {3 * epochs}",
@@ -167,7 +188,7 @@ def next_steps(summary, epochs: int) -> str:
     if summary.best_checkpoint:
         lines.append(
             f"  predict with the best weights: python -m pyseg.predict --weights {summary.best_checkpoint} "
-            "--source IMAGES"
+            f"--source {images or 'IMAGES'}"
         )
     return "\n".join(lines)
 

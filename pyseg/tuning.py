@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from pyseg.distributed.ray_train import (
     init_ray,
 )
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
+from pyseg.engine.trainer import read_results
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
+from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
@@ -41,6 +44,13 @@ METRIC = "mask/map"
 PARENT_RUN_FILE = "mlflow_parent.json"
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
 TRIAL_STOP_GRACE_S = 20  # seconds a stopped trial gets before Tune kills it
+# Values a trial can change between two epochs and go on training (PBT perturbs them; a trial that exploits another
+# trial's checkpoint continues it with its own): learning rates, loss gains, augmentation.
+MUTABLE = {
+    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "box", "cls", "dfl", "mask", "hsv_h", "hsv_s",
+    "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup",
+    "copy_paste",
+}  # fmt: skip
 
 
 class SearchSpaceError(ConfigError):
@@ -67,9 +77,7 @@ def load_search_space(path: str | Path, base: TrainConfig | None = None) -> Sear
     path = Path(path)
     raw = read_yaml_mapping(path, "search space", SearchSpaceError)
     if not raw:
-        raise SearchSpaceError(
-            f"search space {path} must map TrainConfig keys to distributions (see tune/default.yaml)"
-        )
+        raise SearchSpaceError(f"search space {path} must map TrainConfig keys to distributions (see tune/full.yaml)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     space = SearchSpace({}, path)
     for key, entry in raw.items():
@@ -161,22 +169,96 @@ def trial_config(base: TrainConfig, sampled: dict, trials_dir: str, trial_id: st
     return base.updated(**sampled, **run)
 
 
-def run_trial(config: dict, *, base: TrainConfig, scaling: dict, tracking: dict, trials_dir: str, hooks=()) -> None:
+def run_trial(
+    config: dict,
+    *,
+    base: TrainConfig,
+    scaling: dict,
+    tracking: dict,
+    trials_dir: str,
+    hooks=(),
+    checkpoint_every: int = 0,
+) -> None:
     """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
 
     A trial Tune runs again (--resume, or after a failure) continues in its own folder: from the latest Ray
     checkpoint in trials/<trial>/ray_train, which Ray Train restores, or, without one, from weights/last.pt.
+    With checkpoint_every N (PBT: its perturbation interval), every N-th epoch's report and the last carry their
+    checkpoint to Tune, and a trial Tune starts from a checkpoint (another trial's, when PBT exploits it)
+    continues from that one with this trial's values.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
-    resume = (Path(trials_dir) / trial_id / "weights" / CHECKPOINT_FILE).is_file()
+    run_dir = Path(trials_dir) / trial_id
+    given = ray.tune.get_checkpoint()
+    if given is not None:
+        continue_from(given, run_dir)
+    resume = (run_dir / "weights" / CHECKPOINT_FILE).is_file()
     cfg = trial_config(base, config, trials_dir, trial_id, resume=resume)
     tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
     trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
-    fit_with_ray(cfg, RayScaling(**scaling), trial_tracking, extra_hooks=hooks, callbacks=[TuneReportCallback()])
+
+    def fit(callbacks) -> None:
+        scaling_ = RayScaling(**scaling)
+        fit_with_ray(cfg, scaling_, trial_tracking, extra_hooks=hooks, callbacks=callbacks, config_overrides=config)
+
+    if checkpoint_every:
+        report_with_checkpoints(fit, checkpoint_every, base.epochs)
+    else:
+        fit([TuneReportCallback()])
+
+
+def continue_from(checkpoint, run_dir: Path) -> None:
+    """Makes the trial folder run_dir continue from a Tune checkpoint (a folder holding last.pt): its
+    weights/last.pt becomes that one, and its own Ray Train checkpoints go, so that Train does not restore them."""
+    weights = run_dir / "weights"
+    incoming = weights / ".incoming"
+    shutil.rmtree(incoming, ignore_errors=True)
+    checkpoint.to_directory(str(incoming))
+    os.replace(incoming / CHECKPOINT_FILE, weights / CHECKPOINT_FILE)
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.rmtree(run_dir / "ray_train", ignore_errors=True)
+
+
+def report_with_checkpoints(fit, every: int, epochs: int) -> None:
+    """Runs fit(callbacks) in a helper thread and passes every report of its rank 0 on to Tune, those of every
+    every-th epoch and the last with their Ray checkpoint (Ray's TuneReportCallback passes the metrics only, and
+    PBT exploits checkpoints: taken at its perturbation steps only, a donor's stays on storage while another trial
+    restarts from it)."""
+    import threading
+
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    from pyseg.distributed.tune_reports import ForwardReports  # imports Ray Train
+
+    reports = Queue(actor_options={"num_cpus": 0})
+    outcome: dict = {}
+
+    def work() -> None:
+        try:
+            fit([ForwardReports(reports)])
+        except BaseException as error:  # handed to this thread as it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=work, name="pyseg-trial-fit", daemon=True)
+    thread.start()
+    while True:
+        finished = not thread.is_alive()  # before the get: a report put before the end is still read
+        try:
+            metrics, checkpoint = reports.get(timeout=0.5)
+        except Empty:
+            if finished:
+                break
+            continue
+        epoch = int(metrics.get("epoch", 0))
+        due = epoch % every == 0 or epoch >= epochs
+        ray.tune.report(metrics, checkpoint=checkpoint if due else None)
+    if "error" in outcome:
+        raise outcome["error"]
 
 
 # ------------------------------------------------------------------ experiment
@@ -187,8 +269,8 @@ class TuneSettings:
     """How a search runs (python -m pyseg.tune flags)."""
 
     samples: int = 16
-    scheduler: str = "asha"  # asha | none
-    search: str = "random"  # random | optuna (Optuna's TPE)
+    scheduler: str = "asha"  # asha | pbt | none
+    search: str | None = None  # optuna (Optuna's TPE) | random; None: DEFAULT_SEARCH, random under PBT
     workers_per_trial: int = 1
     gpus_per_trial: float | None = None  # in total per trial, split over its workers; None: 1 per worker with GPUs
     cpus_per_worker: float = 1.0
@@ -203,14 +285,22 @@ class TuneSettings:
     epoch_budget: int = 0  # stop the search after this many trial-epochs in all (0 = none): equal-compute comparisons
     seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
     max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
+    perturbation_interval: int = 0  # PBT: epochs between exploit/explore steps (0 = max(1, epochs // 5))
 
     def __post_init__(self):
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
-        if self.scheduler not in ("asha", "none"):
-            raise ValueError(f"--scheduler must be asha or none, got {self.scheduler!r}")
-        if self.search not in ("random", "optuna"):
-            raise ValueError(f"--search must be random or optuna, got {self.search!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.search is None:
+            self.search = "random" if self.scheduler == "pbt" else DEFAULT_SEARCH
+        if self.search not in SEARCHES:
+            raise ValueError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ValueError(
+                "--scheduler pbt samples its first population at random and then evolves it: leave out --search "
+                "(or give --search random)"
+            )
         for flag_name, value, low in (
             ("--workers-per-trial", self.workers_per_trial, 1),
             ("--max-concurrent", self.max_concurrent, 0),
@@ -218,6 +308,7 @@ class TuneSettings:
             ("--grace-period", self.grace_period, 0),
             ("--epoch-budget", self.epoch_budget, 0),
             ("--max-failures", self.max_failures, -1),
+            ("--perturbation-interval", self.perturbation_interval, 0),
             ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
         ):
             if not (value >= low and math.isfinite(value)):
@@ -346,6 +437,60 @@ def _stopper(settings: TuneSettings):
     return TrialEpochBudget(settings.epoch_budget)
 
 
+def _scheduler(settings: TuneSettings, space: dict, epochs: int):
+    """ASHA, PBT over the space's mutable values, or None."""
+    if settings.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        grace = settings.grace_period or max(1, epochs // 10)
+        # max_t one past the last epoch: ASHA never stops a trial at its last report, which would race the
+        # trial's own ending (final plots, MLflow artifacts) and kill it half-way.
+        return ASHAScheduler(time_attr="epoch", max_t=epochs + 1, grace_period=min(grace, epochs))
+    if settings.scheduler == "pbt":
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        mutations = pbt_mutations(space)
+        return PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=perturbation_interval(settings, epochs),
+            hyperparam_mutations=mutations,
+            custom_explore_fn=lambda config: clip_to_space(config, space),
+            quantile_fraction=0.25,
+            resample_probability=0.25,
+        )
+    return None
+
+
+def perturbation_interval(settings: TuneSettings, epochs: int) -> int:
+    """PBT's epochs between exploit/explore steps: --perturbation-interval, else a fifth of the epochs."""
+    return settings.perturbation_interval or max(1, epochs // 5)
+
+
+def pbt_mutations(space: dict) -> dict:
+    """Tune domains of the searched values PBT may change between epochs (MUTABLE); SearchSpaceError when none."""
+    mutations = {key: domain for key, domain in to_tune_space(space).items() if key in MUTABLE and key in space}
+    mutations = {key: domain for key, domain in mutations.items() if space[key][0] != "fixed"}
+    if not mutations:
+        source = getattr(space, "path", None) or "(given as a dict)"
+        raise SearchSpaceError(
+            f"--scheduler pbt: search space {source} searches nothing PBT can change while a trial trains; search "
+            f"at least one of {', '.join(sorted(MUTABLE))}"
+        )
+    return mutations
+
+
+def clip_to_space(config: dict, space: dict) -> dict:
+    """config with every value PBT perturbed (x1.2, x0.8) brought back inside its dimension's bounds, so that a
+    perturbed trial never trains with a value the space does not allow (mosaic 1.2, an integer as a float)."""
+    clipped = dict(config)
+    for key, (kind, args) in space.items():
+        if key not in clipped or kind in ("fixed", "choice"):
+            continue
+        value = min(max(clipped[key], args[0]), args[1] - 1 if kind == "randint" else args[1])
+        clipped[key] = int(round(value)) if kind == "randint" else value
+    return clipped
+
+
 def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConfig, trials_dir: Path, hooks):
     from ray import tune
 
@@ -356,6 +501,7 @@ def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConf
         tracking=dataclasses.asdict(tracking),
         trials_dir=str(trials_dir),
         hooks=list(hooks),
+        checkpoint_every=perturbation_interval(settings, base.epochs) if settings.scheduler == "pbt" else 0,
     )
     # The trial function only drives its TorchTrainer; the Train workers hold the CPUs and GPUs. A trial must
     # request something, and any CPU fraction would leave less than a whole CPU for the workers: it requests memory.
@@ -372,9 +518,10 @@ def run_tune(
 ) -> TuneSummary:
     """Runs (or with settings.resume continues) a search; returns where everything landed."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     check_search_space(space, base)  # before Ray starts or any trial runs
+    if settings.scheduler == "pbt":
+        pbt_mutations(space)  # a space PBT cannot evolve is one line, before Ray starts
     base = absolute_paths(base)
     tracking = tracking or TrackingConfig()
     experiment_dir = Path(base.project) / settings.name
@@ -418,12 +565,7 @@ def run_tune(
         print(f"resuming {experiment_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
     else:
         experiment_dir.mkdir(parents=True, exist_ok=True)
-        scheduler = None
-        if settings.scheduler == "asha":
-            grace = settings.grace_period or max(1, base.epochs // 10)
-            # max_t one past the last epoch: ASHA never stops a trial at its last report, which would race the
-            # trial's own ending (final plots, MLflow artifacts) and kill it half-way.
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=base.epochs + 1, grace_period=min(grace, base.epochs))
+        scheduler = _scheduler(settings, space, base.epochs)
         max_concurrent = settings.max_concurrent or trials_that_fit
         tuner = tune.Tuner(
             trainable,
@@ -443,6 +585,9 @@ def run_tune(
                 stop=_stopper(settings),
                 # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                # PBT's checkpoints, one per perturbation step: each trial's last four (the Ray Train ones stay in
+                # the trial folders)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                 callbacks=[callback],
                 verbose=2 if settings.verbose else 0,
             ),
@@ -453,7 +598,9 @@ def run_tune(
         )
     view.start()
     try:
-        results = tuner.fit()
+        with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+            results = tuner.fit()
     finally:
         view.close()
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
@@ -479,6 +626,9 @@ def summarize(
             best = history.loc[history[METRIC].idxmax()].to_dict()
         trial_id = (result.metrics or {}).get("trial_id")
         epochs = (result.metrics or {}).get("epoch")
+        if trial_id:  # a trial ended right after an epoch's row, before Tune got its report, trained that epoch
+            trained = len(read_results(trials_dir / trial_id / "results.csv"))
+            epochs = max(epochs or 0, trained) or epochs
         row = {
             "trial": trial_id,
             # STOPPED: fewer epochs than asked, stopped early by the scheduler or by an interruption

@@ -7,7 +7,15 @@ import os
 import re
 import threading
 
-from pyseg.distributed.search_view import SearchView, TrialState, abbreviate, format_trials, legend, status_line
+from pyseg.distributed.search_view import (
+    SearchView,
+    TrialState,
+    abbreviate,
+    error_summary,
+    format_trials,
+    legend,
+    status_line,
+)
 
 SEARCHED = ["lr0", "weight_decay", "mosaic", "warmup_epochs", "warmup_momentum", "hsv_h", "hsv_s", "copy_paste"]
 VALUES = {"lr0": 0.0031, "weight_decay": 0.0004, "mosaic": 0.81, "warmup_epochs": 1.5, "warmup_momentum": 0.8}
@@ -70,6 +78,26 @@ def test_in_a_log_a_status_line_every_n_seconds_and_the_table_when_a_trial_ends(
     for epoch in range(1, 4):
         view.trial_result("t_00000", VALUES, {"epoch": epoch, "mask/map": 0.1})
     assert "pyseg.tune" not in quiet.getvalue()  # nothing between the status lines
+
+
+def test_a_trial_ended_before_its_last_epoch_shows_as_stopped_and_counts_as_ended():
+    log = io.StringIO()
+    view = SearchView(SEARCHED, epochs=3, every_s=0.0, stream=log)
+    view.trial_result("t_00000", VALUES, {"epoch": 1, "mask/map": 0.1})
+    view.trial_ended("t_00000", VALUES, "TERMINATED")  # ASHA or a budget ended it after epoch 1 of 3
+    view.trial_result("t_00001", VALUES, {"epoch": 3, "mask/map": 0.2})
+    view.trial_ended("t_00001", VALUES, "TERMINATED")
+    assert [view.states[t].status for t in ("t_00000", "t_00001")] == ["STOPPED", "TERMINATED"]
+    assert "0 running, 2 ended, 0 failed" in status_line(list(view.states.values()), 1.0)
+    assert re.search(r"t_00000\s+STOPPED\s+1/3", log.getvalue())
+
+
+def test_a_failed_trial_is_named_by_its_error_line_shortened():
+    oom = "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory. " + "x " * 300
+    lines = ["Traceback (most recent call last):", '  File "a.py", line 1', oom, "Refer to the docs " * 40]
+    summary = error_summary(lines)
+    assert summary.startswith("ray.exceptions.OutOfMemoryError: Task was killed") and len(summary) <= 200
+    assert error_summary(["something went wrong"]) == "something went wrong" and error_summary([]) is None
 
 
 def test_on_a_terminal_the_table_is_redrawn_in_place(monkeypatch):

@@ -135,7 +135,15 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     if target is None:
         # address="local", not None: None also means "the cluster in /tmp/ray/ray_current_cluster", which a
         # stopped or killed `ray start --head` leaves behind, and ray.init waits forever for that dead head.
-        ray.init(address="local", runtime_env=runtime_env, **kwargs)
+        try:
+            ray.init(address="local", runtime_env=runtime_env, **kwargs)
+        except Exception as error:  # Ray raises a bare Exception when its processes do not come up in time
+            if "timed out during startup" not in str(error):
+                raise
+            raise RayClusterUnreachableError(
+                f"Ray did not start on this machine in time ({str(error).splitlines()[0]}): it is probably short "
+                "of CPU or memory right now; try again when it is less busy"
+            ) from error
         return
     hint = (
         "Start the cluster (`ray start --head` on its head node), pass a running one with --address (auto, "
@@ -309,6 +317,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device=assigned_device(rank),
             wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
             resume_from=resume_from,
+            config_overrides=loop_config.get("config_overrides"),
         )
         trainer.fit()
         if report.reports == 0:
@@ -387,11 +396,13 @@ def fit_with_ray(
     *,
     extra_hooks: Sequence[Hook] = (),
     callbacks: Sequence = (),
+    config_overrides: dict | None = None,
 ):
     """Trains cfg on scaling.workers Ray Train workers; returns (run folder, ray.train.Result).
 
     The Ray checkpoints live in <run folder>/ray_train; running again with cfg.resume (same project and name)
-    continues from the latest one. extra_hooks run on every worker after the default hooks.
+    continues from the latest one. extra_hooks run on every worker after the default hooks. config_overrides
+    replace the values a resumed run takes from its checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -408,6 +419,7 @@ def fit_with_ray(
             "hooks": list(extra_hooks),
             "cpus_per_worker": scaling.cpus_per_worker,
             "fit_started_at": time.time(),  # a checkpoint written after this is a restart after a failure
+            "config_overrides": dict(config_overrides or {}),
         },
         # NCCL needs a whole GPU per rank; workers that share a GPU (fractions) talk over gloo
         torch_config=TorchConfig(backend="nccl" if (scaling.gpus_per_worker or 0) >= 1 else "gloo"),

@@ -11,6 +11,7 @@ the trial's wall time. The searched values get short names, the same in every ta
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import textwrap
@@ -30,7 +31,8 @@ FIXED_COLUMNS = (  # (title, width)
     ("50", 6),
     ("time", 7),
 )
-ENDED = ("TERMINATED", "ERROR")
+ENDED = ("TERMINATED", "STOPPED", "ERROR")  # STOPPED: ended before its last epoch (ASHA, a budget)
+ERROR_LINE_CHARS = 200  # a failed trial's error, shortened to this
 DEFAULT_WIDTH = 120  # columns when the terminal's width is unknown (a log file)
 
 
@@ -168,7 +170,8 @@ def status_line(states: list[TrialState], elapsed_s: float, samples: int = 0) ->
     """'pyseg.tune 1:02: 2 running, 1 done, 1 stopped, 0 failed, 0 pending of 4; best 4634f_00001 0.123 (epoch 7)'."""
     counts = {"RUNNING": 0, "TERMINATED": 0, "ERROR": 0, "PENDING": 0, "PAUSED": 0}
     for state in states:
-        counts[state.status] = counts.get(state.status, 0) + 1
+        status = "TERMINATED" if state.status == "STOPPED" else state.status  # both ended
+        counts[status] = counts.get(status, 0) + 1
     scored = [s for s in states if s.best is not None]
     best = max(scored, key=lambda s: s.best) if scored else None
     text = (
@@ -279,6 +282,8 @@ class SearchView:
 
     def trial_ended(self, trial_id: str, values: dict, status: str, error: str | None = None, error_file=None):
         state = self.state(trial_id, values)
+        if status == "TERMINATED" and state.epoch is not None and state.epoch < self.epochs:
+            status = "STOPPED"  # as the final table calls it
         state.status, state.error, state.error_file = status, error, error_file
         if state.started is not None:
             state.seconds = time.monotonic() - state.started
@@ -341,14 +346,23 @@ def activate(view: SearchView) -> SearchViewCallback:
 
 
 def _last_error_line(trial) -> tuple[str | None, str | None]:
-    """(the last line of a failed trial's error file, its path)."""
+    """(the error of a failed trial: the last 'SomeError: ...' line of its error file, else its last line,
+    shortened to ERROR_LINE_CHARS; the file's path)."""
     path = getattr(trial, "error_file", None)
     try:
         with open(path) as file:
             lines = [line.strip() for line in file if line.strip()]
     except (OSError, TypeError):
         return None, path
-    return (lines[-1] if lines else None), path
+    return error_summary(lines), path
+
+
+def error_summary(lines: list[str]) -> str | None:
+    """The line of an error's text that names it (the last 'SomeError: ...' or 'SomeException: ...' line, else
+    the last line), shortened to ERROR_LINE_CHARS."""
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    line = named[-1] if named else lines[-1] if lines else None
+    return textwrap.shorten(line, ERROR_LINE_CHARS, placeholder=" ...") if line else None
 
 
 class SearchViewCallback(Callback):

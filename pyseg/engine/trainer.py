@@ -228,7 +228,12 @@ class CheckpointHook(Hook):
 
 
 class PlotsHook(Hook):
-    """train_batch.jpg (the first augmented batch with its masks) and val_predictions.jpg (labels | predictions)."""
+    """train_batch.jpg (the first augmented batch with its masks) and val_predictions.jpg (labels | predictions of
+    the best epoch's model, drawn whenever validation improves, so that a run stopped early has it too; without
+    validation, of the final model)."""
+
+    def __init__(self):
+        self.drew_best = False
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if trainer.is_main:
@@ -241,7 +246,16 @@ class PlotsHook(Hook):
                 trainer.run_dir / "train_batch.jpg",
             )
 
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        if trainer.is_main and trainer.improved and trainer.cfg.val:
+            self.draw_predictions(trainer)
+            self.drew_best = True
+
     def on_fit_end(self, trainer: Trainer) -> None:
+        if not self.drew_best:
+            self.draw_predictions(trainer)
+
+    def draw_predictions(self, trainer: Trainer) -> None:
         if trainer.is_main:
             from pyseg.engine.plots import plot_predictions
 
@@ -362,8 +376,12 @@ class Trainer:
         device: torch.device | None = None,
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         resume_from: Path | None = None,
+        config_overrides: dict | None = None,
     ):
         self.cfg = cfg
+        # on resume, values that replace the checkpoint's own (a PBT trial continues another trial's checkpoint
+        # with its own, perturbed hyperparameters)
+        self.config_overrides = dict(config_overrides or {})
         self.hooks = default_hooks() if hooks is None else hooks
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         # progress bars only where they redraw in place (a terminal); a log gets the epoch rows alone
@@ -420,6 +438,7 @@ class Trainer:
                 print(f"removed {stale}, left by an interrupted checkpoint write")
         state = load_checkpoint(last)
         saved = dict(state["config"])
+        saved.update(self.config_overrides)
         saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
         self.cfg = make_config(saved)
         return state
