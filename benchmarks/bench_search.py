@@ -1,9 +1,9 @@
-"""Which search finds the better model at the same compute: random + ASHA, Optuna's TPE + ASHA (and PBT where the
-scheduler exists), each given the same number of trial-epochs (`pyseg.tune --epoch-budget`), on shapes-seg.
+"""Which search finds the better model at the same compute: random + ASHA, Optuna's TPE + ASHA and PBT, each given
+the same number of trial-epochs (`pyseg.tune --epoch-budget`), on shapes-seg.
 
-    python benchmarks/bench_search.py                                  # random vs optuna, seeds 0 1, tune/default.yaml
+    python benchmarks/bench_search.py          # random, optuna, pbt; seeds 0 1; tune/default.yaml; 64 trial-epochs
     python benchmarks/bench_search.py --methods random optuna --seeds 0 1 2 --budget 96
-    python benchmarks/bench_search.py --importance --space tune/full.yaml --samples 24   # fANOVA importance
+    python benchmarks/bench_search.py --importance --space tune/full.yaml --samples 16 --epochs 15  # importance
 
 Each search runs as `python -m pyseg.tune ... --no-mlflow` in a folder of its own under --project; the best mask
 mAP50-95 of its trials (tune_results.csv) is what it reached. Prints one row per search and, per method, the mean
@@ -38,9 +38,11 @@ METHODS = {  # name: pyseg.tune flags
 
 def run_search(name: str, flags: list[str], args, seed: int) -> dict:
     """One `pyseg.tune` search; its best mask mAP50-95, trial-epochs used, trials and wall time."""
+    samples = args.population if "pbt" in flags else args.samples  # PBT evolves one population trained at once
     command = [
         sys.executable, "-m", "pyseg.tune", "--no-mlflow", "--project", str(args.project), "--name", name,
-        "--space", str(args.space), "--samples", str(args.samples), "--epochs", str(args.epochs),
+        "--space", str(args.space), "--samples", str(samples), "--epochs", str(args.epochs),
+        "--cpus-per-worker", str(args.cpus_per_worker), "--max-concurrent", str(args.population),
         "--imgsz", str(args.imgsz), "--seed", str(seed), "--workers", str(args.loader_workers), *RECIPE, *flags,
     ]  # fmt: skip
     if args.budget:
@@ -100,8 +102,9 @@ def compare(args) -> None:
                 flush=True,
             )
     print(
-        f"\nsame compute: --epoch-budget {args.budget} trial-epochs per search, {args.samples} samples of "
-        f"{args.epochs} epochs at {args.imgsz} px, space {args.space}, seeds {' '.join(map(str, args.seeds))}"
+        f"\nsame compute: --epoch-budget {args.budget} trial-epochs per search, {args.samples} samples (PBT: a "
+        f"population of {args.population}) of {args.epochs} epochs at {args.imgsz} px, {args.population} at once, "
+        f"space {args.space}, seeds {' '.join(map(str, args.seeds))}"
     )
     means = {}
     for method in args.methods:
@@ -167,14 +170,16 @@ def parse_value(text, distribution):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["random", "optuna"], choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="+", default=["random", "optuna", "pbt"], choices=sorted(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--space", default=str(ROOT / "tune" / "default.yaml"))
-    parser.add_argument("--samples", type=int, default=12, help="trials each search may start")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs per trial")
-    parser.add_argument("--budget", type=int, default=72, help="trial-epochs per search (the same compute)")
+    parser.add_argument("--samples", type=int, default=12, help="trials random and optuna may start")
+    parser.add_argument("--epochs", type=int, default=16, help="epochs per trial")
+    parser.add_argument("--budget", type=int, default=64, help="trial-epochs per search (the same compute)")
     parser.add_argument("--grace-period", type=int, default=3, help="ASHA: epochs before a trial can be stopped")
     parser.add_argument("--imgsz", type=int, default=128)
+    parser.add_argument("--population", type=int, default=4, help="trials at once (PBT: its population)")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="CPUs per trial (4 at once on 2 cores)")
     parser.add_argument("--loader-workers", type=int, default=0, help="data loader workers per trial")
     parser.add_argument("--importance", action="store_true", help="fANOVA importance of --space instead")
     parser.add_argument("--project", default=str(ROOT / "benchmarks" / "out" / f"search-{time.strftime('%H%M%S')}"))

@@ -152,16 +152,24 @@ def tune_command(argv: list[str] | None) -> int:
     errored = sum(row["status"] == "ERROR" for row in summary.rows)
     if errored:
         print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")
+    interrupted = summary.unfinished and not summary.budget_spent
     if summary.unfinished:
         given = list(sys.argv[1:] if argv is None else argv)
         again = given + (["--name", name] if args_name is None else []) + ([] if tune_resume else ["--resume"])
-        print(
-            f"pyseg.tune: {summary.unfinished} of {settings.samples} trials did not finish (interrupted, or "
-            f"out of time or epoch budget); continue the search with:\n  python -m pyseg.tune {shlex.join(again)}"
-        )
+        command = f"python -m pyseg.tune {shlex.join(again)}"
+        if interrupted:
+            print(
+                f"pyseg.tune: interrupted with {summary.unfinished} of {settings.samples} trials unfinished; "
+                f"continue the search with:\n  {command}"
+            )
+        else:
+            print(
+                f"pyseg.tune: the {summary.budget_spent} budget ended the search before {summary.unfinished} of "
+                f"{settings.samples} trials ran; to run them as well (with the budget again):\n  {command}"
+            )
     if summary.best_config:
         print(next_steps(summary, base.epochs, val_images))
-    if summary.unfinished:  # trials cut by the time or epoch budget count as finished: this was Ctrl-C
+    if interrupted:  # Ctrl-C (or SIGTERM): the search stopped with trials unfinished
         return 130
     return 0 if summary.best_config else 1
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,7 +335,8 @@ class TuneSummary:
     best_trial: str | None
     best_metric: float | None
     rows: list[dict]
-    unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of time
+    unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of budget
+    budget_spent: str | None = None  # "time" or "epoch" when that budget ended the search (else None)
     pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
     mlflow_experiment_id: str | None = None
@@ -558,6 +560,7 @@ def run_tune(
     trainable = _trainable(base, settings, tracking, trials_dir, hooks)
     view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
     callback = activate(view)
+    stopper = None  # a restored search keeps the stopper it was started with
     if settings.resume:
         tuner = tune.Tuner.restore(
             str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
@@ -567,6 +570,7 @@ def run_tune(
         experiment_dir.mkdir(parents=True, exist_ok=True)
         scheduler = _scheduler(settings, space, base.epochs)
         max_concurrent = settings.max_concurrent or trials_that_fit
+        stopper = _stopper(settings)
         tuner = tune.Tuner(
             trainable,
             param_space=to_tune_space(space),
@@ -582,7 +586,7 @@ def run_tune(
             run_config=tune.RunConfig(
                 name=settings.name,
                 storage_path=str(Path(base.project)),
-                stop=_stopper(settings),
+                stop=stopper,
                 # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
                 # PBT's checkpoints, one per perturbation step: each trial's last four (the Ray Train ones stay in
@@ -597,6 +601,7 @@ def run_tune(
             f"a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values searched"
         )
     view.start()
+    started = time.monotonic()
     try:
         with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
             warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
@@ -604,6 +609,10 @@ def run_tune(
     finally:
         view.close()
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
+    if settings.time_budget and time.monotonic() - started >= settings.time_budget:
+        summary.budget_spent = "time"
+    elif stopper is not None and stopper.stop_all():
+        summary.budget_spent = "epoch"
     if parent is not None:
         _finish_parent_run(parent, summary)
         summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id

@@ -381,7 +381,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
             assert [int(r["epoch"]) for r in csv.DictReader(f)][0] == 1
 
     # pyseg.tune says how to continue: the same flags plus --name tune --resume.
-    assert re.search(r"pyseg.tune: [12] of 2 trials did not finish", output), output[-4000:]
+    assert re.search(r"pyseg.tune: interrupted with [12] of 2 trials unfinished", output), output[-4000:]
     lines = output.splitlines()  # Ray's own log lines may follow
     command = lines[next(i for i, line in enumerate(lines) if "continue the search with:" in line) + 1].strip()
     assert command.startswith("python -m pyseg.tune ")
@@ -391,7 +391,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
     code, resumed = run_tune_command(again, env, tmp_path / "resumed.log", timeout=300)
     assert code == 0, resumed[-4000:]
     assert resumed.count("from Ray checkpoint") >= len(checkpointed), resumed[-4000:]
-    assert "did not finish" not in resumed
+    assert "unfinished" not in resumed and "budget ended" not in resumed
     with open(project / "tune" / "tune_results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in table), table
@@ -453,6 +453,22 @@ time.sleep(3)
 print("actors up", flush=True)
 ray.shutdown()
 """
+
+
+@pytest.mark.slow
+def test_a_search_its_epoch_budget_ended_says_so_and_exits_0(tiny_data, tmp_path, short_tmp):
+    """--epoch-budget stops the whole search once its trials trained that many epochs; the trials it kept from
+    running are named with the command that runs them, and the exit code is 0 (not Ctrl-C's 130)."""
+    env = command_env(tmp_path, short_tmp)
+    space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    args = tune_command(tiny_data, tmp_path / "runs", space, "--samples", "3", "--epochs", "2")
+    args += ["--max-concurrent", "1", "--epoch-budget", "2", "--name", "budget"]
+    code, output = run_tune_command(args, env, tmp_path / "tune.log", timeout=300)
+    assert code == 0, output[-4000:]
+    assert "the epoch budget ended the search before 2 of 3 trials ran" in output, output[-3000:]
+    with open(tmp_path / "runs" / "budget" / "tune_results.csv", newline="") as f:
+        trained = [int(row["epochs"]) for row in csv.DictReader(f) if row["epochs"]]
+    assert trained == [2], trained  # the first trial's two epochs spent the budget
 
 
 @pytest.mark.slow
