@@ -2,7 +2,7 @@
 
 Examples:
     python -m pyseg.tune --space tune/quick.yaml --samples 4 --epochs 50 --imgsz 160 --time-budget 450
-                                                                    # the quick start: 8 minutes on 2 CPU cores
+                                                                    # the quick start: 7.5 minutes on 2 CPU cores
     python -m pyseg.tune --scheduler pbt --samples 8                # population based training
     python -m pyseg.tune --data coco128-seg.yaml --samples 16 --epochs 30 --imgsz 320
     python -m pyseg.tune --data coco128-seg.yaml --address auto --gpus-per-trial 1 --samples 64   # on a cluster
@@ -162,10 +162,11 @@ def tune_command(argv: list[str] | None) -> int:
                 f"pyseg.tune: interrupted with {summary.unfinished} of {settings.samples} trials unfinished; "
                 f"continue the search with:\n  {command}"
             )
-        else:
+        else:  # a restored search keeps its spent budget: no command to print, a new search runs more
+            flag = "--time-budget" if summary.budget_spent == "time" else "--epoch-budget"
             print(
                 f"pyseg.tune: the {summary.budget_spent} budget ended the search before {summary.unfinished} of "
-                f"{settings.samples} trials ran; to run them as well (with the budget again):\n  {command}"
+                f"{settings.samples} trials ran (a larger {flag} in a new search runs more)"
             )
     if summary.best_config:
         print(next_steps(summary, base.epochs, val_images))

@@ -336,10 +336,10 @@ class TuneSummary:
     best_metric: float | None
     rows: list[dict]
     unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of budget
-    budget_spent: str | None = None  # "time" or "epoch" when that budget ended the search (else None)
     pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
     mlflow_experiment_id: str | None = None
+    budget_spent: str | None = None  # "time" or "epoch" when that budget ended the search (else None)
 
 
 def check_creatable(folder: Path) -> None:
@@ -397,9 +397,14 @@ def default_concurrency(settings: TuneSettings) -> int:
     fit = resources.get(kind, 0) / per_trial
     if fit < 1 and not settings.address:  # a local Ray does not grow (a cluster's autoscaler may add nodes)
         raise ConfigError(
-            f"a trial needs {per_trial:g} {kind}s ({scaling.workers} workers x --{kind.lower()}s-per-worker) but this "
-            f"machine's Ray has {resources.get(kind, 0):g}; lower --workers-per-trial or --{kind.lower()}s-per-"
-            f"{'worker' if kind == 'CPU' else 'trial'}"
+            f"a trial needs {per_trial:g} {kind}s ({scaling.workers} worker(s) x "
+            f"{'--cpus-per-worker' if kind == 'CPU' else '--gpus-per-trial / workers'}) but this machine's Ray has "
+            f"{resources.get(kind, 0):g}; "
+            + (
+                "lower --workers-per-trial or --cpus-per-worker"
+                if kind == "CPU"
+                else "leave out --gpus-per-trial (CPU trials here) or run on a cluster with GPUs (--address)"
+            )
         )
     return max(int(fit), 1)
 
