@@ -513,3 +513,17 @@ def test_next_steps_name_the_best_config_the_mlflow_page_and_the_best_weights(tm
     served = next_steps(SimpleNamespace(**{**vars(summary), "tracking_uri": "http://mlflow:5000"}), epochs=10)
     assert "open http://mlflow:5000/#/experiments/7/runs?workflowType=machine_learning" in served
     assert "mlflow ui" not in served
+
+
+def test_a_trial_that_cannot_fit_the_local_ray_is_one_line_naming_tunes_flags(monkeypatch):
+    import ray
+
+    from pyseg.errors import ConfigError
+    from pyseg.tuning import default_concurrency
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a machine without GPUs
+    with pytest.raises(ConfigError, match=r"needs 0.5 GPUs .*--gpus-per-trial.* leave out --gpus-per-trial"):
+        default_concurrency(TuneSettings(gpus_per_trial=0.5))
+    with pytest.raises(ConfigError, match=r"needs 3 CPUs .*lower --workers-per-trial or --cpus-per-worker"):
+        default_concurrency(TuneSettings(workers_per_trial=3))
+    assert default_concurrency(TuneSettings(cpus_per_worker=0.5)) == 4
