@@ -56,8 +56,14 @@ def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)  # delivered while the write goes on
         torch.save(state, file)
 
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(path, interrupted_save)
+    # Python's own handler, as in a command-line run (an in-process Ray Tune run of an earlier test may have left
+    # its handler installed in this process)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write(path, interrupted_save)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.equal(torch.load(path)["weights"], state["weights"])
     assert not list(tmp_path.glob(f"*{TEMP_MARKER}"))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back

@@ -391,7 +391,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
     code, resumed = run_tune_command(again, env, tmp_path / "resumed.log", timeout=300)
     assert code == 0, resumed[-4000:]
     assert resumed.count("from Ray checkpoint") >= len(checkpointed), resumed[-4000:]
-    assert "unfinished" not in resumed and "budget ended" not in resumed
+    assert "interrupted with" not in resumed and "budget ended" not in resumed
     with open(project / "tune" / "tune_results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and all(r["status"] == "TERMINATED" and r["epochs"] == "3" for r in table), table
