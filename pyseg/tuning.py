@@ -475,8 +475,8 @@ def perturbation_interval(settings: TuneSettings, epochs: int) -> int:
 
 def pbt_mutations(space: dict) -> dict:
     """Tune domains of the searched values PBT may change between epochs (MUTABLE); SearchSpaceError when none."""
-    mutations = {key: domain for key, domain in to_tune_space(space).items() if key in MUTABLE and key in space}
-    mutations = {key: domain for key, domain in mutations.items() if space[key][0] != "fixed"}
+    evolving = {key: entry for key, entry in space.items() if key in MUTABLE and entry[0] != "fixed"}
+    mutations = to_tune_space(evolving)
     if not mutations:
         source = getattr(space, "path", None) or "(given as a dict)"
         raise SearchSpaceError(
