@@ -357,14 +357,18 @@ def local_ray(ray_worker_tmpdir):
     # Ray's processes inherit TMPDIR at start; RAY_TMPDIR also moves what Ray does in this process (lock files)
     os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(ray_worker_tmpdir)
     try:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls; its address goes to
+        # every actor, so that a Ray started beside this one (a search of the user's) does not confuse the cleaner.
+        from pyseg.distributed.ray_train import local_ray_state_api
+
+        env_vars = {}
+        kwargs = local_ray_state_api({"include_dashboard": True, "dashboard_host": "127.0.0.1"}, env_vars)
         ray.init(
             address="local",
             num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=None,
+            runtime_env={"env_vars": env_vars},
             _temp_dir=str(ray_worker_tmpdir / "ray"),
+            **kwargs,
         )
     finally:
         _restore_env({"TMPDIR": saved["TMPDIR"]})
@@ -399,7 +403,8 @@ def ray_cluster(head_cpus: int = 1, worker_cpus: int = 1, worker_gpus: int = 0):
                 },
             )
             nodes.worker_node = nodes.add_node(num_cpus=worker_cpus, num_gpus=worker_gpus)
-            ray.init(address=nodes.address)
+            state_api = {"RAY_API_SERVER_ADDRESS": "http://" + nodes.head_node.address_info["webui_url"]}
+            ray.init(address=nodes.address, runtime_env={"env_vars": state_api})
             yield nodes
         finally:
             ray.shutdown()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, kill_process_group, python_env, tiny_config
+from conftest import RayHead, free_port, kill_process_group, python_env, tiny_config
 
 from pyseg.config import make_config
 from pyseg.distributed import RayScaling, absolute_paths, fit_with_ray, init_ray
@@ -125,6 +125,38 @@ def test_without_an_address_pyseg_starts_a_local_ray_not_the_last_ray_start(ray_
     init_ray(None)
     assert [call["address"] for call in ray_not_started] == ["local"]
     assert ray_not_started[0]["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    # every actor of the job is told where this Ray's state API (its dashboard) listens
+    port = ray_not_started[0]["dashboard_port"]
+    assert ray_not_started[0]["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.slow
+def test_actors_ask_the_state_api_of_their_own_ray_while_another_ray_runs(local_ray, tmp_path, short_tmp):
+    # Ray Train's placement-group cleaner asks the state API without an address. With a second local Ray up (two
+    # searches side by side), Ray picks the Ray started last ("Found multiple active Ray instances ... Connecting to
+    # latest cluster"): the cleaner then judged its controller by another Ray's actors, and a dead trial's placement
+    # group kept its CPUs (a search stalled).
+    head = RayHead(tmp_path / "head.log", {**python_env(), "TMPDIR": str(short_tmp)}, num_cpus=1)
+    try:
+        head.wait_until_up()
+
+        @local_ray.remote(num_cpus=0, max_calls=1)
+        def nodes_seen_by_the_state_api(with_address: bool) -> list[str] | str:
+            from ray.util.state import list_nodes
+
+            if not with_address:
+                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            try:
+                return sorted(node.node_id for node in list_nodes(timeout=30))
+            except Exception as error:
+                return str(error)
+
+        own_nodes = sorted(node["NodeID"] for node in local_ray.nodes())
+        assert local_ray.get(nodes_seen_by_the_state_api.remote(True)) == own_nodes
+        without_address = local_ray.get(nodes_seen_by_the_state_api.remote(False))
+        assert without_address != own_nodes, "without the address the state API must find the other Ray"
+    finally:
+        head.kill()
 
 
 def test_an_address_or_ray_address_is_used_when_given(ray_not_started, monkeypatch):

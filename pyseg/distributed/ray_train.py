@@ -121,6 +121,30 @@ def forwarded_env() -> dict[str, str]:
     return env
 
 
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def local_ray_state_api(init_kwargs: dict, env_vars: dict[str, str]) -> dict:
+    """ray.init arguments for a local Ray whose actors all know the address of its state API (its dashboard).
+
+    Ray Train's placement-group cleaner (an actor that frees a trial's CPUs when the trial's controller dies) asks
+    the state API without an address; Ray then looks for "the" Ray on this machine and fails while another local
+    Ray runs (two searches side by side: "Found multiple active Ray instances"), and the dead trial's placement
+    group keeps its CPUs. Here the dashboard gets a port chosen in advance, and RAY_API_SERVER_ADDRESS (in
+    env_vars, which become the job's runtime_env) points every actor of this job at it. Returns the new kwargs;
+    fills env_vars. With include_dashboard=False nothing changes."""
+    if init_kwargs.get("include_dashboard") is False:
+        return init_kwargs
+    host = init_kwargs.get("dashboard_host") or "127.0.0.1"
+    port = init_kwargs.get("dashboard_port") or free_local_port()
+    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    return {**init_kwargs, "dashboard_host": host, "dashboard_port": port}
+
+
 def init_ray(address: str | None = None, **kwargs) -> None:
     """Connects to address (or RAY_ADDRESS), or starts a local Ray when neither is given; once per process.
 
@@ -135,6 +159,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     if target is None:
         # address="local", not None: None also means "the cluster in /tmp/ray/ray_current_cluster", which a
         # stopped or killed `ray start --head` leaves behind, and ray.init waits forever for that dead head.
+        kwargs = local_ray_state_api(kwargs, runtime_env["env_vars"])
         try:
             ray.init(address="local", runtime_env=runtime_env, **kwargs)
         except Exception as error:  # Ray raises a bare Exception when its processes do not come up in time
