@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from pyseg.config import TrainConfig, add_config_arguments, config_from_args, flag
-from pyseg.errors import CommandParser, run_command
+from pyseg.errors import CommandParser, ConfigError, run_command
 
 
 def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,27 @@ def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--mlflow-experiment", default="pyseg", help="MLflow experiment name (default pyseg)")
     group.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def add_storage_argument(group) -> None:
+    group.add_argument(
+        "--storage",
+        default=None,
+        help="where runs are kept when nodes share no disk: a URI pyarrow.fs opens (s3://BUCKET/PREFIX, "
+        "gs://..., abfs://...); a local folder means --project",
+    )
+
+
+def remote_storage(args: argparse.Namespace) -> str:
+    """--storage as a remote URI ("" when not given); a local folder (or file://) becomes --project."""
+    from pyseg.storage import is_remote
+
+    if not args.storage:
+        return ""
+    if is_remote(args.storage):
+        return args.storage
+    args.project = args.storage.removeprefix("file://")
+    return ""
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +81,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="elastic: when workers or nodes are lost, go on with as few as this (default: always --ray-workers)",
     )
+    add_storage_argument(group)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    storage = remote_storage(args)
+    if storage and not args.ray_workers:
+        raise ConfigError("--storage URI keeps a run trained by Ray workers: add --ray-workers N")
     cfg = config_from_args(args)
     ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
     if cfg.resume and (ignored or args.cfg):
@@ -105,7 +130,12 @@ def train_command(argv: list[str] | None) -> int:
                 args.max_failures,
                 args.min_workers,
             )
-            run_dir, result = fit_with_ray(cfg, scaling, tracking)
+            kept = stored_run(storage, cfg) if storage else None
+            if kept:  # the name is checked against the storage, not this machine's --project
+                cfg = cfg.updated(exist_ok=True)
+            run_dir, result = fit_with_ray(cfg, scaling, tracking, storage=kept.uri if kept else None)
+            if kept:
+                run_dir = kept.display
             if result.error is not None:
                 print(f"pyseg.train: training failed: {result.error}", file=sys.stderr)
                 return 1
@@ -115,6 +145,12 @@ def train_command(argv: list[str] | None) -> int:
             trainer = Trainer(cfg, default_hooks() + [MlflowHook(tracking)], resume_from=args.resume_from)
             run_dir = trainer.fit()
     except KeyboardInterrupt as interrupt:
+        if storage:
+            given = list(sys.argv[1:] if argv is None else argv)
+            given += ([] if cfg.resume else ["--resume"]) + ([] if "--name" in given else ["--name", cfg.name])
+            again = shlex.join(given)
+            print(f"\npyseg.train: interrupted; continue with: python -m pyseg.train {again}", file=sys.stderr)
+            return 130
         where = getattr(interrupt, "run_dir", None) or getattr(trainer, "run_dir", None)
         last = where / "weights" / "last.pt" if where else None
         if last is not None and last.is_file():
@@ -128,6 +164,18 @@ def train_command(argv: list[str] | None) -> int:
 
 # Training settings a resumed run takes from its checkpoint, whatever the command line says.
 RESUME_IGNORES = tuple(f.name for f in fields(TrainConfig) if f.name not in ("resume", "project", "name", "exist_ok"))
+
+
+def stored_run(storage: str, cfg: TrainConfig):
+    """The Storage of the run --name under the --storage URI; ConfigError when a new run would overwrite one."""
+    from pyseg.storage import Storage
+
+    kept = Storage.open(storage).child(cfg.name)
+    if not cfg.resume and kept.exists("results.csv"):
+        raise ConfigError(
+            f"{kept.display} already holds a run: pass --resume --name {cfg.name} to continue it, or another --name"
+        )
+    return kept
 
 
 def _terminate_as_interrupt(signum, frame):

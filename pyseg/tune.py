@@ -25,7 +25,7 @@ import sys
 from pyseg.config import RULES, add_config_arguments, config_from_args, resume_target
 from pyseg.errors import CommandParser, ConfigError, run_command
 from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
-from pyseg.train import add_tracking_arguments
+from pyseg.train import add_storage_argument, add_tracking_arguments, remote_storage
 
 DEFAULT_SPACE = "tune/default.yaml"
 
@@ -68,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--epoch-budget", type=int, default=0, help="stop the search after N trial-epochs in all (0 = none)"
     )
     group.add_argument("--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: local Ray)")
+    add_storage_argument(group)
     group.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output")
     add_tracking_arguments(parser)
     add_config_arguments(parser)
@@ -96,6 +97,7 @@ def tune_command(argv: list[str] | None) -> int:
     args.resume = None
     from pyseg.tuning import TuneSettings, load_search_space, run_tune
 
+    storage = remote_storage(args)
     args_name, name = args.name, args.name or "tune"
     args.name = None
     if args.epochs is None:
@@ -139,6 +141,7 @@ def tune_command(argv: list[str] | None) -> int:
             max_failures=args.max_failures,
             perturbation_interval=args.perturbation_interval,
             seed=base.seed,
+            storage=storage,
         )
     except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
         raise ConfigError(str(error)) from error

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from pyseg.engine.trainer import read_results
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
 from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
+from pyseg.storage import Storage, is_remote
 from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
@@ -43,6 +45,7 @@ DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "ch
 NOT_SEARCHABLE = {"data", "project", "name", "exist_ok", "resume", "device", "workers", "val", "val_period", "epochs"}
 METRIC = "mask/map"
 PARENT_RUN_FILE = "mlflow_parent.json"
+TRIALS = "trials"  # the trials' run folders, in the search's folder
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
 TRIAL_STOP_GRACE_S = 20  # seconds a stopped trial gets before Tune kills it
 # Values a trial can change between two epochs and go on training (PBT perturbs them; a trial that exploits another
@@ -179,6 +182,7 @@ def run_trial(
     trials_dir: str,
     hooks=(),
     checkpoint_every: int = 0,
+    storage: str = "",
 ) -> None:
     """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
 
@@ -186,7 +190,8 @@ def run_trial(
     checkpoint in trials/<trial>/ray_train, which Ray Train restores, or, without one, from weights/last.pt.
     With checkpoint_every N (PBT: its perturbation interval), every N-th epoch's report and the last carry their
     checkpoint to Tune, and a trial Tune starts from a checkpoint (another trial's, when PBT exploits it)
-    continues from that one with this trial's values.
+    continues from that one with this trial's values. With storage (the URI of the search's trials folder), the
+    trial's folder is storage/<trial>, and trials_dir is only where each node stages its copy.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -194,17 +199,22 @@ def run_trial(
     context = ray.tune.get_context()
     trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
     run_dir = Path(trials_dir) / trial_id
+    kept = Storage(storage).child(trial_id) if storage else None
     given = ray.tune.get_checkpoint()
     if given is not None:
-        continue_from(given, run_dir)
-    resume = (run_dir / "weights" / CHECKPOINT_FILE).is_file()
+        continue_from(given, run_dir, kept)
+    last = ("weights", CHECKPOINT_FILE)
+    resume = kept.exists(*last) if kept else run_dir.joinpath(*last).is_file()
     cfg = trial_config(base, config, trials_dir, trial_id, resume=resume)
     tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
     trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
 
     def fit(callbacks) -> None:
         scaling_ = RayScaling(**scaling)
-        fit_with_ray(cfg, scaling_, trial_tracking, extra_hooks=hooks, callbacks=callbacks, config_overrides=config)
+        fit_with_ray(
+            cfg, scaling_, trial_tracking, extra_hooks=hooks, callbacks=callbacks, config_overrides=config,
+            storage=kept.uri if kept else None,
+        )  # fmt: skip
 
     if checkpoint_every:
         report_with_checkpoints(fit, checkpoint_every, base.epochs)
@@ -212,9 +222,16 @@ def run_trial(
         fit([TuneReportCallback()])
 
 
-def continue_from(checkpoint, run_dir: Path) -> None:
-    """Makes the trial folder run_dir continue from a Tune checkpoint (a folder holding last.pt): its
-    weights/last.pt becomes that one, and its own Ray Train checkpoints go, so that Train does not restore them."""
+def continue_from(checkpoint, run_dir: Path, kept: Storage | None = None) -> None:
+    """Makes the trial folder run_dir (or, kept on a storage, that one) continue from a Tune checkpoint (a folder
+    holding last.pt): its weights/last.pt becomes that one, and its own Ray Train checkpoints go, so that Train does
+    not restore them."""
+    if kept is not None:
+        with tempfile.TemporaryDirectory(prefix="pyseg-exploit-") as folder:
+            checkpoint.to_directory(folder)
+            kept.write_file(Path(folder) / CHECKPOINT_FILE, "weights", CHECKPOINT_FILE)
+        kept.delete("ray_train")
+        return
     weights = run_dir / "weights"
     incoming = weights / ".incoming"
     shutil.rmtree(incoming, ignore_errors=True)
@@ -287,6 +304,7 @@ class TuneSettings:
     seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
     max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
     perturbation_interval: int = 0  # PBT: epochs between exploit/explore steps (0 = max(1, epochs // 5))
+    storage: str = ""  # a URI (s3://...) that keeps the search when nodes share no disk; "" = the project folder
 
     def __post_init__(self):
         if self.samples < 1:
@@ -501,6 +519,8 @@ def clip_to_space(config: dict, space: dict) -> dict:
 def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConfig, trials_dir: Path, hooks):
     from ray import tune
 
+    # with a remote storage, the trials keep their folders there (each node stages its own copies)
+    storage = Storage(settings.storage).child(settings.name, TRIALS).uri if is_remote(settings.storage) else ""
     trainable = tune.with_parameters(
         run_trial,
         base=base,
@@ -509,6 +529,7 @@ def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConf
         trials_dir=str(trials_dir),
         hooks=list(hooks),
         checkpoint_every=perturbation_interval(settings, base.epochs) if settings.scheduler == "pbt" else 0,
+        storage=storage,
     )
     # The trial function only drives its TorchTrainer; the Train workers hold the CPUs and GPUs. A trial must
     # request something, and any CPU fraction would leave less than a whole CPU for the workers: it requests memory.
@@ -531,18 +552,22 @@ def run_tune(
         pbt_mutations(space)  # a space PBT cannot evolve is one line, before Ray starts
     base = absolute_paths(base)
     tracking = tracking or TrackingConfig()
-    experiment_dir = Path(base.project) / settings.name
-    trials_dir = experiment_dir / "trials"
-    if settings.resume and not tune.Tuner.can_restore(str(experiment_dir)):
-        raise FileNotFoundError(
-            f"--resume: no Tune experiment to continue in {experiment_dir}; check --project and --name"
-        )
-    if not settings.resume and experiment_dir.exists() and any(experiment_dir.iterdir()):
-        raise FileExistsError(
-            f"{experiment_dir} already holds an experiment: pass --resume to continue it or another --name"
-        )
+    experiment_dir = Path(base.project) / settings.name  # with a remote storage: this machine's copy of its outputs
+    trials_dir = experiment_dir / TRIALS
+    kept = Storage.open(settings.storage).child(settings.name) if is_remote(settings.storage) else None
+    location = kept.uri if kept else str(experiment_dir)  # where Tune keeps the experiment's state
+    shown = kept.display if kept else experiment_dir
+    if settings.resume and not tune.Tuner.can_restore(location):
+        where = "--storage" if kept else "--project"
+        raise FileNotFoundError(f"--resume: no Tune experiment to continue in {shown}; check {where} and --name")
+    if not settings.resume and not (kept.is_empty_or_missing() if kept else is_empty_or_missing(experiment_dir)):
+        raise FileExistsError(f"{shown} already holds an experiment: pass --resume to continue it or another --name")
+    if kept and tracking.enabled:
+        check_tracking_reachable_from_every_node(resolve_tracking_uri(tracking.uri, base.project), kept)
     if not settings.resume:
         check_creatable(experiment_dir)  # before Ray starts
+    if kept and settings.resume and kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
+        kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
     searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
@@ -567,10 +592,8 @@ def run_tune(
     callback = activate(view)
     stopper = None  # a restored search keeps the stopper it was started with
     if settings.resume:
-        tuner = tune.Tuner.restore(
-            str(experiment_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-        print(f"resuming {experiment_dir}: finished trials are kept, unfinished ones continue from their checkpoints")
+        tuner = tune.Tuner.restore(location, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        print(f"resuming {shown}: finished trials are kept, unfinished ones continue from their checkpoints")
     else:
         experiment_dir.mkdir(parents=True, exist_ok=True)
         scheduler = _scheduler(settings, space, base.epochs)
@@ -590,7 +613,7 @@ def run_tune(
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
-                storage_path=str(Path(base.project)),
+                storage_path=Storage(settings.storage).uri if kept else str(Path(base.project)),
                 stop=stopper,
                 # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
                 failure_config=tune.FailureConfig(max_failures=settings.max_failures),
@@ -613,7 +636,13 @@ def run_tune(
             results = tuner.fit()
     finally:
         view.close()
-    summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples)
+    if kept:  # this machine's copy of every trial's results (not their weights) for the summary
+        kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
+    summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples, kept)
+    if kept:
+        for output in (summary.results_csv, summary.best_config, *summary.pictures, experiment_dir / PARENT_RUN_FILE):
+            if output is not None and output.is_file():
+                kept.write_file(output, output.name)
     if settings.time_budget and time.monotonic() - started >= settings.time_budget:
         summary.budget_spent = "time"
     elif stopper is not None and stopper.stop_all():
@@ -628,9 +657,16 @@ def run_tune(
 
 
 def summarize(
-    results, base: TrainConfig, searched: list[str], experiment_dir: Path, trials_dir: Path, samples: int
+    results,
+    base: TrainConfig,
+    searched: list[str],
+    experiment_dir: Path,
+    trials_dir: Path,
+    samples: int,
+    kept: Storage | None = None,
 ) -> TuneSummary:
-    """tune_results.csv (best epoch of every trial, sorted by mask mAP50-95), best.yaml and the best checkpoint."""
+    """tune_results.csv (best epoch of every trial, sorted by mask mAP50-95), best.yaml and the best checkpoint
+    (with kept, the storage of the search: copied from there, its URI printed)."""
     rows = []
     for result in results:
         config = result.config or {}
@@ -680,6 +716,9 @@ def summarize(
         )
         atomic_write_text(best_config, header + yaml.safe_dump(best_run.to_dict(), sort_keys=False))
         candidate = Path(best["run_dir"]) / "weights" / "best.pt"
+        stored = kept.child(TRIALS, best_trial, "weights", "best.pt") if kept else None
+        if stored is not None and stored.exists():
+            stored.download_file(candidate)
         best_checkpoint = candidate if candidate.is_file() else None
         values = ", ".join(f"{key} {format_value(best.get(key))}" for key in searched)
         print(
@@ -687,12 +726,16 @@ def summarize(
             f"{best['best_epoch']}" + (f"; {values}" if values else "")
         )
         print(f"best config: {best_config}")
-        print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
+        if stored is not None and best_checkpoint is not None:
+            print(f"best checkpoint: {stored.display} (copied to {best_checkpoint})")
+        else:
+            print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
     print(f"all trials: {results_csv}")
     pictures = search_pictures(rows, searched, base.epochs, experiment_dir)
     if pictures:
         print(f"pictures: {', '.join(str(p) for p in pictures)}")
-    unfinished = max(samples - finished_trials(experiment_dir, results), 0)  # interrupted, or never started
+    state = kept.uri if kept else str(experiment_dir)
+    unfinished = max(samples - finished_trials(state, results), 0)  # interrupted, or never started
     return TuneSummary(
         experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures
     )
@@ -714,7 +757,7 @@ def search_pictures(rows: list[dict], searched: list[str], epochs: int, experime
     return pictures
 
 
-def finished_trials(experiment_dir: Path, results) -> int:
+def finished_trials(experiment_dir: str, results) -> int:
     """Trials that ended (done, stopped by the scheduler or the time budget, or failed): those --resume keeps.
 
     Read from the experiment state Tune saved last, not from results: on Ctrl-C Tune saves the state (the running
@@ -723,10 +766,26 @@ def finished_trials(experiment_dir: Path, results) -> int:
     from ray.tune import ExperimentAnalysis
 
     try:
-        trials = ExperimentAnalysis(str(experiment_dir)).trials
+        trials = ExperimentAnalysis(experiment_dir).trials
     except (ValueError, OSError):  # no saved state (nothing ran)
         return results.num_terminated + results.num_errors
     return sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
+
+
+def is_empty_or_missing(folder: Path) -> bool:
+    return not (folder.exists() and any(folder.iterdir()))
+
+
+def check_tracking_reachable_from_every_node(uri: str, kept: Storage) -> None:
+    """ConfigError when a search kept on a remote storage would log to a store on this machine's disk only (the
+    default SQLite file): trials on other nodes could not reach it."""
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise ConfigError(
+            f"--storage {kept.display.rsplit('/', 1)[0]}: trials run on nodes that do not share this machine's disk, "
+            f"so they cannot log to the MLflow store {uri}. Start a tracking server they can reach (e.g. `mlflow "
+            "server --host 0.0.0.0 --port 5000` here) and pass --mlflow-uri http://THIS_HOST:5000, or pass "
+            "--no-mlflow"
+        )
 
 
 def _start_parent_run(base, space, settings, tracking, experiment_dir: Path) -> MlflowRun:

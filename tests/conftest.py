@@ -380,11 +380,18 @@ def local_ray(ray_worker_tmpdir):
 
 
 @contextlib.contextmanager
-def ray_cluster(head_cpus: int = 1, worker_cpus: int = 1, worker_gpus: int = 0):
+def ray_cluster(
+    head_cpus: int = 1,
+    worker_cpus: int = 1,
+    worker_gpus: int = 0,
+    head_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+):
     """A Ray cluster of two nodes on loopback (ray.cluster_utils.Cluster: a head and a worker node, each a raylet of
     its own), this process connected as its driver; yields the Cluster with .worker_node. Sessions, lock and address
     files stay in a private folder, removed afterwards. The worker node may declare GPUs (Ray schedules on declared
-    resources, real or not)."""
+    resources, real or not). head_env and worker_env: environment variables of each node's processes (e.g. a TMPDIR
+    of its own, as a machine of its own has)."""
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -400,9 +407,10 @@ def ray_cluster(head_cpus: int = 1, worker_cpus: int = 1, worker_gpus: int = 0):
                     "include_dashboard": True,  # its state API serves Ray Train's placement-group cleaner
                     "dashboard_host": "127.0.0.1",
                     "dashboard_port": None,
+                    "env_vars": head_env,
                 },
             )
-            nodes.worker_node = nodes.add_node(num_cpus=worker_cpus, num_gpus=worker_gpus)
+            nodes.worker_node = nodes.add_node(num_cpus=worker_cpus, num_gpus=worker_gpus, env_vars=worker_env)
             state_api = {"RAY_API_SERVER_ADDRESS": "http://" + nodes.head_node.address_info["webui_url"]}
             ray.init(address=nodes.address, runtime_env={"env_vars": state_api})
             yield nodes

@@ -24,6 +24,7 @@ from pathlib import Path
 from pyseg.config import TrainConfig
 from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
 from pyseg.errors import ConfigError, UserError
+from pyseg.storage import StorageSyncHook, remove_staged, stage, staging_folder
 from pyseg.tracking import MlflowHook, TrackingConfig
 
 # Environment that must reach every process pyseg starts on Ray: Train workers and Tune trials (they may start before
@@ -315,9 +316,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(int(loop_config["cpus_per_worker"]), 1))
     tracking = TrackingConfig(**loop_config["tracking"])
     report = RayReportHook()
-    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), report]
+    storage = loop_config.get("storage")
+    if storage:  # kept on a storage: every rank stages its own copy of the run folder on its node
+        cfg = cfg.updated(project=str(staging_folder(storage, rank)))
+    sync = [StorageSyncHook(storage)] if storage else []
+    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), *sync, report]
     restore_dir = resume_from = None
     fit_started_at = loop_config.get("fit_started_at", 0.0)
+    run_dir = Path(cfg.project) / cfg.name
+    if storage:  # the storage holds the truth: a copy left on this node by a killed run may be stale
+        stage(storage, run_dir)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -328,9 +336,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             hooks.append(RestartMessageHook(f"Ray checkpoint {checkpoint.path}", fit_started_at))
         else:
             own = Path(cfg.project) / cfg.name / "weights" / CHECKPOINT_FILE
-            if not cfg.resume and own.is_file() and own.stat().st_mtime >= fit_started_at:
+            # a stored run's last.pt is always its latest (a search never reuses a trial's folder, a training
+            # refuses a stored name); a local one counts when written in this fit
+            if not cfg.resume and own.is_file() and (storage or own.stat().st_mtime >= fit_started_at):
                 # restarted before Ray registered any checkpoint of this fit (the first report died with its
-                # worker): the run's own last.pt, written in this fit, is where it stands
+                # worker): the run's own last.pt is where it stands
                 resume_from = own
                 hooks.append(RestartMessageHook(str(own), fit_started_at))
         trainer = Trainer(
@@ -347,6 +357,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainer.fit()
         if report.reports == 0:
             report.report_finished_run(trainer)
+        if storage:  # everything is in the storage: the node keeps no copy
+            remove_staged(run_dir)
     finally:
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
@@ -402,15 +414,17 @@ class RemoveFolderHook(Hook):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
-    """Absolute paths and a fixed run folder (decided once here, so restarted workers find the same one)."""
+def prepare_run(cfg: TrainConfig, local: bool = True) -> tuple[TrainConfig, Path]:
+    """Absolute paths and a fixed run folder (decided once here, so restarted workers find the same one), made
+    unless the run is kept on a remote storage (local False: each node stages its own copy)."""
     cfg = absolute_paths(cfg)
     if cfg.resume:
         run_dir = Path(cfg.project) / cfg.name
     else:
         run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
         cfg = dataclasses.replace(cfg, name=run_dir.name, exist_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if local:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return cfg, run_dir
 
 
@@ -422,17 +436,20 @@ def fit_with_ray(
     extra_hooks: Sequence[Hook] = (),
     callbacks: Sequence = (),
     config_overrides: dict | None = None,
+    storage: str | None = None,
 ):
     """Trains cfg on scaling.workers Ray Train workers; returns (run folder, ray.train.Result).
 
     The Ray checkpoints live in <run folder>/ray_train; running again with cfg.resume (same project and name)
     continues from the latest one. extra_hooks run on every worker after the default hooks. config_overrides
-    replace the values a resumed run takes from its checkpoint.
+    replace the values a resumed run takes from its checkpoint. storage: the URI that keeps this run's folder when
+    nodes share no disk (pyseg.storage); the run then trains in cfg's folder as a local staging copy on each node,
+    and Ray's checkpoints go to storage/ray_train.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg, run_dir = prepare_run(cfg)
+    cfg, run_dir = prepare_run(cfg, local=storage is None)
     tracking = tracking or TrackingConfig()
     init_ray(scaling.address)
     scaling = scaling.resolved()
@@ -445,6 +462,7 @@ def fit_with_ray(
             "cpus_per_worker": scaling.cpus_per_worker,
             "fit_started_at": time.time(),  # a checkpoint written after this is a restart after a failure
             "config_overrides": dict(config_overrides or {}),
+            "storage": storage,
         },
         # NCCL needs a whole GPU per rank; workers that share a GPU (fractions) talk over gloo
         torch_config=TorchConfig(backend="nccl" if (scaling.gpus_per_worker or 0) >= 1 else "gloo"),
@@ -455,7 +473,7 @@ def fit_with_ray(
         ),
         run_config=ray.train.RunConfig(
             name="ray_train",
-            storage_path=str(run_dir),
+            storage_path=storage or str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
