@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the cluster's dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS)",
     )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return without following it")
+    parser.add_argument(
+        "--stop-on-interrupt",
+        action="store_true",
+        help="Ctrl-C stops the job on the cluster without asking (default: ask on a terminal, else leave it running)",
+    )
     parser.add_argument("--working-dir", default=".", help="folder shipped to the cluster (default: .)")
     parser.add_argument("--pip", default="", help="a requirements file (or comma-separated packages) Ray installs")
     parser.add_argument("--job-id", default=None, help="submission id (default: Ray picks one)")
@@ -96,7 +101,8 @@ async def follow_logs(client, job_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line: the job's outcome (0 SUCCEEDED, 1 otherwise), 2 for a user error (one line), 130 (Ctrl-C)."""
+    """The command line: the job's own exit code (0 when it SUCCEEDED; 1 when it failed without one), 2 for a user
+    error here (one line), 130 (Ctrl-C)."""
     return run_command("pyseg.submit", submit_command, argv)
 
 
@@ -111,7 +117,7 @@ def submit_command(argv: list[str] | None) -> int:
 
     try:
         client = JobSubmissionClient(args.address)
-        job_id = client.submit_job(entrypoint=entrypoint(args.command), runtime_env=env, submission_id=args.job_id)
+        job_id = submit_job(client, entrypoint(args.command), env, args.job_id)
     except Exception as error:  # connection refused, 401, bad runtime env: all end here with a next step
         hint = (
             "the cluster refused the token: use the head node's ~/.ray/auth_token (or $RAY_AUTH_TOKEN)"
@@ -129,12 +135,68 @@ def submit_command(argv: list[str] | None) -> int:
     try:
         asyncio.run(follow_logs(client, job_id))
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. {follow}   or stop it: ray job stop {job_id}", file=sys.stderr)
+        if args.stop_on_interrupt or ask_to_stop(job_id):
+            client.stop_job(job_id)
+            status = wait_until_ended(client, job_id)
+            print(f"\njob {job_id}: {status}", file=sys.stderr)
+        else:
+            stop = f"ray job stop {job_id} --address {args.address}"
+            print(f"\nstopped following; the job goes on. {follow}   or stop it: {stop}", file=sys.stderr)
         return 130
     info = client.get_job_info(job_id)
     status = str(getattr(info.status, "value", info.status))
     print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message and status != "SUCCEEDED" else ""))
+    return job_exit_code(status, info.driver_exit_code)
+
+
+# A cluster that has just started answers this until its nodes' job agents are up (seconds).
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
+
+
+def submit_job(client, command: str, env: dict, job_id: str | None) -> str:
+    """client.submit_job, retried while the cluster says its job agents are not up yet (up to AGENT_WAIT_S)."""
+    import time
+
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(entrypoint=command, runtime_env=env, submission_id=job_id)
+        except RuntimeError as error:
+            if AGENT_NOT_READY not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+
+
+def job_exit_code(status: str, driver_exit_code: int | None) -> int:
+    """This command's exit code for a finished job: the job's own (its driver's), else 0 SUCCEEDED and 1 otherwise."""
+    if driver_exit_code is not None:
+        return driver_exit_code
     return 0 if status == "SUCCEEDED" else 1
+
+
+def ask_to_stop(job_id: str) -> bool:
+    """On a terminal: asks whether to stop the job (no by default; a second Ctrl-C or end of input is no)."""
+    if not sys.stdin.isatty():
+        return False
+    try:
+        answer = input(f"\nstop job {job_id} on the cluster? [y/N] ")
+    except (KeyboardInterrupt, EOFError):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def wait_until_ended(client, job_id: str, timeout_s: float = 60.0) -> str:
+    """The job's status once it is no longer running (STOPPED, or what it reached first), or after timeout_s."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = client.get_job_status(job_id)
+        status = str(getattr(found, "value", found))
+        if status not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -407,10 +407,18 @@ def ray_cluster(
                     "include_dashboard": True,  # its state API serves Ray Train's placement-group cleaner
                     "dashboard_host": "127.0.0.1",
                     "dashboard_port": None,
-                    "env_vars": head_env,
+                    # each node's agent (it runs Ray Jobs) on a free port, not 52365: a Ray already running on
+                    # this machine holds that one, and the node would have no agent
+                    "dashboard_agent_listen_port": free_port(),
+                    "env_vars": {"PATH": python_env()["PATH"], **(head_env or {})},  # `python` is this one
                 },
             )
-            nodes.worker_node = nodes.add_node(num_cpus=worker_cpus, num_gpus=worker_gpus, env_vars=worker_env)
+            nodes.worker_node = nodes.add_node(
+                num_cpus=worker_cpus,
+                num_gpus=worker_gpus,
+                env_vars={"PATH": python_env()["PATH"], **(worker_env or {})},
+                dashboard_agent_listen_port=free_port(),
+            )
             state_api = {"RAY_API_SERVER_ADDRESS": "http://" + nodes.head_node.address_info["webui_url"]}
             ray.init(address=nodes.address, runtime_env={"env_vars": state_api})
             yield nodes

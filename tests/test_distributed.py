@@ -168,6 +168,9 @@ def test_an_address_or_ray_address_is_used_when_given(ray_not_started, monkeypat
         monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
         init_ray(None)
     assert [call["address"] for call in ray_not_started] == [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"]
+    # a GCS address goes to every actor of the job (the state API of this cluster); a client address does not
+    assert ray_not_started[0]["runtime_env"]["env_vars"]["RAY_ADDRESS"] == f"127.0.0.1:{port}"
+    assert "RAY_ADDRESS" not in ray_not_started[1]["runtime_env"]["env_vars"]
 
 
 @pytest.mark.parametrize("source", ["--address", "RAY_ADDRESS", "auto"])

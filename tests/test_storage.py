@@ -233,3 +233,35 @@ def test_a_ray_training_kept_on_s3_stores_its_run_folder_and_refuses_to_overwrit
         code, output = train("--resume")  # a finished run: nothing left to train, still one row per epoch
         assert code == 0, output[-4000:]
         assert results_epochs(run, "results.csv") == [1, 2]
+
+
+def test_a_search_kept_remotely_needs_a_tracking_store_every_node_reaches(s3_endpoint, tiny_data, tmp_path):
+    from conftest import tiny_config
+
+    from pyseg.tracking import TrackingConfig
+    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+
+    space = tmp_path / "space.yaml"
+    space.write_text("lr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    settings = TuneSettings(samples=1, name="remote", storage=f"s3://{BUCKET}/checks")
+    with pytest.raises(ConfigError) as caught:  # before Ray starts
+        run_tune(tiny_config(tiny_data, tmp_path), load_search_space(space), settings, TrackingConfig())
+    message = str(caught.value)
+    assert "mlflow.db" in message and "--mlflow-uri http://" in message and "--no-mlflow" in message
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "message"),
+    [
+        ("tune", ["--storage", "nosuchscheme://bucket/runs"], "--storage nosuchscheme://bucket/runs: cannot open it"),
+        ("train", ["--storage", f"s3://{BUCKET}/t"], "--storage URI keeps a run trained by Ray workers"),
+    ],
+)
+def test_storage_mistakes_are_one_line_and_exit_2(s3_endpoint, tmp_path, capsys, command, flags, message):
+    from pyseg import train as train_cli
+    from pyseg import tune as tune_cli
+
+    main = tune_cli.main if command == "tune" else train_cli.main
+    assert main([*flags, "--project", str(tmp_path / "runs"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -176,6 +176,10 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         "HEAD:6379 or ray://HEAD:10001), or leave out --address and unset RAY_ADDRESS to start a local Ray."
     )
     _check_reachable(target, source, hint)
+    if "://" not in target and target != "auto":
+        # a GCS address (a Ray Job's driver gets one in RAY_ADDRESS): Ray Train's placement-group cleaner, on the
+        # head node, then asks this cluster's state API even where another Ray runs on the same machine
+        runtime_env["env_vars"]["RAY_ADDRESS"] = target
     try:
         ray.init(address=target, runtime_env=runtime_env, **kwargs)
     except ConnectionError as error:
