@@ -69,9 +69,7 @@ def measure(writers: int, epochs: int, metrics: int, folder: Path) -> dict:
     assert first.flush(), "could not create the store"
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
-    processes = [
-        context.Process(target=writer, args=(uri, i, epochs, metrics, start, results)) for i in range(writers)
-    ]
+    processes = [context.Process(target=writer, args=(uri, i, epochs, metrics, start, results)) for i in range(writers)]
     for process in processes:
         process.start()
     time.sleep(3.0)  # every writer imported MLflow and is waiting
