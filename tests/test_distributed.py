@@ -173,6 +173,23 @@ def test_an_address_or_ray_address_is_used_when_given(ray_not_started, monkeypat
     assert "RAY_ADDRESS" not in ray_not_started[1]["runtime_env"]["env_vars"]
 
 
+def test_inside_a_ray_job_init_ray_leaves_out_the_env_vars_the_job_already_sets(ray_not_started, monkeypatch):
+    # Ray refuses a job driver's ray.init whose runtime_env repeats a key of the job's ("Failed to merge the Job's
+    # runtime env"): pyseg.submit forwards PYSEG_CACHE_DIR and the like to the job, and init_ray forwarded them again.
+    monkeypatch.setenv("PYSEG_CACHE_DIR", "/data/cache")
+    job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"PYSEG_CACHE_DIR": "/data/cache"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    port = free_port()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # as Ray Jobs sets it
+        init_ray(None)
+    env_vars = ray_not_started[0]["runtime_env"]["env_vars"]
+    assert "PYSEG_CACHE_DIR" not in env_vars  # the job brings it
+    assert env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and env_vars["RAY_ADDRESS"] == f"127.0.0.1:{port}"
+
+
 @pytest.mark.parametrize("source", ["--address", "RAY_ADDRESS", "auto"])
 def test_an_unreachable_cluster_is_a_user_error_that_names_the_address(ray_not_started, monkeypatch, short_tmp, source):
     dead = f"127.0.0.1:{free_port()}"

@@ -146,6 +146,23 @@ def local_ray_state_api(init_kwargs: dict, env_vars: dict[str, str]) -> dict:
     return {**init_kwargs, "dashboard_host": host, "dashboard_port": port}
 
 
+# Set by Ray Jobs in a job's driver: the job's config, its runtime_env among it.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def without_job_env_vars(env_vars: dict[str, str]) -> dict[str, str]:
+    """env_vars less those the Ray Job this process is the driver of already sets (pyseg.submit forwards the same
+    ones): Ray refuses a ray.init whose runtime_env repeats a key of the job's, even with the same value."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
+    except ValueError:
+        return env_vars
+    taken = ((job.get("runtime_env") or {}).get("env_vars") or {}) if isinstance(job, dict) else {}
+    return {key: value for key, value in env_vars.items() if key not in taken}
+
+
 def init_ray(address: str | None = None, **kwargs) -> None:
     """Connects to address (or RAY_ADDRESS), or starts a local Ray when neither is given; once per process.
 
@@ -180,6 +197,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # a GCS address (a Ray Job's driver gets one in RAY_ADDRESS): Ray Train's placement-group cleaner, on the
         # head node, then asks this cluster's state API even where another Ray runs on the same machine
         runtime_env["env_vars"]["RAY_ADDRESS"] = target
+    runtime_env["env_vars"] = without_job_env_vars(runtime_env["env_vars"])
     try:
         ray.init(address=target, runtime_env=runtime_env, **kwargs)
     except ConnectionError as error:
