@@ -3,7 +3,7 @@
 With `--storage URI`, a run's folder lives at URI/<name> (a search's at URI/<name>, each trial's at
 URI/<name>/trials/<trial>). Every node trains in a local staging folder (STAGING under its own temp dir) and copies
 what changed to the storage after every epoch (`StorageSyncHook`, rank 0); a run that starts again, on any node
-(after a failure, a PBT exploit or --resume), first copies its folder back (`Storage.download`). Ray writes its own
+(after a failure, a PBT exploit or --resume), first makes its copy afresh from the storage (`stage`). Ray writes its own
 checkpoints and Tune its experiment state straight to the same URI. Credentials and endpoints come from the usual
 places of each filesystem (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws), on every node.
 """

@@ -141,11 +141,9 @@ def tiny_config(data, tmp_path, **overrides):
 
 
 def free_port() -> int:
-    import socket
+    from pyseg.distributed.ray_train import free_local_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_local_port()
 
 
 class MlflowServer:
