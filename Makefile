@@ -6,7 +6,7 @@ run:
 		--grace-period 15 --time-budget 450 --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test:
-	scripts/with-env.sh scripts/run-tests.sh -q
+	scripts/with-env.sh scripts/run-tests.sh -q --durations=30
 
 bench:
 	scripts/with-env.sh python benchmarks/bench_ops.py

@@ -211,6 +211,14 @@ def stage(storage_uri: str, run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def remove_all_staged(storage_uri: str) -> None:
+    """Removes every rank's staging copies of the runs kept under storage_uri from this node (the storage holds
+    them; a trial stopped or killed mid-run leaves its copy behind)."""
+    shutil.rmtree(staging_folder(storage_uri).parent, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging_root().rmdir()
+
+
 def remove_staged(run_dir: Path) -> None:
     """Removes a staged run folder, and the staging folders above it once they are empty."""
     shutil.rmtree(run_dir, ignore_errors=True)

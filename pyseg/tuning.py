@@ -31,6 +31,7 @@ from pyseg.distributed.ray_train import (
     drop_worker_pool_warnings,
     fit_with_ray,
     init_ray,
+    remove_staged_on_every_node,
 )
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
 from pyseg.engine.trainer import read_results
@@ -516,11 +517,16 @@ def clip_to_space(config: dict, space: dict) -> dict:
     return clipped
 
 
+def trials_storage_uri(settings: TuneSettings) -> str:
+    """The URI under which a search kept on a remote storage keeps its trials' run folders."""
+    return Storage(settings.storage).child(settings.name, TRIALS).uri
+
+
 def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConfig, trials_dir: Path, hooks):
     from ray import tune
 
     # with a remote storage, the trials keep their folders there (each node stages its own copies)
-    storage = Storage(settings.storage).child(settings.name, TRIALS).uri if is_remote(settings.storage) else ""
+    storage = trials_storage_uri(settings) if is_remote(settings.storage) else ""
     trainable = tune.with_parameters(
         run_trial,
         base=base,
@@ -636,6 +642,8 @@ def run_tune(
             results = tuner.fit()
     finally:
         view.close()
+    if kept:  # the trials are over: what they staged on the nodes is in the storage
+        remove_staged_on_every_node(trials_storage_uri(settings))
     if kept:  # this machine's copy of every trial's results (not their weights) for the summary
         kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples, kept)

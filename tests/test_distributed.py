@@ -203,6 +203,8 @@ def test_an_unreachable_cluster_is_a_user_error_that_names_the_address(ray_not_s
         monkeypatch.delenv("RAY_TMPDIR", raising=False)
         (short_tmp / "ray").mkdir()
         (short_tmp / "ray" / "ray_current_cluster").write_text(dead)
+        # and no Ray runs on this machine (with exactly one running, Ray's "auto" connects to that one instead)
+        monkeypatch.setattr("ray._private.services.find_gcs_addresses", lambda: [])
         address = "auto"
     start = time.monotonic()
     with pytest.raises(RayClusterUnreachableError) as caught:

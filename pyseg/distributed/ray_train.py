@@ -24,7 +24,7 @@ from pathlib import Path
 from pyseg.config import TrainConfig
 from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
 from pyseg.errors import ConfigError, UserError
-from pyseg.storage import StorageSyncHook, remove_staged, stage, staging_folder
+from pyseg.storage import StorageSyncHook, remove_all_staged, remove_staged, stage, staging_folder
 from pyseg.tracking import MlflowHook, TrackingConfig
 
 # Environment that must reach every process pyseg starts on Ray: Train workers and Tune trials (they may start before
@@ -507,7 +507,26 @@ def fit_with_ray(
         result = fit_in_thread(trainer)
     except KeyboardInterrupt:
         raise RayRunInterrupted(run_dir) from None
+    if storage:
+        remove_staged_on_every_node(storage)
     return run_dir, result
+
+
+def remove_staged_on_every_node(storage_uri: str, timeout_s: float = 60.0) -> None:
+    """Removes the staging copies of the runs kept under storage_uri from every live node of the connected Ray (a
+    worker stopped or killed mid-run leaves its copy); a node that does not answer within timeout_s keeps its."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remove = ray.remote(num_cpus=0, max_retries=0)(remove_all_staged)
+    pending = [
+        remove.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
+            storage_uri
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
+    ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
 
 
 def fit_in_thread(trainer):
