@@ -3,6 +3,7 @@ workers, Ray's overhead per epoch, and a 4-trial Tune search (overhead to a tria
 
     python benchmarks/bench_scaling.py                   # COCO128-Seg from ../shared/datasets (else shapes-seg)
     python benchmarks/bench_scaling.py --skip-tune --epochs 3
+    python benchmarks/bench_scaling.py --startup         # a trial's start-up in parts: TorchTrainer vs in-process
 
 Every mode runs the same config (pyseg-n, --imgsz, total batch --batch, no validation, data loading in the
 training process, one torch thread per worker), so a worker's CPU is its only CPU. Throughput = the sum over
@@ -134,6 +135,88 @@ def run_tune_search(args, project: Path) -> dict:
     return {"wall_s": wall, "trials": len(summary.rows), "start_to_first_report_minus_training_s": overheads}
 
 
+class StartupClock(Hook):
+    """Records, per trial, when its training process got the trial's config (this hook, unpickled there), when the
+    Trainer finished its setup and when the first epoch ended, to a JSON-lines file."""
+
+    def __init__(self, path: str):
+        self.path, self.arrived = path, time.time()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.arrived = time.time()  # the last unpickling is in the process that trains
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_fit_start(self, trainer) -> None:
+        if trainer.is_main:
+            self.write({"trial": trainer.run_dir.name, "arrived": self.arrived, "setup_done": time.time()})
+
+    def on_epoch_end(self, trainer, row) -> None:
+        if trainer.is_main and row["epoch"] == trainer.start_epoch + 1:
+            self.write({"trial": trainer.run_dir.name, "first_epoch_end": time.time(), **row})
+
+
+def run_startup(args, project: Path, torch_trainer: bool) -> list[dict]:
+    """A search of args.startup_trials trials of 1 epoch, 2 at a time; per trial: its start-up in parts."""
+    from ray.tune import ExperimentAnalysis
+
+    from pyseg.tracking import TrackingConfig
+    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+
+    name = "startup-torchtrainer" if torch_trainer else "startup-in-process"
+    clock = project / f"{name}.jsonl"
+    values = {**base_config(args, project, "unused").to_dict(), "val": True, "epochs": 1, "imgsz": args.startup_imgsz}
+    settings = TuneSettings(
+        samples=args.startup_trials, scheduler="none", name=name, max_concurrent=2, progress_every_s=600,
+        torch_trainer_per_trial=torch_trainer,
+    )  # fmt: skip
+    space = load_search_space(ROOT / "tune" / "default.yaml")
+    summary = run_tune(
+        make_config(values), space, settings, TrackingConfig(enabled=False), hooks=[StartupClock(str(clock))]
+    )
+    records: dict[str, dict] = {}
+    for line in clock.read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["trial"], {}).update(record)
+    parts = []
+    for frame in ExperimentAnalysis(str(summary.experiment_dir)).trial_dataframes.values():
+        first = frame.sort_values("epoch").iloc[0]
+        r = records[str(first["trial_id"])]
+        # Tune's time_total_s runs from the trial's start to its first report (which follows the epoch's end)
+        started = r["first_epoch_end"] - float(first["time_total_s"])
+        parts.append(
+            {
+                "process_ready_s": r["arrived"] - started,  # Ray: trial actor (+ TorchTrainer controller, workers)
+                "setup_s": r["setup_done"] - r["arrived"],  # labels, data, model, optimizer, first batch plot
+                "first_epoch_s": r["first_epoch_end"] - r["setup_done"],  # training + validation + checkpoint
+                "training_s": float(first["epoch_seconds"]),
+                "total_s": float(first["time_total_s"]),
+            }
+        )
+    return parts
+
+
+def print_startup(results: dict) -> None:
+    keys = ("process_ready_s", "setup_s", "first_epoch_s", "total_s")
+    print(
+        f"{'trial start-up, median of trials':<34}"
+        + "".join(f"{k.removesuffix('_s'):>15}" for k in keys)
+        + f"{'minus training':>16}"
+    )
+    medians = {}
+    for mode, parts in results.items():
+        medians[mode] = {k: statistics.median(p[k] for p in parts) for k in (*keys, "training_s")}
+        m = medians[mode]
+        row = "".join(f"{m[k]:>15.2f}" for k in keys)
+        print(f"{mode:<34}{row}{m['total_s'] - m['training_s']:>16.2f}")
+    base, new = medians["TorchTrainer per trial"], medians["in the trial's process"]
+    ratio = (new["total_s"] - new["training_s"]) / (base["total_s"] - base["training_s"])
+    print(f"start-up (total minus training), in-process / TorchTrainer: {ratio:.2f}x (target <= 0.5x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(COCO128) if COCO128.is_file() else "shapes-seg.yaml")
@@ -143,12 +226,25 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=2)
     parser.add_argument("--tune-imgsz", type=int, default=160)
     parser.add_argument("--skip-tune", action="store_true")
+    parser.add_argument("--startup", action="store_true", help="only the trial start-up breakdown (two searches)")
+    parser.add_argument("--startup-trials", type=int, default=4)
+    parser.add_argument("--startup-imgsz", type=int, default=64)
     args = parser.parse_args()
 
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     project = Path(tempfile.mkdtemp(prefix="pyseg-bench-scaling-"))
+    if args.startup:
+        print(f"data {args.data}: {args.startup_trials} trials of 1 epoch at imgsz {args.startup_imgsz}, 2 at a time")
+        startup = {
+            "TorchTrainer per trial": run_startup(args, project, torch_trainer=True),
+            "in the trial's process": run_startup(args, project, torch_trainer=False),
+        }
+        print_startup(startup)
+        (project / "bench_startup.json").write_text(json.dumps(startup, indent=1))
+        ray.shutdown()
+        return
     print(f"data {args.data}, imgsz {args.imgsz}, batch {args.batch} in total, {args.epochs} epochs, out {project}")
     results = {"plain": run_plain(args, project)}
     results["ray1"] = run_ray(args, project, 1)

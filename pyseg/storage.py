@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,10 +212,11 @@ def stage(storage_uri: str, run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def remove_all_staged(storage_uri: str) -> None:
-    """Removes every rank's staging copies of the runs kept under storage_uri from this node (the storage holds
-    them; a trial stopped or killed mid-run leaves its copy behind)."""
-    shutil.rmtree(staging_folder(storage_uri).parent, ignore_errors=True)
+def remove_all_staged(storage_uris: Sequence[str]) -> None:
+    """Removes every rank's staging copy of each run kept at storage_uris from this node (the storage holds them;
+    a trial stopped or killed mid-run leaves its copy behind)."""
+    for uri in storage_uris:
+        shutil.rmtree(staging_folder(uri).parent, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging_root().rmdir()
 

@@ -34,6 +34,7 @@ from pyseg.distributed.ray_train import (
     remove_staged_on_every_node,
 )
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
+from pyseg.distributed.trial_process import train_in_trial
 from pyseg.engine.trainer import read_results
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
@@ -184,8 +185,11 @@ def run_trial(
     hooks=(),
     checkpoint_every: int = 0,
     storage: str = "",
+    search_started_at: float = 0.0,
+    in_process: bool = True,
 ) -> None:
-    """Tune function trainable: trains one sampled config on its own TorchTrainer, reporting each epoch to Tune.
+    """Tune function trainable: trains one sampled config, reporting each epoch to Tune; in this process with
+    in_process (a trial of one worker: pyseg.distributed.trial_process), else on its own TorchTrainer.
 
     A trial Tune runs again (--resume, or after a failure) continues in its own folder: from the latest Ray
     checkpoint in trials/<trial>/ray_train, which Ray Train restores, or, without one, from weights/last.pt.
@@ -209,6 +213,13 @@ def run_trial(
     cfg = trial_config(base, config, trials_dir, trial_id, resume=resume)
     tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
     trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
+
+    if in_process:
+        train_in_trial(
+            cfg, trial_tracking, extra_hooks=hooks, cpus=scaling["cpus_per_worker"], checkpoint_every=checkpoint_every,
+            config_overrides=config, storage=kept.uri if kept else "", search_started_at=search_started_at,
+        )  # fmt: skip
+        return
 
     def fit(callbacks) -> None:
         scaling_ = RayScaling(**scaling)
@@ -306,6 +317,9 @@ class TuneSettings:
     max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
     perturbation_interval: int = 0  # PBT: epochs between exploit/explore steps (0 = max(1, epochs // 5))
     storage: str = ""  # a URI (s3://...) that keeps the search when nodes share no disk; "" = the project folder
+    # a trial of one worker drives a TorchTrainer too, instead of training in its own process (bench_scaling's
+    # baseline: the start-up that costs)
+    torch_trainer_per_trial: bool = False
 
     def __post_init__(self):
         if self.samples < 1:
@@ -527,6 +541,7 @@ def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConf
 
     # with a remote storage, the trials keep their folders there (each node stages its own copies)
     storage = trials_storage_uri(settings) if is_remote(settings.storage) else ""
+    in_process = trains_in_trial_process(settings)
     trainable = tune.with_parameters(
         run_trial,
         base=base,
@@ -536,10 +551,25 @@ def _trainable(base: TrainConfig, settings: TuneSettings, tracking: TrackingConf
         hooks=list(hooks),
         checkpoint_every=perturbation_interval(settings, base.epochs) if settings.scheduler == "pbt" else 0,
         storage=storage,
+        search_started_at=time.time(),
+        in_process=in_process,
     )
+    return tune.with_resources(trainable, trial_resources(settings))
+
+
+def trains_in_trial_process(settings: TuneSettings) -> bool:
+    """Whether each trial trains in its own process (one worker) instead of driving a TorchTrainer."""
+    return settings.workers_per_trial == 1 and not settings.torch_trainer_per_trial
+
+
+def trial_resources(settings: TuneSettings) -> dict[str, float]:
+    """What Tune reserves for a trial's own process (settings.gpus_per_trial decided, or the cluster connected)."""
+    if trains_in_trial_process(settings):  # it trains: it holds the worker's CPUs and GPUs
+        scaling = settings.scaling().resolved()
+        return {"cpu": scaling.cpus_per_worker, "gpu": scaling.gpus_per_worker or 0, "memory": TRIAL_DRIVER_MEMORY}
     # The trial function only drives its TorchTrainer; the Train workers hold the CPUs and GPUs. A trial must
     # request something, and any CPU fraction would leave less than a whole CPU for the workers: it requests memory.
-    return tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    return {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
 
 
 def run_tune(
@@ -642,10 +672,14 @@ def run_tune(
             results = tuner.fit()
     finally:
         view.close()
-    if kept:  # the trials are over: what they staged on the nodes is in the storage
-        remove_staged_on_every_node(trials_storage_uri(settings))
     if kept:  # this machine's copy of every trial's results (not their weights) for the summary
         kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
+        # the trials are over: what they staged on the nodes is in the storage
+        stored = (
+            sorted(folder.name for folder in trials_dir.iterdir() if folder.is_dir()) if trials_dir.is_dir() else []
+        )
+        trials_kept = Storage(trials_storage_uri(settings))  # as run_trial names each trial's storage
+        remove_staged_on_every_node([trials_kept.child(trial).uri for trial in stored])
     summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples, kept)
     if kept:
         for output in (summary.results_csv, summary.best_config, *summary.pictures, experiment_dir / PARENT_RUN_FILE):

@@ -21,7 +21,7 @@ import pytest
 from conftest import kill_process_group, python_env, ray_cluster, short_temp_dir
 
 from pyseg.errors import ConfigError
-from pyseg.storage import FolderUploader, Storage, is_remote, remove_staged, staging_folder
+from pyseg.storage import FolderUploader, Storage, is_remote, remove_all_staged, remove_staged, staging_folder
 
 moto_server = pytest.importorskip("moto.server")
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +116,32 @@ def test_staged_copies_go_with_their_empty_parents(tmp_path, monkeypatch):
     assert not (tmp_path / "pyseg-staging").exists()
 
 
+def test_the_copies_a_search_staged_go_for_the_runs_named_and_no_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    trials = [f"s3://b/runs/tune/trials/trial{i}" for i in range(3)]
+    for uri in trials:
+        for rank in (0, 1):
+            (staging_folder(uri, rank) / uri.rsplit("/", 1)[1] / "weights").mkdir(parents=True)
+    remove_all_staged(trials[:2])  # a stopped trial's copies, every rank's; the third trial's stay
+    left = sorted(
+        path.relative_to(staging_folder(trials[2]).parent) for path in staging_folder(trials[2]).parent.rglob("*")
+    )
+    assert [str(path) for path in left] == [
+        "rank0",
+        "rank0/trial2",
+        "rank0/trial2/weights",
+        "rank1",
+        "rank1/trial2",
+        "rank1/trial2/weights",
+    ]
+    assert not staging_folder(trials[0]).parent.exists() and not staging_folder(trials[1]).parent.exists()
+    remove_all_staged(trials[2:])
+    assert not (tmp_path / "pyseg-staging").exists()  # nothing left: the staging folder goes too
+
+
 def bucket_files(prefix: str) -> dict[str, int]:
     return Storage(f"s3://{BUCKET}/{prefix}").files()
 
@@ -179,7 +205,7 @@ def test_a_search_kept_on_s3_resumes_from_the_bucket_after_its_driver_is_killed(
             output = (tmp_path / "second.log").read_text()
             assert code == 0, output[-4000:]
 
-        # every trial's outputs are in the bucket, each epoch once; Ray's checkpoints beside them
+        # every trial's outputs are in the bucket, each epoch once
         stored = trials.files()
         trial_ids = sorted({path.split("/", 1)[0] for path in stored})
         assert len(trial_ids) == 2, sorted(stored)
@@ -187,7 +213,6 @@ def test_a_search_kept_on_s3_resumes_from_the_bucket_after_its_driver_is_killed(
             assert results_epochs(trials, trial, "results.csv") == [1, 2, 3], trial
             for name in ("args.yaml", "weights/last.pt", "weights/best.pt", "results.png"):
                 assert f"{trial}/{name}" in stored, (trial, name)
-            assert any(path.startswith(f"{trial}/ray_train/") for path in stored), trial
         search = Storage(f"s3://{BUCKET}/runs/s3search")
         assert search.exists("tune_results.csv") and search.exists("best.yaml")
         assert f"best checkpoint: s3://{BUCKET}/runs/s3search/trials/" in output

@@ -247,6 +247,24 @@ def test_both_searches_are_seeded_and_run_at_most_max_concurrent_trials():
     assert suggestions(3) == suggestions(3) != suggestions(4)
 
 
+def test_a_trial_of_one_worker_trains_in_its_own_process_holding_the_workers_resources():
+    from pyseg.distributed.trial_process import TuneReportHook
+    from pyseg.tuning import TRIAL_DRIVER_MEMORY, trains_in_trial_process, trial_resources
+
+    one = TuneSettings(cpus_per_worker=2, gpus_per_trial=0.25)
+    assert trains_in_trial_process(one)
+    assert trial_resources(one) == {"cpu": 2, "gpu": 0.25, "memory": TRIAL_DRIVER_MEMORY}
+    # several workers: the trial only drives its TorchTrainer, whose workers hold the CPUs and GPUs
+    two = TuneSettings(workers_per_trial=2, cpus_per_worker=2, gpus_per_trial=1)
+    assert not trains_in_trial_process(two) and trial_resources(two) == {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+    baseline = TuneSettings(gpus_per_trial=0, torch_trainer_per_trial=True)  # bench_scaling's baseline
+    assert not trains_in_trial_process(baseline) and trial_resources(baseline)["cpu"] == 0
+    # PBT's interval 2 over 5 epochs: epochs 2, 4 and the last carry a checkpoint to Tune; without PBT none does
+    due = TuneReportHook(checkpoint_every=2, epochs=5)
+    assert [epoch for epoch in range(1, 6) if due.wants_checkpoint(None, epoch)] == [2, 4, 5]
+    assert not any(TuneReportHook(0, 5).wants_checkpoint(None, epoch) for epoch in range(1, 6))
+
+
 def test_a_missing_optuna_is_named_with_what_to_do(monkeypatch):
     import importlib.util
 
@@ -344,14 +362,14 @@ def test_tune_starts_its_own_ray_when_a_killed_head_left_its_address_behind(tiny
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny_data, tmp_path, short_tmp):
-    """Ctrl-C (SIGINT) once a trial has its first epoch's Ray checkpoint; the command pyseg.tune prints then continues
-    the search: every trial ends at the asked epoch count with one results.csv row per epoch, the interrupted ones
-    restored from their Ray checkpoints, and no restored-checkpoint folder is left in TMPDIR."""
+def test_an_interrupted_search_continues_each_trial_from_its_checkpoint(tiny_data, tmp_path, short_tmp):
+    """Ctrl-C (SIGINT) once a trial has stored its first epoch; the command pyseg.tune prints then continues the
+    search: every trial ends at the asked epoch count with one results.csv row per epoch, the interrupted ones
+    continued from their weights/last.pt, and no restored-checkpoint folder is left in TMPDIR."""
     env = command_env(tmp_path, short_tmp)
     project = tmp_path / "runs"
     space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    # --verbose: the trials' own output ("resuming at epoch N ... from Ray checkpoint") reaches the console
+    # --verbose: the trials' own output ("resuming at epoch N ... from .../last.pt") reaches the console
     given = tune_command(tiny_data, project, space, "--samples", "2", "--epochs", "3", "--max-concurrent", "2")
     given.append("--verbose")
     trials = project / "tune" / "trials"
@@ -361,14 +379,14 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
         try:
             deadline = time.monotonic() + 300
             checkpointed = []
-            while not checkpointed:  # Ray Train registered a trial's epoch-1 checkpoint
+            while not checkpointed:  # a trial stored its epoch-1 checkpoint and results row
                 assert driver.poll() is None, (tmp_path / "interrupted.log").read_text()[-4000:]
                 assert time.monotonic() < deadline, "no trial reached its first checkpoint within 300 s"
                 time.sleep(0.5)
                 checkpointed = [
-                    path.parents[1].name
-                    for path in trials.glob("*/ray_train/checkpoint_manager_snapshot.json")
-                    if "epoch_0001" in path.read_text()
+                    path.parent.name
+                    for path in trials.glob("*/results.csv")
+                    if (path.parent / "weights" / "last.pt").is_file() and path.read_text().count("\n") >= 2
                 ]
             driver.send_signal(signal.SIGINT)
             code = driver.wait(timeout=180)
@@ -390,7 +408,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_ray_checkpoint(tiny
 
     code, resumed = run_tune_command(again, env, tmp_path / "resumed.log", timeout=300)
     assert code == 0, resumed[-4000:]
-    assert resumed.count("from Ray checkpoint") >= len(checkpointed), resumed[-4000:]
+    assert resumed.count("resuming at epoch") >= len(checkpointed), resumed[-4000:]
     assert "interrupted with" not in resumed and "budget ended" not in resumed
     with open(project / "tune" / "tune_results.csv", newline="") as f:
         table = list(csv.DictReader(f))

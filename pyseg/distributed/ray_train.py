@@ -260,19 +260,31 @@ def _check_reachable(target: str, source: str, hint: str) -> None:
 
 
 class RayReportHook(Hook):
-    """Every worker calls ray.train.report once per epoch (it is a barrier); rank 0 attaches weights/last.pt."""
+    """Every worker calls ray.train.report once per epoch (it is a barrier); rank 0 attaches weights/last.pt.
+
+    Subclasses send the reports elsewhere (send) and attach a checkpoint to fewer of them (wants_checkpoint)."""
 
     def __init__(self):
         self.reports = 0
 
-    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+    def wants_checkpoint(self, trainer: Trainer, epoch: int) -> bool:
+        return trainer.is_main
+
+    def send(self, metrics: dict, checkpoint_folder: Path | None, epoch: int) -> None:
         import ray.train
 
+        if checkpoint_folder is None:
+            ray.train.report(metrics)
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_folder))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         self.reports += 1
         metrics = {key: value for key, value in row.items() if isinstance(value, int | float)}
         metrics["best_fitness"] = trainer.best_fitness
-        if not trainer.is_main:
-            ray.train.report(metrics)
+        if not self.wants_checkpoint(trainer, row["epoch"]):
+            self.send(metrics, None, row["epoch"])
             return
         with tempfile.TemporaryDirectory(prefix="pyseg-ckpt-") as folder:
             source = trainer.weights_dir / CHECKPOINT_FILE
@@ -280,22 +292,19 @@ class RayReportHook(Hook):
                 os.link(source, Path(folder) / CHECKPOINT_FILE)
             except OSError:
                 shutil.copy2(source, Path(folder) / CHECKPOINT_FILE)
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{row['epoch']:04d}")
+            self.send(metrics, Path(folder), row["epoch"])
 
     def report_finished_run(self, trainer: Trainer) -> None:
         """For a run restored already finished (nothing left to train, so no epoch reported): reports its last
         results.csv row once, so that Ray (and Tune, whose record of the trial may stop at an earlier epoch when the
         search was interrupted as the trial ended) sees how it ended. Every worker calls it (a barrier)."""
-        import ray.train
-
         metrics = {}
         if trainer.is_main:
             rows = _read_rows(trainer.run_dir / "results.csv")
             metrics = {key: _number(value) for key, value in (rows[-1] if rows else {}).items()}
             metrics = {key: value for key, value in metrics.items() if value is not None}
             metrics["best_fitness"] = trainer.best_fitness
-        ray.train.report(metrics)
+        self.send(metrics, None, int(metrics.get("epoch", 0)))
         self.reports += 1
 
 
@@ -386,6 +395,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
             shutil.rmtree(restore_dir, ignore_errors=True)
 
 
+def trial_device():
+    """The torch device for a Tune trial that trains in its own process: the GPU Ray assigned it (CUDA_VISIBLE_DEVICES
+    then shows only that one), else CPU; CPU, said once, when Ray assigned a GPU that torch cannot see."""
+    import ray
+    import torch
+
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    print(no_cuda_message("the trial", gpu_ids))
+    return torch.device("cpu")
+
+
+def no_cuda_message(who: str, gpu_ids) -> str:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()[:8]
+    return (
+        f"{who}: Ray assigned GPU {', '.join(map(str, gpu_ids))} of node {node} but torch sees no CUDA device there "
+        "(torch.cuda.is_available() is False): training on CPU. Check the node's --num-gpus and that its torch is "
+        "a CUDA build."
+    )
+
+
 def assigned_device(rank: int):
     """The torch device Ray assigned this worker; CPU, said once, when Ray assigned a GPU that torch cannot see
     (a node that declares GPUs it lacks, `ray start --num-gpus`, or a CPU-only torch)."""
@@ -396,12 +431,7 @@ def assigned_device(rank: int):
     device = ray.train.torch.get_device()
     gpu_ids = ray.get_gpu_ids()
     if gpu_ids and (device.type != "cuda" or not torch.cuda.is_available()):
-        node = ray.get_runtime_context().get_node_id()[:8]
-        print(
-            f"rank {rank}: Ray assigned GPU {', '.join(map(str, gpu_ids))} of node {node} but torch sees no CUDA "
-            "device there (torch.cuda.is_available() is False): training on CPU. Check the "
-            "node's --num-gpus and that its torch is a CUDA build."
-        )
+        print(no_cuda_message(f"rank {rank}", gpu_ids))
         return torch.device("cpu")
     return device
 
@@ -508,12 +538,12 @@ def fit_with_ray(
     except KeyboardInterrupt:
         raise RayRunInterrupted(run_dir) from None
     if storage:
-        remove_staged_on_every_node(storage)
+        remove_staged_on_every_node([storage])
     return run_dir, result
 
 
-def remove_staged_on_every_node(storage_uri: str, timeout_s: float = 60.0) -> None:
-    """Removes the staging copies of the runs kept under storage_uri from every live node of the connected Ray (a
+def remove_staged_on_every_node(storage_uris: Sequence[str], timeout_s: float = 60.0) -> None:
+    """Removes the staging copies of the runs kept at storage_uris from every live node of the connected Ray (a
     worker stopped or killed mid-run leaves its copy); a node that does not answer within timeout_s keeps its."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -521,7 +551,7 @@ def remove_staged_on_every_node(storage_uri: str, timeout_s: float = 60.0) -> No
     remove = ray.remote(num_cpus=0, max_retries=0)(remove_all_staged)
     pending = [
         remove.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote(
-            storage_uri
+            list(storage_uris)
         )
         for node in ray.nodes()
         if node.get("Alive")
