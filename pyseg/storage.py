@@ -11,6 +11,7 @@ places of each filesystem (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -23,7 +24,22 @@ from pyseg.engine.trainer import Hook, Trainer
 from pyseg.errors import ConfigError
 
 STAGING = "pyseg-staging"  # under each node's temp dir
+OBJECT_STORES = ("s3", "gs", "gcs")  # flat key spaces: no folders to make, one filesystem per bucket
+# the environment an object store's filesystem reads when opened
+FILESYSTEM_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST",
+)  # fmt: skip
 SKIPPED_ON_UPLOAD = ("ray_train",)  # Ray Train writes its checkpoints to the storage itself
+
+
+@functools.lru_cache(maxsize=32)
+def _object_store(bucket_uri: str, credentials: tuple):
+    """The pyarrow filesystem of an object store's bucket (scheme://bucket?query), opened once per process and
+    environment (credentials: the values of FILESYSTEM_ENV it was opened with)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(bucket_uri)[0]
 
 
 def is_remote(uri: str | None) -> bool:
@@ -63,9 +79,18 @@ class Storage:
         return self.uri.partition("?")[0]
 
     def _fs(self):
+        """(pyarrow filesystem, path in it). Object stores (s3://, gs://) share one filesystem per bucket and query
+        in this process: opening one costs a request (S3 asks for the bucket's region)."""
         import pyarrow.fs
 
-        return pyarrow.fs.FileSystem.from_uri(self.uri)
+        base, _, query = self.uri.partition("?")
+        scheme, _, rest = base.partition("://")
+        if scheme not in OBJECT_STORES:
+            return pyarrow.fs.FileSystem.from_uri(self.uri)
+        bucket, _, key = rest.partition("/")
+        credentials = tuple(os.environ.get(key) for key in FILESYSTEM_ENV)  # a changed endpoint opens a new one
+        fs = _object_store(f"{scheme}://{bucket}" + (f"?{query}" if query else ""), credentials)
+        return fs, f"{bucket}/{key}".rstrip("/")
 
     def exists(self, *parts: str) -> bool:
         import pyarrow.fs
@@ -106,7 +131,8 @@ class Storage:
 
         target = self.child(*parts)
         fs, path = target._fs()
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if target.uri.partition("://")[0] not in OBJECT_STORES:  # an object store's keys need no parent folders
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         pyarrow.fs.copy_files(str(local), path, destination_filesystem=fs)
 
     def delete(self, *parts: str) -> None:

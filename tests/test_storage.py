@@ -96,6 +96,24 @@ def test_uploads_only_what_changed_and_downloads_it_back(s3_endpoint, tmp_path):
     assert Storage(f"s3://{BUCKET}/nothing-here").download(tmp_path / "empty") == 0
 
 
+def test_a_bucket_is_opened_once_per_process_and_endpoint(s3_endpoint, tmp_path, monkeypatch):
+    # opening an S3 filesystem asks for the bucket's region: once per bucket, not once per file of every epoch
+    from pyseg.storage import _object_store
+
+    _object_store.cache_clear()
+    (tmp_path / "a.txt").write_text("a")
+    kept = Storage(f"s3://{BUCKET}/open-once")
+    for name in ("x/a.txt", "y/z/a.txt", "a.txt"):
+        kept.write_file(tmp_path / "a.txt", name)
+    assert kept.files() == {"x/a.txt": 1, "y/z/a.txt": 1, "a.txt": 1} and kept.child("y").exists("z", "a.txt")
+    assert kept.read_bytes("y", "z", "a.txt") == b"a"
+    assert _object_store.cache_info().misses == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # another endpoint: another filesystem
+    kept._fs()
+    assert _object_store.cache_info().misses == 2
+    _object_store.cache_clear()
+
+
 def test_a_storage_that_cannot_be_opened_names_the_flag_and_what_to_set(s3_endpoint):
     with pytest.raises(ConfigError) as caught:
         Storage.open("nosuchscheme://bucket/runs")
