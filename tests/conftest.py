@@ -23,7 +23,9 @@ COCO128_SEG = Path(os.environ.get("PYSEG_COCO128_SEG", SHARED_DATASETS / "coco12
 
 
 MLFLOW_LOCKS = "db_init_lock-*"  # MLflow's lock files of new SQLite stores, in the temp folder
+MULTIPROCESSING_FOLDERS = "pymp-*"  # multiprocessing's folders (a DataLoader's resource sharer), in the temp folder
 _locks_before: set[Path] = set()
+_pymp_before: set[Path] = set()
 
 
 def pytest_configure(config):
@@ -32,12 +34,36 @@ def pytest_configure(config):
     folders. A test that needs its own token sets RAY_AUTH_TOKEN_PATH and removes this variable."""
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
     _locks_before.update(Path(tempfile.gettempdir()).glob(MLFLOW_LOCKS))
+    _pymp_before.update(Path(tempfile.gettempdir()).glob(MULTIPROCESSING_FOLDERS))
 
 
 def pytest_unconfigure(config):
-    """Removes the lock files MLflow left in the temp folder for the SQLite stores the tests made."""
+    """Removes the lock files MLflow left in the temp folder for the SQLite stores the tests made, and the folders
+    that multiprocessing made for processes the tests killed (each holds only the dead process's listener socket)."""
     for lock in set(Path(tempfile.gettempdir()).glob(MLFLOW_LOCKS)) - _locks_before:
         lock.unlink(missing_ok=True)
+    for folder in set(Path(tempfile.gettempdir()).glob(MULTIPROCESSING_FOLDERS)) - _pymp_before:
+        if _is_abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_abandoned(folder: Path) -> bool:
+    """True for a multiprocessing folder that holds listener sockets only, none of which anything listens on."""
+    import socket
+
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    for entry in entries:
+        if not entry.name.startswith("listener-") or not entry.is_socket():
+            return False
+        with socket.socket(socket.AF_UNIX) as client:
+            try:
+                client.connect(str(entry))
+            except ConnectionRefusedError:
+                continue
+            except OSError:
+                return False
+            return False  # someone listens: a live process's
+    return bool(entries)
 
 
 def pytest_collection_modifyitems(config, items):
