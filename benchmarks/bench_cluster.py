@@ -1,5 +1,5 @@
 """What a large search costs per trial, measured on a simulated cluster: a search of many short trials on a local
-Ray cluster of several declared nodes, kept on S3 (a moto server in this process) and logged to an `mlflow server`.
+Ray cluster of several declared nodes, kept on S3 (a moto server on 127.0.0.1) and logged to an `mlflow server`.
 
     python benchmarks/bench_cluster.py                      # 64 trials of 1 epoch at imgsz 32 on 4 nodes of 1 CPU
     python benchmarks/bench_cluster.py --trials 16 --nodes 2
@@ -7,7 +7,7 @@ Ray cluster of several declared nodes, kept on S3 (a moto server in this process
 Prints, per trial and per trial-epoch: the search's wall time and trials per minute; the scheduling gap (a node's
 slot idle between one trial's end and the next trial's start there); the trial's start-up (Ray start of its
 process, then Trainer setup); the driver's CPU seconds (the head node's share: Tune's bookkeeping, results,
-callbacks); S3 requests by method and bytes stored; MLflow REST requests by endpoint; the size of a checkpoint.
+callbacks); S3 requests by method and by what they touched (checkpoints, run files, Tune's records and state); MLflow REST requests by endpoint; the size of a checkpoint.
 The nodes are raylets on this machine (declared CPUs, no real isolation), so the times are those of a loaded
 2-core machine; the counts do not depend on it. docs/scaling.md turns these numbers into a 1,000-trial estimate.
 """
@@ -18,14 +18,12 @@ import argparse
 import collections
 import contextlib
 import json
-import logging
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -63,30 +61,66 @@ class TrialClock(Hook):
 
 
 class CountingS3:
-    """A moto S3 server on 127.0.0.1 that counts the requests it serves, by HTTP method, and the bytes put."""
+    """A moto S3 server on 127.0.0.1, in a process of its own (its CPU is not the driver's), whose request log is
+    counted afterwards (requests())."""
 
-    def __init__(self):
-        from moto.server import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
+    def __init__(self, folder: Path):
+        from pyseg.distributed.ray_train import free_local_port
 
-        self.requests: collections.Counter = collections.Counter()
-        self.bytes_put = 0
-        app = DomainDispatcherApplication(create_backend_app)
+        port = free_local_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log_path = folder / "s3-server.log"
+        with open(self.log_path, "wb") as log:
+            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto did not start: {self.log_path.read_text()[-2000:]}") from None
+                time.sleep(0.3)
 
-        def counting(environ, start_response):
-            method = environ["REQUEST_METHOD"]
-            self.requests[method] += 1
-            if method == "PUT":
-                self.bytes_put += int(environ.get("CONTENT_LENGTH") or 0)
-            return app(environ, start_response)
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        self.server = make_server("127.0.0.1", 0, counting, threaded=True)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request served so far."""
+        served = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            for method in ("GET", "PUT", "POST", "HEAD", "DELETE"):
+                marker = f'"{method} /'
+                if marker in line:
+                    served.append((method, "/" + line.split(marker, 1)[1].split(" ", 1)[0]))
+        return served
 
     def stop(self) -> None:
-        self.server.shutdown()
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def s3_categories(requests: list[tuple[str, str]]) -> collections.Counter:
+    """Requests by what they touched: pyseg's run folders (weights, results, plots), Tune's per-trial records, Tune's
+    experiment state, or the rest (bucket and folder lookups)."""
+    counts: collections.Counter = collections.Counter()
+    for method, path in requests:
+        key = path.split("?", 1)[0]
+        name = key.rsplit("/", 1)[-1]
+        if "/trials/" in key and name.endswith((".pt",)):
+            kind = "checkpoints (.pt)"
+        elif (
+            "/trials/" in key
+            and name in ("result.json", "params.json", "params.pkl", "progress.csv")
+            or "events.out" in name
+        ):
+            kind = "Tune's trial records"
+        elif "/trials/" in key and "." in name:
+            kind = "run folder files (results, args, plots)"
+        elif "experiment_state" in name or name.endswith((".pkl", ".json")):
+            kind = "Tune's experiment state"
+        else:
+            kind = "listings and folder lookups"
+        counts[f"{kind}: {method}"] += 1
+    return counts
 
 
 @contextlib.contextmanager
@@ -161,7 +195,7 @@ def main() -> None:
     from pyseg.tuning import TuneSettings, load_search_space, run_tune
 
     work = Path(tempfile.mkdtemp(prefix="pyseg-bench-cluster-", dir="/tmp"))
-    s3 = CountingS3()
+    s3 = CountingS3(work)
     aws = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -181,7 +215,7 @@ def main() -> None:
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "env_vars": aws})
     for _ in range(args.nodes):
         nodes.add_node(num_cpus=1, env_vars=aws)
-    ray.init(address=nodes.address)
+    ray.init(address=nodes.address, log_to_driver=False)
     try:
         with mlflow_server(work) as (mlflow_uri, mlflow_log):
             base = make_config(
@@ -208,7 +242,7 @@ def main() -> None:
                 max_failures=0,
             )
             space = load_search_space(ROOT / "tune" / "default.yaml")
-            s3.requests.clear()
+            before = len(s3.requests())
             cpu = resource.getrusage(resource.RUSAGE_SELF)
             wall = time.perf_counter()
             summary = run_tune(
@@ -218,15 +252,19 @@ def main() -> None:
             after = resource.getrusage(resource.RUSAGE_SELF)
             driver_cpu = (after.ru_utime - cpu.ru_utime) + (after.ru_stime - cpu.ru_stime)
             requests = mlflow_requests(mlflow_log)
+        sizes = [
+            size
+            for path, size in Storage(f"s3://{BUCKET}/runs/sim/trials").files().items()
+            if path.endswith("weights/last.pt")
+        ]
     finally:
         ray.shutdown()
         nodes.shutdown()
+        s3.served = s3.requests()
         s3.stop()
 
     records = [json.loads(line) for line in clock.read_text().splitlines()]
     trials, trial_epochs = len(summary.rows), sum(int(row.get("epochs") or 0) for row in summary.rows)
-    stored = Storage(f"s3://{BUCKET}/runs/sim/trials")
-    sizes = [size for path, size in stored.files().items() if path.endswith("weights/last.pt")]
     print(
         f"{trials} trials x {args.epochs} epoch(s) at imgsz {args.imgsz} on {args.nodes} nodes of 1 CPU: "
         f"{wall:.0f} s wall, {60 * trials / wall:.1f} trials/min"
@@ -241,12 +279,14 @@ def main() -> None:
         f"driver (head node) CPU: {driver_cpu:.1f} s in all, {driver_cpu / trials:.2f} s per trial, "
         f"{driver_cpu / max(trial_epochs, 1):.2f} s per trial-epoch"
     )
-    s3_total = sum(s3.requests.values())
+    served = s3.served[before:]
+    by_method = collections.Counter(method for method, _ in served)
     print(
-        f"S3: {s3_total} requests ({dict(s3.requests)}), {s3_total / trials:.1f} per trial, "
-        f"{s3_total / max(trial_epochs, 1):.1f} per trial-epoch; {s3.bytes_put / 2**20:.1f} MiB put, "
-        f"{s3.bytes_put / 2**20 / max(trial_epochs, 1):.1f} MiB per trial-epoch"
+        f"S3: {len(served)} requests ({dict(by_method)}), {len(served) / trials:.1f} per trial, "
+        f"{len(served) / max(trial_epochs, 1):.1f} per trial-epoch; by what they touched:"
     )
+    for kind, count in sorted(s3_categories(served).items(), key=lambda item: -item[1]):
+        print(f"  {kind:<55}{count:>7}{count / max(trial_epochs, 1):>9.1f} per trial-epoch")
     ml_total = sum(requests.values())
     print(
         f"MLflow: {ml_total} REST requests, {ml_total / trials:.1f} per trial, "
@@ -255,7 +295,7 @@ def main() -> None:
     if sizes:
         print(f"checkpoint (weights/last.pt: model, EMA, optimizer) {statistics.median(sizes) / 2**20:.1f} MiB")
     (work / "bench_cluster.json").write_text(
-        json.dumps({"wall_s": wall, "records": records, "s3": dict(s3.requests), "mlflow": dict(requests)}, indent=1)
+        json.dumps({"wall_s": wall, "records": records, "s3": served, "mlflow": dict(requests)}, indent=1)
     )
     print(f"details: {work / 'bench_cluster.json'}")
 
