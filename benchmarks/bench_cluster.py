@@ -5,11 +5,12 @@ Ray cluster of several declared nodes, kept on S3 (a moto server on 127.0.0.1) a
     python benchmarks/bench_cluster.py --trials 16 --nodes 2
 
 Prints, per trial and per trial-epoch: the search's wall time and trials per minute; the scheduling gap (a node's
-slot idle between one trial's end and the next trial's start there); the trial's start-up (Ray start of its
-process, then Trainer setup); the driver's CPU seconds (the head node's share: Tune's bookkeeping, results,
-callbacks); S3 requests by method and by what they touched (checkpoints, run files, Tune's records and state); MLflow REST requests by endpoint; the size of a checkpoint.
+slot idle between one trial's end and the next trial's start there); the Trainer's setup; the driver's CPU seconds
+(the head node's share: Tune's bookkeeping, results, callbacks); S3 requests by method and by what they touched
+(checkpoints, run files, Tune's records and state); MLflow REST requests by endpoint; the size of a checkpoint.
 The nodes are raylets on this machine (declared CPUs, no real isolation), so the times are those of a loaded
-2-core machine; the counts do not depend on it. docs/scaling.md turns these numbers into a 1,000-trial estimate.
+2-core machine; the counts do not depend on it. --tune-logs turns Tune's per-trial log files back on (pyseg
+turns them off) to count what they cost. docs/scaling.md turns these numbers into a 1,000-trial estimate.
 """
 
 from __future__ import annotations
@@ -182,7 +183,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4, help="worker nodes of 1 declared CPU each")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--imgsz", type=int, default=32)
+    parser.add_argument("--tune-logs", action="store_true", help="Tune's result.json, progress.csv, ... on")
     args = parser.parse_args()
+    if args.tune_logs:
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
 
     import boto3
     import ray

@@ -231,8 +231,11 @@ def main() -> None:
     parser.add_argument("--startup-imgsz", type=int, default=64)
     args = parser.parse_args()
 
+    import os
+
     import ray
 
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"  # this benchmark reads Tune's progress.csv
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     project = Path(tempfile.mkdtemp(prefix="pyseg-bench-scaling-"))
     if args.startup:

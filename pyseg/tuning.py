@@ -605,6 +605,10 @@ def run_tune(
     if kept and settings.resume and kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
         kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
     searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
+    # Tune's own per-trial log files (result.json, progress.csv, params.json/.pkl, TensorBoard events) repeat what
+    # each trial's results.csv and MLflow hold, and the driver uploads them again at every experiment checkpoint:
+    # on S3, 62 requests per trial in a 64-trial search and growing with the trial count (bench_cluster.py).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
@@ -712,15 +716,14 @@ def summarize(
     rows = []
     for result in results:
         config = result.config or {}
-        history = result.metrics_dataframe
-        best = {}
-        if history is not None and METRIC in history and history[METRIC].notna().any():
-            best = history.loc[history[METRIC].idxmax()].to_dict()
         trial_id = (result.metrics or {}).get("trial_id")
         epochs = (result.metrics or {}).get("epoch")
-        if trial_id:  # a trial ended right after an epoch's row, before Tune got its report, trained that epoch
-            trained = len(read_results(trials_dir / trial_id / "results.csv"))
-            epochs = max(epochs or 0, trained) or epochs
+        # the trial's own results.csv, not Tune's copy of its reports (Tune's per-trial log files are off: see
+        # run_tune); a trial ended right after an epoch's row, before Tune got its report, trained that epoch
+        history = read_results(trials_dir / trial_id / "results.csv") if trial_id else []
+        best = best_epoch(history)
+        if history:
+            epochs = max(epochs or 0, len(history)) or epochs
         row = {
             "trial": trial_id,
             # STOPPED: fewer epochs than asked, stopped early by the scheduler or by an interruption
@@ -781,6 +784,26 @@ def summarize(
     return TuneSummary(
         experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures
     )
+
+
+def best_epoch(history: list[dict]) -> dict:
+    """The results.csv row (as numbers) with the highest METRIC, the first of equals; {} when none has one."""
+    best, best_value = {}, None
+    for row in history:
+        value = _float(row.get(METRIC))
+        if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
+            best, best_value = row, value
+    numbers = {key: _float(value) for key, value in best.items()}
+    if numbers.get("epoch") is not None:
+        numbers["epoch"] = int(numbers["epoch"])
+    return numbers
+
+
+def _float(text) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def search_pictures(rows: list[dict], searched: list[str], epochs: int, experiment_dir: Path) -> list[Path]:
