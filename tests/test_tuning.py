@@ -265,6 +265,21 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_holding_the_workers_res
     assert not any(TuneReportHook(0, 5).wants_checkpoint(None, epoch) for epoch in range(1, 6))
 
 
+def test_a_trials_best_epoch_comes_from_its_results_csv_rows():
+    # Tune's per-trial log files are off: the summary ranks each trial by its own results.csv
+    from pyseg.tuning import best_epoch
+
+    rows = [
+        {"epoch": "1", METRIC: "0.10", "mask/map50": "0.2"},
+        {"epoch": "2", METRIC: "nan", "mask/map50": ""},  # an epoch without a usable score
+        {"epoch": "3", METRIC: "0.30", "mask/map50": "0.5"},
+        {"epoch": "4", METRIC: "0.30", "mask/map50": "0.6"},  # equal: the first one stays best
+    ]
+    best = best_epoch(rows)
+    assert best["epoch"] == 3 and isinstance(best["epoch"], int) and best[METRIC] == 0.3 and best["mask/map50"] == 0.5
+    assert best_epoch([]) == {} and best_epoch([{"epoch": "1", METRIC: ""}]) == {}
+
+
 def test_a_missing_optuna_is_named_with_what_to_do(monkeypatch):
     import importlib.util
 
