@@ -200,6 +200,11 @@ CASES = {
     ),
     "tune --max-concurrent -1": ("tune", lambda f: ["--max-concurrent", "-1", "--no-mlflow"], "--max-concurrent"),
     "train --val maybe": ("train", lambda f: train_flags(f, "--val", "maybe"), "invalid true/false value"),
+    "train --ray-workers at an address nothing answers": (
+        "train",
+        lambda f: train_flags(f, "--ray-workers", "2", "--address", "127.0.0.1:9", "--name", "unreachable"),
+        "cannot reach the Ray cluster at 127.0.0.1:9",
+    ),
     "submit without a command": ("submit", lambda f: ["--address", "http://127.0.0.1:9"], "command"),
     "submit unreachable": ("submit", lambda f: ["--address", "http://127.0.0.1:9", "--", "train"], "127.0.0.1:9"),
 }
@@ -225,6 +230,7 @@ def test_a_user_error_is_one_line_and_exit_code_2(case, bad_files, capsys, monke
     if "--ray-workers" in case:
         assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized(), "checked before Ray starts"
     assert not list(tmp_path.glob("runs/*/weights/*.pt")), "a failed start leaves no weights"
+    assert not (bad_files["root"] / "runs" / "unreachable").exists(), "nor an empty run folder"
 
 
 @pytest.mark.parametrize(

@@ -40,8 +40,10 @@ def test_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_data, tmp_path):
     assert set(parts) == {"box", "cls", "dfl", "mask"} and parts["mask"] > 0
 
 
-def test_two_epochs_write_every_output(tiny_data, tmp_path):
+def test_two_epochs_write_every_output(tiny_data, tmp_path, capsys):
     run_dir = Trainer(tiny_config(tiny_data, tmp_path), show_progress=False).fit()
+    # 8 images in batches of 4, one optimizer step per 16 batches (nbs 64) and one for each epoch's remainder
+    assert "optimizer auto: adamw with lr0 0.002 for 2 optimizer steps" in capsys.readouterr().out
     for name in (
         "args.yaml",
         "results.csv",

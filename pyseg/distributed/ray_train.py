@@ -501,9 +501,9 @@ def fit_with_ray(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    init_ray(scaling.address)  # first: a cluster that does not answer leaves no empty run folder behind
     cfg, run_dir = prepare_run(cfg, local=storage is None)
     tracking = tracking or TrackingConfig()
-    init_ray(scaling.address)
     scaling = scaling.resolved()
     trainer = TorchTrainer(
         train_loop_per_worker,

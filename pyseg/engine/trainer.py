@@ -545,11 +545,12 @@ class Trainer:
         total_batch = self.batch_per_rank * self.world_size
         self.accumulate = max(round(cfg.nbs / total_batch), 1)
         weight_decay = cfg.weight_decay * total_batch * self.accumulate / cfg.nbs
-        steps = cfg.epochs * math.ceil(len(self.train_loader.dataset) / total_batch) / self.accumulate
-        optimizer, lr0 = resolve_optimizer(cfg.optimizer, cfg.lr0, int(steps))
+        # an epoch steps every `accumulate` batches and once more for a remainder at its end
+        steps = cfg.epochs * math.ceil(math.ceil(len(self.train_loader.dataset) / total_batch) / self.accumulate)
+        optimizer, lr0 = resolve_optimizer(cfg.optimizer, cfg.lr0, steps)
         if (optimizer, lr0) != (cfg.optimizer, cfg.lr0):
             if self.is_main:
-                print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {int(steps)} optimizer steps")
+                print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {steps} optimizer steps")
             self.cfg = cfg = cfg.updated(optimizer=optimizer, lr0=lr0)
         self.optimizer = build_optimizer(self.model, optimizer, lr0, cfg.momentum, weight_decay)
         self.ema = ModelEMA(self.model, cfg.ema_decay)
