@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -36,6 +38,9 @@ def debug_enabled() -> bool:
 
 def run_command(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Runs an entry point's main(argv); a UserError becomes `prog: message` on stderr and exit code 2."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started as a background job of a script (`... &` ignores SIGINT): `kill -INT` ends it as Ctrl-C would
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return main(argv)
     except KeyboardInterrupt:  # Ctrl-C where the command has nothing to save (train and tune handle their own)

@@ -284,7 +284,8 @@ def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(
 ):
     """pyseg.train (in this process, and with --ray-workers 1) gets SIGINT (Ctrl-C; or SIGTERM, `kill PID`) after
     its first epoch: exit 130 and a continue command (on Ray, not Ray Train's own handler, which exited 1 without
-    one); that command, run as printed, ends the run with one row per epoch."""
+    one); that command, run as printed, ends the run with one row per epoch. The Ray run is started as a script's
+    background job is (`... &`: SIGINT ignored), which `kill -INT` must still end."""
     env = python_env(TMPDIR=str(short_tmp), RAY_TMPDIR=None, RAY_ADDRESS=None, PYSEG_CACHE_DIR=str(tmp_path / "c"))
     run_dir = tmp_path / "runs" / "ctrl_c"
     flags = ["--data", str(tiny_data), "--imgsz", "64", "--batch", "4", "--workers", "0", "--epochs", "3"]
@@ -297,6 +298,8 @@ def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            # as a background job of a script: SIGINT ignored from the start
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ray_workers else None,
         )
         try:
             deadline = time.monotonic() + 240
