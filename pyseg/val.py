@@ -86,7 +86,9 @@ def validate(
     )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return evaluate(model, loader, CocoEvaluator(labels.images, names), cfg, torch_device), names
+    evaluator = CocoEvaluator(labels.images, names)
+    # a progress bar only where it redraws in place (a terminal), as in train
+    return evaluate(model, loader, evaluator, cfg, torch_device, show_progress=sys.stderr.isatty()), names
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:

@@ -112,7 +112,7 @@ def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
     assert "ignored: --epochs, --imgsz" in out and "already finished 1 epochs" in out and not err
 
 
-def test_val_reproduces_results_csv(tiny_data, tmp_path):
+def test_val_reproduces_results_csv(tiny_data, tmp_path, capsys):
     from pyseg.val import validate
 
     run_dir = Trainer(tiny_config(tiny_data, tmp_path, epochs=2, conf=0.0001), show_progress=False).fit()
@@ -121,7 +121,9 @@ def test_val_reproduces_results_csv(tiny_data, tmp_path):
     # A barely trained model finds nothing at IoU >= 0.5, so the mAPs are zeros; the detections it keeps (count
     # and mean score) are not, and they differ as soon as val's weights, letterbox or thresholds differ.
     assert float(row["val/detections"]) > 0
+    capsys.readouterr()
     metrics, names = validate(run_dir / "weights" / "last.pt", workers=0, device="cpu")
+    assert "val:" not in capsys.readouterr().err  # no progress bar where stderr is not a terminal (a log)
     assert names == list(SHAPES_CLASSES)
     assert metrics["detections"]["count"] == int(float(row["val/detections"]))
     assert metrics["detections"]["mean_score"] == pytest.approx(float(row["val/mean_score"]), abs=1e-5)
