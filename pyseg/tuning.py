@@ -35,7 +35,7 @@ from pyseg.distributed.ray_train import (
 )
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
 from pyseg.distributed.trial_process import train_in_trial
-from pyseg.engine.trainer import read_results
+from pyseg.engine.trainer import parse_number, read_results
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, read_yaml_mapping
 from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
@@ -790,20 +790,10 @@ def best_epoch(history: list[dict]) -> dict:
     """The results.csv row (as numbers) with the highest METRIC, the first of equals; {} when none has one."""
     best, best_value = {}, None
     for row in history:
-        value = _float(row.get(METRIC))
+        value = parse_number(row.get(METRIC))
         if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
             best, best_value = row, value
-    numbers = {key: _float(value) for key, value in best.items()}
-    if numbers.get("epoch") is not None:
-        numbers["epoch"] = int(numbers["epoch"])
-    return numbers
-
-
-def _float(text) -> float | None:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return None
+    return {key: parse_number(value) for key, value in best.items()}
 
 
 def search_pictures(rows: list[dict], searched: list[str], epochs: int, experiment_dir: Path) -> list[Path]:

@@ -8,7 +8,6 @@ Which Ray: --address (or RAY_ADDRESS) when given, else a new local Ray of this p
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
 import os
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyseg.config import TrainConfig
-from pyseg.engine.trainer import Hook, Trainer, default_hooks, unique_run_dir
+from pyseg.engine.trainer import Hook, Trainer, default_hooks, parse_number, read_results, unique_run_dir
 from pyseg.errors import ConfigError, UserError
 from pyseg.storage import StorageSyncHook, remove_all_staged, remove_staged, stage, staging_folder
 from pyseg.tracking import MlflowHook, TrackingConfig
@@ -300,28 +299,12 @@ class RayReportHook(Hook):
         search was interrupted as the trial ended) sees how it ended. Every worker calls it (a barrier)."""
         metrics = {}
         if trainer.is_main:
-            rows = _read_rows(trainer.run_dir / "results.csv")
-            metrics = {key: _number(value) for key, value in (rows[-1] if rows else {}).items()}
+            rows = read_results(trainer.run_dir / "results.csv")
+            metrics = {key: parse_number(value) for key, value in (rows[-1] if rows else {}).items()}
             metrics = {key: value for key, value in metrics.items() if value is not None}
             metrics["best_fitness"] = trainer.best_fitness
         self.send(metrics, None, int(metrics.get("epoch", 0)))
         self.reports += 1
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _number(text: str) -> int | float | None:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except (TypeError, ValueError):
-            pass
-    return None
 
 
 def _quiet_report_log() -> None:

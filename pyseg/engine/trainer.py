@@ -280,6 +280,16 @@ def read_results(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def parse_number(text) -> int | float | None:
+    """A results.csv cell as a number: int when it is one, else float (nan included); None when it is neither."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return None
+
+
 # ------------------------------------------------------------------ run folders
 
 
