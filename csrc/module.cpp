@@ -8,6 +8,7 @@
 namespace pyseg {
 std::string cuda_build_version();
 std::string cuda_build_archs();
+at::Tensor device_error_flag_tensor(int64_t device_index);
 }  // namespace pyseg
 #endif
 
@@ -39,4 +40,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyseg native ops (torch.ops.pyseg.*)";
   m.def("build_info", &build_info, "What this build of pyseg._C was compiled with.");
+#ifdef PYSEG_WITH_CUDA
+  m.def("device_error_flag", &pyseg::device_error_flag_tensor, pybind11::arg("device_index"),
+        "int32 Tensor[1] on that CUDA device: bits of bad input values the CUDA kernels met (device_errors.h).");
+#endif
 }

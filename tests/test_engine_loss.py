@@ -121,6 +121,8 @@ def mask_losses(batch_overlap: dict, batch_per_instance: dict) -> tuple[float, f
         _, per_instance_parts = SegLoss(1, model.reg_max, model.strides, gains, overlap_mask=False)(
             outputs, batch_per_instance
         )
+    overlap_parts = {k: float(v) for k, v in overlap_parts.items()}  # parts are 0-d tensors (no sync in the loss)
+    per_instance_parts = {k: float(v) for k, v in per_instance_parts.items()}
     for key in ("box", "cls", "dfl"):  # the same assignment either way: only the mask targets' form differs
         assert per_instance_parts[key] == overlap_parts[key], key
     return overlap_parts["mask"], per_instance_parts["mask"], overlap_parts

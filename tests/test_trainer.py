@@ -415,3 +415,52 @@ def test_a_taken_name_trains_into_name2_and_records_it(tiny_data, tmp_path):
     assert yaml.safe_load((second / "args.yaml").read_text())["name"] == "tiny2"
     assert load_checkpoint(second / "weights" / "last.pt")["config"]["name"] == "tiny2"
     assert len(results_rows(first)) == len(results_rows(second)) == 1
+
+
+@pytest.mark.needs_cuda
+def test_cuda_steps_with_autocast_make_the_cpu_masks_finite_losses_and_few_host_syncs(tiny_data, tmp_path):
+    """Two training steps on the GPU (AMP: bf16 where supported), masks rasterized in the step: the masks equal those
+    of the CPU collate, the losses are finite, and the step syncs with the host only a few times (it used to ~12)."""
+    import warnings
+
+    from pyseg.data.loader import MASK_RATIO, polygon_masks
+    from pyseg.engine.trainer import train_one_epoch
+
+    trainer = Trainer(tiny_config(tiny_data, tmp_path, device="cuda", amp=True), show_progress=False)
+    trainer.setup()
+    assert not trainer.loader_makes_masks and trainer.autocast is not None
+    batches = [batch for _, batch in zip(range(2), trainer.train_loader, strict=False)]
+    for batch in batches:
+        want = polygon_masks(batch, MASK_RATIO, trainer.cfg.overlap_mask)["masks"]
+        got = polygon_masks(to_cuda(batch), MASK_RATIO, trainer.cfg.overlap_mask)["masks"]
+        assert torch.equal(got.cpu(), want)
+
+    cuda_batches = [to_cuda(batch) for batch in batches]  # copied before counting: a step's own syncs only
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train_one_epoch(
+                trainer.model,
+                cuda_batches,
+                trainer.loss_fn,
+                trainer.optimizer,
+                trainer.cfg,
+                0,
+                trainer.device,
+                autocast=trainer.autocast,
+                scaler=trainer.scaler,
+                show_progress=False,
+                make_masks=True,
+            )
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert all(math.isfinite(result[key]) for key in ("train/box", "train/cls", "train/dfl", "train/mask")), result
+    # Per step: the foreground of the box loss and of the mask loss (nonzero), and one copy of loss + parts + flag.
+    assert len(syncs) <= 2 * 4, [str(w.message) for w in syncs]
+
+
+def to_cuda(batch: dict) -> dict:
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}

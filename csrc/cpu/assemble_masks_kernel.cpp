@@ -101,7 +101,7 @@ void assemble_masks_impl(const at::Tensor& protos, const at::Tensor& coeffs, con
 at::Tensor assemble_masks_cpu(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                               const at::Tensor& boxes, at::OptionalIntArrayRef out_size,
                               std::optional<double> threshold) {
-  check_mask_head_inputs(protos, coeffs, image_index, boxes);
+  check_mask_head_inputs(protos, coeffs, image_index, boxes, /*check_values=*/true);
   const auto [out_h, out_w] = assembled_size(protos, out_size);
   const int64_t num = coeffs.size(0);
   const bool resize = out_h != protos.size(2) || out_w != protos.size(3);

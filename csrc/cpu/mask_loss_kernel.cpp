@@ -143,7 +143,7 @@ void mask_loss_backward_impl(const LossArgs& a, const at::Tensor& grad_loss, at:
 at::Tensor mask_loss_cpu(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                          const at::Tensor& gt_masks, const at::Tensor& gt_index, const at::Tensor& boxes,
                          bool overlap) {
-  check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap);
+  check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap, /*check_values=*/true);
   const at::ScalarType acc_dtype = protos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::zeros({coeffs.size(0)}, protos.options().dtype(acc_dtype));
   if (coeffs.size(0) == 0) return loss;
@@ -161,10 +161,9 @@ std::tuple<at::Tensor, at::Tensor> mask_loss_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& coeffs, const at::Tensor& image_index,
                                                           const at::Tensor& gt_masks, const at::Tensor& gt_index,
                                                           const at::Tensor& boxes, bool overlap) {
-  check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap);
+  check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap, /*check_values=*/true);
   const at::ScalarType acc_dtype = protos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == coeffs.size(0),
-                    "grad_loss must have shape [N] = [", coeffs.size(0), "], got ", grad_loss.sizes());
+  check_grad_loss(grad_loss, protos, coeffs);
   at::Tensor grad_protos = at::zeros(protos.sizes(), protos.options().dtype(acc_dtype));
   at::Tensor grad_coeffs = at::zeros(coeffs.sizes(), coeffs.options().dtype(acc_dtype));
   if (coeffs.size(0) > 0) {

@@ -1,9 +1,11 @@
 // Small CUDA helpers shared by pyseg's kernels.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace pyseg {
 
@@ -48,6 +50,14 @@ __device__ inline T block_sum(T v, T* shared_warp_sums) {
   }
   __syncthreads();
   return total;
+}
+
+// CSR grouping on the device (no host sync): order sorts keys stably, and the items of group g are
+// order[begin[g] : begin[g + 1]]. Keys outside [0, groups) fall outside every group. Returns {order, begin}.
+inline std::pair<at::Tensor, at::Tensor> group_by_key(const at::Tensor& keys, int64_t groups) {
+  const auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor bounds = at::arange(groups + 1, keys.options());
+  return {order.contiguous(), at::searchsorted(sorted, bounds).contiguous()};
 }
 
 }  // namespace pyseg

@@ -16,7 +16,7 @@ void check_index_range(const at::Tensor& index, int64_t upper, const char* name,
 }
 
 void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
-                            const at::Tensor& boxes) {
+                            const at::Tensor& boxes, bool check_values) {
   TORCH_CHECK_VALUE(protos.dim() == 4, "protos must have shape [B, K, h, w], got ", protos.sizes());
   TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(1) == protos.size(1),
                     "coeffs must have shape [N, K] with K = ", protos.size(1), " (protos.shape[1]), got ",
@@ -38,7 +38,7 @@ void check_mask_head_inputs(const at::Tensor& protos, const at::Tensor& coeffs, 
     TORCH_CHECK_VALUE(t->device() == protos.device(), "all inputs must be on the device of protos (",
                       protos.device(), "), got one on ", t->device());
   }
-  check_index_range(image_index, protos.size(0), "image_index", "B");
+  if (check_values) check_index_range(image_index, protos.size(0), "image_index", "B");
 }
 
 std::pair<int64_t, int64_t> assembled_size(const at::Tensor& protos, at::OptionalIntArrayRef out_size) {

@@ -15,8 +15,8 @@ namespace pyseg {
 
 void check_mask_loss_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                             const at::Tensor& gt_masks, const at::Tensor& gt_index, const at::Tensor& boxes,
-                            bool overlap) {
-  check_mask_head_inputs(protos, coeffs, image_index, boxes);
+                            bool overlap, bool check_values) {
+  check_mask_head_inputs(protos, coeffs, image_index, boxes, check_values);
   TORCH_CHECK_VALUE(gt_masks.dim() == 3 && gt_masks.size(1) == protos.size(2) && gt_masks.size(2) == protos.size(3),
                     "gt_masks must have shape [", overlap ? "B" : "G", ", h, w] = [*, ", protos.size(2), ", ",
                     protos.size(3), "] (the proto grid), got ", gt_masks.sizes());
@@ -31,7 +31,16 @@ void check_mask_loss_inputs(const at::Tensor& protos, const at::Tensor& coeffs, 
   TORCH_CHECK_VALUE(gt_index.scalar_type() == at::kLong, "gt_index must be int64, got ", gt_index.scalar_type());
   TORCH_CHECK_VALUE(gt_masks.device() == protos.device() && gt_index.device() == protos.device(),
                     "gt_masks and gt_index must be on the device of protos (", protos.device(), ")");
-  if (!overlap) check_index_range(gt_index, gt_masks.size(0), "gt_index", "G (rows of gt_masks)");
+  if (!overlap && check_values) check_index_range(gt_index, gt_masks.size(0), "gt_index", "G (rows of gt_masks)");
+}
+
+void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& protos, const at::Tensor& coeffs) {
+  TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == coeffs.size(0),
+                    "grad_loss must have shape [N] = [", coeffs.size(0), "], got ", grad_loss.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(grad_loss.scalar_type()), "grad_loss must be a floating dtype, got ",
+                    grad_loss.scalar_type());
+  TORCH_CHECK_VALUE(grad_loss.device() == protos.device(), "grad_loss must be on the device of protos (",
+                    protos.device(), "), got ", grad_loss.device());
 }
 
 at::Tensor kernel_targets(const at::Tensor& gt_masks, bool overlap) {

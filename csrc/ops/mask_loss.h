@@ -10,10 +10,15 @@
 
 namespace pyseg {
 
-// Checks the mask_loss inputs (see mask_loss.cpp); raises ValueError naming the argument.
+// Checks the mask_loss inputs (see mask_loss.cpp); raises ValueError naming the argument. With
+// check_values (the CPU kernels), also the values of image_index and gt_index; the CUDA kernels
+// check those on the device.
 void check_mask_loss_inputs(const at::Tensor& protos, const at::Tensor& coeffs, const at::Tensor& image_index,
                             const at::Tensor& gt_masks, const at::Tensor& gt_index, const at::Tensor& boxes,
-                            bool overlap);
+                            bool overlap, bool check_values);
+
+// Checks grad_loss of mask_loss_backward: shape [N], on the device of protos.
+void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& protos, const at::Tensor& coeffs);
 
 // gt_masks in the dtype the kernels read: int32 for an overlap index map, uint8 for binary
 // per-instance masks (bool or uint8), float32 for soft per-instance masks (any float dtype).

@@ -26,11 +26,10 @@ def polygon_masks(batch: dict, mask_ratio: int, overlap: bool) -> dict:
     num = batch["classes"].shape[0]
     owner = torch.arange(num, device=vertices.device)
     offsets, has_mask = batch["poly_offsets"], batch["has_mask"]
-    if not bool(has_mask.all()):  # box-only instances: no polygon, empty mask
-        lengths = (offsets[1:] - offsets[:-1]) * has_mask
-        keep = torch.repeat_interleave(has_mask, offsets[1:] - offsets[:-1])
-        vertices = vertices[keep]
-        offsets = torch.cat([offsets.new_zeros(1), lengths.cumsum(0)])
+    # Box-only instances get an empty mask: their vertices collapse onto (0, 0), a polygon that covers no
+    # pixel centre. (Computed for every batch: output_size is known, so there is no host sync on a GPU.)
+    keep = torch.repeat_interleave(has_mask, offsets[1:] - offsets[:-1], output_size=vertices.shape[0])
+    vertices = vertices * keep[:, None]
     if overlap:
         index_map, areas = rasterize_polygons_overlap(
             vertices, offsets, owner, batch["image_index"], batch["images"].shape[0], h, w
@@ -53,8 +52,9 @@ class SegCollate:
     """Concatenates samples into one batch; makes masks here unless make_masks is False (GPU training).
 
     Batch: images uint8 [B, 3, S, S], vertices float32 [V, 2] px, poly_offsets int64 [N + 1], classes int64 [N],
-    boxes float32 [N, 4] xyxy px, has_mask bool [N], image_index int64 [N], paths, orig_sizes, ratio_pads,
-    and masks (see polygon_masks) when made.
+    boxes float32 [N, 4] xyxy px, has_mask bool [N], image_index int64 [N], max_instances (int: the most instances
+    of one image, known here so that the loss need not ask the GPU), paths, orig_sizes, ratio_pads, and masks (see
+    polygon_masks) when made.
     """
 
     def __init__(self, mask_ratio: int = MASK_RATIO, overlap_mask: bool = True, make_masks: bool = True):
@@ -73,6 +73,7 @@ class SegCollate:
             "boxes": torch.cat([s["boxes"] for s in samples]),
             "has_mask": torch.cat([s["has_mask"] for s in samples]),
             "image_index": torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts)),
+            "max_instances": max(counts, default=0),
             "paths": [s["path"] for s in samples],
             "orig_sizes": [s["orig_size"] for s in samples],
             "ratio_pads": [s["ratio_pad"] for s in samples],

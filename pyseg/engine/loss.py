@@ -80,10 +80,10 @@ class TaskAlignedAssigner:
         top = metric.topk(min(self.topk, anchors), dim=-1).indices  # (B, M, k)
         positive = torch.zeros_like(candidates).scatter_(-1, top, True) & candidates
         claims = positive.sum(1)  # (B, A)
-        if bool((claims > 1).any()):
-            best_gt = (ious * positive).argmax(1)  # (B, A)
-            best = F.one_hot(best_gt, num_gt).transpose(1, 2).bool()
-            positive = torch.where((claims > 1)[:, None, :], best & positive, positive)
+        # An anchor claimed by several boxes keeps the one it overlaps most (computed always: no host sync).
+        best_gt = (ious * positive).argmax(1)  # (B, A)
+        best = F.one_hot(best_gt, num_gt).transpose(1, 2).bool()
+        positive = torch.where((claims > 1)[:, None, :], best & positive, positive)
         foreground = positive.any(1)
         gt_index = positive.to(torch.uint8).argmax(1)  # (B, A)
         labels = gt_labels.gather(1, gt_index)
@@ -114,6 +114,12 @@ def dfl_loss(distribution: Tensor, target: Tensor, reg_max: int) -> Tensor:
     return loss.reshape(-1, 4).mean(-1)
 
 
+def instances_per_image(image_index: Tensor, batch_size: int) -> Tensor:
+    """int64 Tensor[batch_size]: instances of each image (torch.bincount, without its host sync on a GPU)."""
+    counts = torch.zeros(batch_size, dtype=torch.int64, device=image_index.device)
+    return counts.index_add_(0, image_index, torch.ones_like(image_index))
+
+
 def pad_targets(batch: dict, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-image padding of the flat targets: labels (B, M) int64, boxes (B, M, 4), valid (B, M), has_mask (B, M).
 
@@ -121,8 +127,10 @@ def pad_targets(batch: dict, batch_size: int) -> tuple[Tensor, Tensor, Tensor, T
     """
     image_index = batch["image_index"]
     device = image_index.device
-    counts = torch.bincount(image_index, minlength=batch_size)
-    num_max = int(counts.max()) if image_index.numel() else 0
+    counts = instances_per_image(image_index, batch_size)
+    num_max = batch.get("max_instances")  # from the collate (no host sync); else counted here
+    if num_max is None:
+        num_max = int(counts.max()) if image_index.numel() else 0
     first = torch.cumsum(counts, 0) - counts
     order = torch.argsort(image_index, stable=True)
     rank = torch.empty_like(image_index)
@@ -158,7 +166,7 @@ class SegLoss:
         self.overlap_mask = overlap_mask
         self.assigner = TaskAlignedAssigner(num_classes, topk=topk)
 
-    def __call__(self, outputs, batch: dict) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, outputs, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         from pyseg.models.seg_model import decode_boxes, make_anchors
 
         distribution, class_logits = outputs.box_distribution, outputs.class_logits
@@ -177,21 +185,20 @@ class SegLoss:
         score_sum = assignment.scores.sum().clamp(min=1.0)
         cls = F.binary_cross_entropy_with_logits(class_logits.float(), assignment.scores, reduction="sum") / score_sum
 
-        fg = assignment.foreground
-        zero = class_logits.sum() * 0.0
-        box = dfl = mask = zero
-        if bool(fg.any()):
-            weight = assignment.scores.sum(-1)[fg]  # (P,)
-            target_boxes = assignment.boxes[fg]
-            box = (complete_box_iou_loss(pred_boxes[fg], target_boxes, reduction="none") * weight).sum() / score_sum
-            anchor_fg = anchor_points[None].expand(batch_size, -1, -1)[fg]
-            stride_fg = stride[None].expand(batch_size, -1, -1)[fg]
-            target_ltrb = torch.cat(
-                [anchor_fg - target_boxes[:, :2] / stride_fg, target_boxes[:, 2:] / stride_fg - anchor_fg], -1
-            )
-            pred_dist = distribution[fg].float().reshape(-1, 4, self.reg_max)
-            dfl = (dfl_loss(pred_dist, target_ltrb, self.reg_max) * weight).sum() / score_sum
-            mask = self._mask_loss(outputs, batch, assignment, gt_has_mask)
+        # The foreground anchors, found once (the one host sync of the loss): flat indices into (B * A).
+        fg = torch.nonzero(assignment.foreground.flatten()).squeeze(1)  # (P,)
+        weight = assignment.scores.sum(-1).flatten()[fg]  # (P,)
+        target_boxes = assignment.boxes.flatten(0, 1)[fg]
+        box = (complete_box_iou_loss(pred_boxes.flatten(0, 1)[fg], target_boxes, reduction="none") * weight).sum()
+        box = box / score_sum
+        anchor_fg = anchor_points.repeat(batch_size, 1)[fg]
+        stride_fg = stride.repeat(batch_size, 1)[fg]
+        target_ltrb = torch.cat(
+            [anchor_fg - target_boxes[:, :2] / stride_fg, target_boxes[:, 2:] / stride_fg - anchor_fg], -1
+        )
+        pred_dist = distribution.flatten(0, 1)[fg].float().reshape(-1, 4, self.reg_max)
+        dfl = (dfl_loss(pred_dist, target_ltrb, self.reg_max) * weight).sum() / score_sum
+        mask = self._mask_loss(outputs, batch, assignment, gt_has_mask)
         parts = {
             "box": box * self.gains["box"],
             "cls": cls * self.gains["cls"],
@@ -202,7 +209,7 @@ class SegLoss:
         # DistributedDataParallel requires every parameter to receive a gradient in each step.
         connected = (distribution.sum() + outputs.mask_coeffs.sum() + outputs.protos.sum()).float() * 0.0
         total = (sum(parts.values()) + connected) * batch_size
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}
 
     def _mask_loss(self, outputs, batch, assignment: Assignment, gt_has_mask: Tensor) -> Tensor:
         protos = outputs.protos
@@ -213,12 +220,10 @@ class SegLoss:
                 f"ground-truth masks are {tuple(masks.shape[-2:])} but the prototypes are {(proto_h, proto_w)}: "
                 "use mask_ratio 4 (the prototype stride)"
             )
-        fg = assignment.foreground & gt_has_mask.gather(1, assignment.gt_index)
-        if not bool(fg.any()):
-            return protos.sum() * 0.0
-        image_index = torch.nonzero(fg)[:, 0]
-        gt_index = assignment.gt_index[fg]  # padded index within the image
-        boxes_px = assignment.boxes[fg]
+        fg = torch.nonzero(assignment.foreground & gt_has_mask.gather(1, assignment.gt_index))  # (P, 2): image, anchor
+        image_index, anchor = fg[:, 0], fg[:, 1]
+        gt_index = assignment.gt_index[image_index, anchor]  # padded index within the image
+        boxes_px = assignment.boxes[image_index, anchor]
         scale = torch.tensor(
             [proto_w / batch["images"].shape[3], proto_h / batch["images"].shape[2]] * 2, device=boxes_px.device
         )
@@ -226,10 +231,11 @@ class SegLoss:
             targets = gt_index + 1  # ids in the overlap map are 1-based ranks within the image
         else:
             # Row of the per-instance mask: the flat instance whose image and rank match.
-            first = torch.cumsum(torch.bincount(batch["image_index"], minlength=protos.shape[0]), 0)
-            targets = (first - torch.bincount(batch["image_index"], minlength=protos.shape[0]))[image_index] + gt_index
-        coeffs = outputs.mask_coeffs[fg]
+            counts = instances_per_image(batch["image_index"], protos.shape[0])
+            targets = (torch.cumsum(counts, 0) - counts)[image_index] + gt_index
+        coeffs = outputs.mask_coeffs[image_index, anchor]
         losses = mask_loss(
             protos, coeffs.to(protos.dtype), image_index, masks, targets, boxes_px * scale, overlap=self.overlap_mask
         )
-        return losses.mean()
+        # The mean over positives (0 without any; the count is known on the host: no sync).
+        return losses.sum() / max(losses.shape[0], 1)

@@ -42,6 +42,8 @@ from pyseg.engine.plots import plot_results
 from pyseg.engine.predict import detect, masks_in_input, to_original
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
+from pyseg.ops import device_errors
+from pyseg.ops.device_errors import deferred_device_checks
 
 PHASE_TRAINED = "trained"  # last.pt after the training half of its epoch: validation and results row still due
 PHASE_FINISHED = "finished"  # last.pt after the whole epoch
@@ -53,6 +55,21 @@ RUN_OUTPUTS = ("results.csv", "weights/last.pt", "weights/best.pt")  # what --ex
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the message holds the loss parts and the batch's image paths."""
+
+
+def step_values(loss: torch.Tensor, parts: dict[str, torch.Tensor], device: torch.device) -> tuple[float, dict]:
+    """The loss and its parts as floats, with the device error flag of pyseg's CUDA ops: one host copy per step.
+
+    Raises ValueError when a CUDA op of this step met bad input values (see pyseg.ops.device_errors).
+    """
+    flag = device_errors.error_flag(device)
+    values = [loss.detach().float().reshape(()), *(v.detach().float().reshape(()) for v in parts.values())]
+    if flag is not None:
+        values.append(flag.float().reshape(()))
+    host = torch.stack(values).tolist()
+    if flag is not None and host[-1]:
+        device_errors.check_device_errors(device)
+    return host[0], dict(zip(parts, host[1 : 1 + len(parts)], strict=True))
 
 
 def train_one_epoch(
@@ -92,15 +109,17 @@ def train_one_epoch(
     for step, batch in enumerate(bar):
         apply_schedule(optimizer, cfg, iteration, iterations_per_epoch)
         batch = to_device(batch, device)
-        if make_masks:
-            batch.update(polygon_masks(batch, MASK_RATIO, cfg.overlap_mask))
-        images = batch["images"].float().div_(255.0)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast or nullcontext():
-            outputs = model(images)
-            loss, parts = loss_fn(outputs, batch)
-        if not math.isfinite(float(loss.detach())):
+        with deferred_device_checks():  # pyseg's CUDA ops report bad values through a flag, read below
+            if make_masks:
+                batch.update(polygon_masks(batch, MASK_RATIO, cfg.overlap_mask))
+            images = batch["images"].float().div_(255.0)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast or nullcontext():
+                outputs = model(images)
+                loss, parts = loss_fn(outputs, batch)
+        loss_value, parts = step_values(loss, parts, device)
+        if not math.isfinite(loss_value):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch + 1}, batch {step}: {parts}; images: {batch['paths']}"
             )

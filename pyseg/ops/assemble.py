@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from pyseg import _extension
-from pyseg.ops import _checks, reference
+from pyseg.ops import _checks, device_errors, reference
 
 
 def assemble_masks(
@@ -43,7 +43,9 @@ def assemble_masks(
     if boxes.dtype != torch.float32:
         boxes = boxes.float()
     if _extension.has_ops():
-        return torch.ops.pyseg.assemble_masks(protos, coeffs, image_index, boxes, out_size, threshold)
+        masks = torch.ops.pyseg.assemble_masks(protos, coeffs, image_index, boxes, out_size, threshold)
+        device_errors.after_op(protos.device)
+        return masks
     _extension.warn_fallback()
     _checks.check_mask_head(protos, coeffs, image_index, boxes)
     return reference.assemble_masks(protos, coeffs, image_index, boxes, out_size, threshold)

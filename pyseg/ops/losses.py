@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pyseg import _extension
-from pyseg.ops import _checks, reference
+from pyseg.ops import _checks, device_errors, reference
 
 
 def mask_loss(
@@ -42,7 +42,9 @@ def mask_loss(
     if boxes.dtype != torch.float32:
         boxes = boxes.float()
     if _extension.has_ops():
-        return torch.ops.pyseg.mask_loss(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap)
+        loss = torch.ops.pyseg.mask_loss(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap)
+        device_errors.after_op(protos.device)
+        return loss
     _extension.warn_fallback()
     _checks.check_mask_head(protos, coeffs, image_index, boxes)
     _checks.check_targets(protos, coeffs, gt_masks, gt_index, overlap)
@@ -64,6 +66,7 @@ def _backward(ctx, grad_loss):
     grad_protos, grad_coeffs = torch.ops.pyseg.mask_loss_backward(
         grad_loss.contiguous(), protos, coeffs, image_index, gt_masks, gt_index, boxes, ctx.overlap
     )
+    device_errors.after_op(protos.device)
     return grad_protos, grad_coeffs, None, None, None, None, None
 
 
@@ -74,7 +77,8 @@ def _register() -> None:
 
     @torch.library.register_fake("pyseg::mask_loss_backward")
     def _(grad_loss, protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap):
-        return torch.empty_like(protos), torch.empty_like(coeffs)
+        # The kernels return contiguous gradients whatever the strides of protos (e.g. channels_last).
+        return protos.new_empty(protos.shape), coeffs.new_empty(coeffs.shape)
 
     torch.library.register_autograd("pyseg::mask_loss", _backward, setup_context=_setup_context)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from pyseg import _extension
-from pyseg.ops import _checks, reference
+from pyseg.ops import _checks, device_errors, reference
 
 
 def rasterize_polygons(
@@ -27,10 +27,13 @@ def rasterize_polygons(
         concave, self-intersecting or partly outside the grid; fewer than 3 vertices draw nothing.
 
     Raises:
-        ValueError: bad shapes or dtypes, NaN/inf vertices, offsets or mask indices out of range.
+        ValueError: bad shapes or dtypes, NaN/inf vertices, offsets or mask indices out of range (on CUDA,
+            values are checked by the kernel: see pyseg.ops.device_errors).
     """
     if _extension.has_ops():
-        return torch.ops.pyseg.rasterize_polygons(vertices, poly_offsets, poly_to_mask, num_masks, height, width)
+        masks = torch.ops.pyseg.rasterize_polygons(vertices, poly_offsets, poly_to_mask, num_masks, height, width)
+        device_errors.after_op(vertices.device)
+        return masks
     _extension.warn_fallback()
     _checks.check_polygons(vertices, poly_offsets, poly_to_mask, num_masks, height, width)
     return reference.rasterize_polygons(vertices, poly_offsets, poly_to_mask, num_masks, height, width)
@@ -59,9 +62,11 @@ def rasterize_polygons_overlap(
         areas (Tensor[M], int64): pixel count of each mask before overlap.
     """
     if _extension.has_ops():
-        return torch.ops.pyseg.rasterize_polygons_overlap(
+        index_map, areas = torch.ops.pyseg.rasterize_polygons_overlap(
             vertices, poly_offsets, poly_to_mask, image_index, num_images, height, width
         )
+        device_errors.after_op(vertices.device)
+        return index_map, areas
     _extension.warn_fallback()
     _checks.check_image_index(image_index, num_images)
     _checks.check_polygons(vertices, poly_offsets, poly_to_mask, image_index.shape[0], height, width)
