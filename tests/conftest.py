@@ -1,4 +1,5 @@
-"""Shared fixtures: the needs_cuda mark, the COCO128-Seg location, polygon batches, a tiny shapes-seg."""
+"""Shared fixtures: the needs_cuda mark, the per-device op fixture and its oracle, the COCO128-Seg location, polygon
+batches, a tiny shapes-seg."""
 
 from __future__ import annotations
 
@@ -79,6 +80,76 @@ def use_reference_fallback(monkeypatch) -> None:
     """Makes pyseg.ops behave as if pyseg._C were missing (its warning already given)."""
     monkeypatch.setattr("pyseg._extension._C", None)
     monkeypatch.setattr("pyseg._extension._warned", True)
+
+
+# Op tests run once per device; the cuda case is marked needs_cuda (skipped where no CUDA device is).
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.needs_cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """The device an op test runs on: "cpu", then "cuda" where a CUDA device is."""
+    return request.param
+
+
+def to_device(values, device, copy: bool = True):
+    """values with every tensor moved to device, copied unless copy is False (so that two runs never share an
+    input); tuples, lists and dicts are walked, other values kept."""
+    if isinstance(values, torch.Tensor):
+        return values.to(device, copy=copy)
+    if isinstance(values, tuple | list):
+        return type(values)(to_device(v, device, copy) for v in values)
+    if isinstance(values, dict):
+        return {key: to_device(v, device, copy) for key, v in values.items()}
+    return values
+
+
+def oracle_ops(device):
+    """What results computed on device are checked against: on cpu, pyseg.ops.reference (the definitions of the
+    ops); on cuda, the CPU kernels (pyseg.ops on CPU tensors). Both have pyseg.ops' function names."""
+    import pyseg.ops
+    from pyseg.ops import reference
+
+    return reference if torch.device(device).type == "cpu" else pyseg.ops
+
+
+def got_and_want(device, compute, *args):
+    """(got, want) on the CPU: got = compute(pyseg.ops, *args copied to device), want = compute(oracle_ops(device),
+    *args copied to the CPU). compute(ops, *args) calls the op(s) through ops and returns tensors (or tuples of
+    them); pass keyword arguments that the reference requires (mask_loss's overlap) by keyword."""
+    import pyseg.ops
+
+    got = compute(pyseg.ops, *to_device(args, device))
+    want = compute(oracle_ops(device), *to_device(args, "cpu"))
+    return to_device(detached(got), "cpu", copy=False), to_device(detached(want), "cpu", copy=False)
+
+
+def detached(values):
+    """values with every tensor detached (tuples and lists walked)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach()
+    if isinstance(values, tuple | list):
+        return type(values)(detached(v) for v in values)
+    return values
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) inside the block, the previous setting restored afterwards. With it,
+    torch.empty fills new memory with NaN (integers: their largest value), so an output element a kernel never
+    writes shows up."""
+    import torch.utils.deterministic
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (s.out_w % kPixelsPerThread == 0) {  // x0 is a multiple of 4 and rows start 4-element aligned
       *reinterpret_cast<Pack4<out_t>*>(dst) = pack;
     } else {
-      for (int j = 0; j < kPixelsPerThread && x0 + j < s.out_w; ++j) dst[j] = pack.v[j];
+#pragma unroll
+      for (int j = 0; j < kPixelsPerThread; ++j) {
+        if (x0 + j < s.out_w) dst[j] = pack.v[j];  // unrolled: pack stays in registers
+      }
     }
   }
 

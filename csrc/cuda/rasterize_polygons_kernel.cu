@@ -78,7 +78,12 @@ __device__ void mask_row_bits(const PolygonBatch& in, int64_t m, int64_t row0, i
       continue;
     }
     const int64_t n = last - first;
-    if (n < 3) continue;
+    if (n < 3) {  // draws nothing, but a NaN there is still bad input (as on the CPU)
+      for (int64_t i = threadIdx.x; i < 2 * n; i += blockDim.x) {
+        if (!isfinite(in.xy[2 * first + i])) atomicOr(in.error_flag, kErrorNonFinite);
+      }
+      continue;
+    }
     for (int i = threadIdx.x; i < total_words; i += blockDim.x) toggles[i] = 0u;
     __syncthreads();
     const float* v = in.xy + 2 * first;

@@ -77,6 +77,8 @@ def _register() -> None:
 
     @torch.library.register_fake("pyseg::mask_loss_backward")
     def _(grad_loss, protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap):
+        if grad_loss.device != protos.device:  # as the kernels check
+            raise ValueError(f"grad_loss must be on the device of protos ({protos.device}), got {grad_loss.device}")
         # The kernels return contiguous gradients whatever the strides of protos (e.g. channels_last).
         return protos.new_empty(protos.shape), coeffs.new_empty(coeffs.shape)
 
