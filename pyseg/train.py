@@ -9,7 +9,8 @@ Examples:
     python -m pyseg.train --ray-workers 8 --gpus-per-worker 1 --address auto   # on a running Ray cluster (NCCL)
 
 Every run is logged to MLflow (default: sqlite:///runs/mlflow.db; `mlflow ui --backend-store-uri
-sqlite:///runs/mlflow.db` shows it); --no-mlflow turns it off.
+sqlite:///runs/mlflow.db` shows it); --no-mlflow turns it off. Without MLflow installed a run is not logged (one
+line says so). Training in this process (no --ray-workers) never imports Ray: torch and pyseg's own needs suffice.
 """
 
 from __future__ import annotations
@@ -112,9 +113,9 @@ def train_command(argv: list[str] | None) -> int:
         )
     if not args.ray_workers:  # `kill PID` (SIGTERM) ends a run as Ctrl-C does: the message and the continue command
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    from pyseg.tracking import MlflowHook, TrackingConfig
+    from pyseg.tracking import MlflowHook, command_tracking
 
-    tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+    tracking = command_tracking("pyseg.train", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
     trainer = None
     try:
         if args.ray_workers:
