@@ -16,15 +16,16 @@ Stages (several may follow each other in one call: `... build-test bench`; each 
   bench       benchmarks/bench_ops.py --gpu: CUDA vs CPU agreement (bit-identical rasterization, assemble_masks
               and mask_loss within tolerance) asserted; GPU timings; assemble_masks' bandwidth over a copy's.
   train       python -m pyseg.train on COCO128-Seg: 10 epochs at 640, batch 16, AMP, on the GPU (which makes
-              the ground-truth masks there), MLflow off; img/s and mask mAP. Fails unless every epoch is
-              there, the losses are finite and the mask loss fell.
+              the ground-truth masks there), MLflow off, validation after epochs 5 and 10 (--val-period: a
+              barely trained model keeps up to 300 detections an image, each mask RLE-encoded on the CPU); img/s
+              and mask mAP. Fails unless every epoch is there, the losses are finite and the mask loss fell.
 
 Each stage writes $OUT/<stage>.json (stage, ok, error, seconds, device name, torch, CUDA, build_info, its
 figures) and $OUT/<stage>.log (the output of what it ran), and exits 1 when any stage failed (2: bad arguments).
 OUT defaults to benchmarks/out. A stage builds pyseg._C from this working tree first when it is missing or was
 built from other sources, another torch or another arch list (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = this GPU's,
-MAX_JOBS = all cores; 2-3 minutes on 16 cores); the build log stays in .device/build.log, its tail goes into the
-JSON of the stage that built.
+MAX_JOBS = all cores; 2-3 minutes on 16 cores; build/pyseg_C.stamp records what it was built from); the build log
+stays in .device/build.log, its tail goes into the JSON of the stage that built.
 
 What travels: the device machine gets the working tree, and nothing beside it (no ../shared, no internet). The
 device image has Python 3.12 and torch, but not pycocotools (validation's mAP) and no Ray or MLflow (the trainer
@@ -33,6 +34,10 @@ the wheels of DEVICE_WHEELS for CPython 3.12 on x86-64 to .device/wheels; .devic
 the device call's `carry`. There the stages install those wheels into .device/site first (no index, no
 dependencies) and find COCO128-Seg at --coco128 DIR, else $PYSEG_COCO128_SEG, else .device/coco128-seg, else
 ../shared/datasets/coco128-seg.
+
+Time: --budget (default 560 s) is what the whole call may take; every command a stage runs is stopped in time for
+its JSON to be written, and a stage started with too little time left fails saying so. Set it below the device
+call's timeout_s.
 
 `train --device cpu` (with a small --data, --epochs, --imgsz) runs the train stage on a CPU machine, which checks
 the stage itself: no build, no AMP; the JSON says device cpu.
@@ -49,6 +54,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -71,6 +77,20 @@ LOG_TAIL = 4000  # characters of a failing command's output kept in the JSON
 
 class StageError(Exception):
     """A stage found something wrong; the message says what (and where the full log is)."""
+
+
+# The whole call must end inside the device command's limit (600 s): every command a stage runs is stopped in time
+# for its JSON to be written, and a stage that finds too little time left fails saying so.
+DEADLINE = {"at": math.inf, "budget": math.inf}
+MARGIN_S = 20.0
+
+
+def time_left(wanted: float) -> float:
+    """Seconds a command may take now: wanted, or less so that the call ends within --budget."""
+    left = DEADLINE["at"] - time.monotonic() - MARGIN_S
+    if left < 10:
+        raise StageError(f"out of time: the call's --budget of {DEADLINE['budget']:.0f} s is spent")
+    return min(wanted, left)
 
 
 # ------------------------------------------------------------------ paths and environment
@@ -139,7 +159,7 @@ def environment() -> dict:
 
 def run_logged(command: list[str], log, timeout: float, env: dict | None = None, cwd: Path = ROOT) -> tuple[int, str]:
     """Runs command in its own process group, its output appended to log (and returned); on timeout SIGTERM to the
-    group (pyseg.train saves and stops), SIGKILL 30 s later. Returns (exit code, output); 124 for a timeout."""
+    group (pyseg.train saves and stops), SIGKILL 10 s later. Returns (exit code, output); 124 for a timeout."""
     log.write(f"\n$ {' '.join(command)}\n")
     log.flush()
     start = os.path.getsize(log.name)
@@ -152,7 +172,7 @@ def run_logged(command: list[str], log, timeout: float, env: dict | None = None,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -190,7 +210,7 @@ def ensure_build() -> dict:
 
     major, minor = torch.cuda.get_device_capability()
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST") or f"{major}.{minor}"
-    stamp = device_dir() / "build.stamp"
+    stamp = ROOT / "build" / "pyseg_C.stamp"  # beside the objects, kept by a warm device machine (.device is not)
     digest = source_digest(arch_list)
     built, seconds, tail = False, 0.0, None
     if not (built_extension().is_file() and stamp.is_file() and stamp.read_text() == digest):
@@ -202,11 +222,12 @@ def ensure_build() -> dict:
         print(f"[gpu_check] building pyseg._C (CUDA, TORCH_CUDA_ARCH_LIST={arch_list}, MAX_JOBS={env['MAX_JOBS']})")
         start = time.perf_counter()
         with open(device_dir() / "build.log", "w") as log:
-            code, output = run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], log, 480, env)
+            code, output = run_logged([sys.executable, "setup.py", "build_ext", "--inplace"], log, time_left(480), env)
         seconds = time.perf_counter() - start
         tail = output[-LOG_TAIL:]
         if code != 0:
             raise StageError(f"building pyseg._C failed (exit {code}, {device_dir() / 'build.log'}): {tail}")
+        stamp.parent.mkdir(exist_ok=True)
         stamp.write_text(digest)
         built = True
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # test_extension checks the build holds these archs
@@ -284,13 +305,16 @@ def stage_build_test(args, log) -> dict:
         )
     env = {**os.environ, "PYSEG_EXPECT_GPU": "1", "PYSEG_EXPECT_CUDA_BUILD": "1", "PYSEG_COCO128_SEG": str(coco128)}
     env["PYSEG_CACHE_DIR"] = str(device_dir() / "cache")
-    runs = {"extension": ["tests/test_extension.py"], "needs_cuda": ["-m", "needs_cuda", *needs_cuda_files()]}
+    files = needs_cuda_files()
+    if not files:
+        raise StageError("no test file under tests/ marks a test needs_cuda")
+    runs = {"extension": ["tests/test_extension.py"], "needs_cuda": ["-m", "needs_cuda", *files]}
     figures, problems = {"coco128": str(coco128), "needs_cuda_files": runs["needs_cuda"][2:]}, []
     for name, selection in runs.items():
         report = device_dir() / "tmp" / f"{name}.xml"
         report.unlink(missing_ok=True)
         command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={report}"]
-        code, _ = run_logged([*command, *selection], log, args.test_timeout, env)
+        code, _ = run_logged([*command, *selection], log, time_left(args.test_timeout), env)
         counts = junit_counts(report)
         figures[name] = {"exit_code": code, **counts}
         if code != 0 or counts["failed"] or counts["errors"]:
@@ -329,6 +353,19 @@ def find_sanitizer() -> str | None:
     return None
 
 
+def sanitizer_summary(tool: str, output: str) -> tuple[int | None, int | None]:
+    """(errors, warnings) of a compute-sanitizer run's last summary line; None where it printed none (it died).
+
+    racecheck prints "RACECHECK SUMMARY: N hazards displayed (E errors, W warnings)", the others "ERROR SUMMARY: E
+    errors". Warnings (racecheck's possible hazards) are recorded, errors fail the stage.
+    """
+    if tool == "racecheck":
+        found = re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?, (\d+) warnings?\)", output)
+        return (int(found[-1][0]), int(found[-1][1])) if found else (None, None)
+    found = re.findall(r"ERROR SUMMARY: (\d+) errors?", output)
+    return (int(found[-1]), None) if found else (None, None)
+
+
 def stage_sanitize(args, log) -> dict:
     sanitizer = find_sanitizer()
     if sanitizer is None:
@@ -340,18 +377,23 @@ def stage_sanitize(args, log) -> dict:
     for tool in args.tools:
         start = time.perf_counter()
         command = [sanitizer, "--tool", tool, "--error-exitcode", "1", "--print-limit", "50"]
+        command += shlex.split(args.sanitizer_args)
         command += [sys.executable, str(Path(__file__).resolve()), "exercise-ops"]
-        code, output = run_logged(command, log, args.sanitizer_timeout, env)
-        summary = re.findall(r"ERROR SUMMARY: (\d+) error", output)
-        errors = int(summary[-1]) if summary else None
+        code, output = run_logged(command, log, time_left(args.sanitizer_timeout), env)
+        errors, warnings = sanitizer_summary(tool, output)
         agreed = "exercise-ops: every CUDA op agrees with its CPU kernel" in output
         figures["tools"][tool] = {
             "exit_code": code,
             "errors": errors,
+            "warnings": warnings,
             "ops_agree": agreed,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        print(f"[gpu_check] compute-sanitizer --tool {tool}: exit {code}, {errors} errors, ops agree: {agreed}")
+        print(
+            f"[gpu_check] compute-sanitizer --tool {tool}: exit {code}, {errors} errors"
+            + (f", {warnings} warnings" if warnings is not None else "")
+            + f", ops agree: {agreed}"
+        )
         if code != 0 or errors != 0 or not agreed:
             problems.append(f"{tool}: exit {code}, {errors} errors reported, ops agree: {agreed}")
     if problems:
@@ -383,8 +425,9 @@ def exercise_ops() -> int:
             elif tolerance and not torch.allclose(want.double(), got.double(), rtol=tolerance, atol=tolerance):
                 problems.append(f"{where}: max |diff| {float((want.double() - got.double()).abs().max()):.3g}")
 
-    polys, owners, image_index = [], [], []
-    for i in range(9):  # stars, partly outside the grid, and a self-intersecting one; 3 masks per image
+    # 9 stars (some partly outside the grid), two to a mask, and a self-intersecting polygon: 5 masks in 3 images
+    polys, owners = [], []
+    for i in range(9):
         n = int(rng.integers(3, 20))
         angles = np.sort(rng.uniform(0, 2 * math.pi, n))
         radii = rng.uniform(0.2, 1.0, n) * rng.uniform(3, 30)
@@ -489,7 +532,7 @@ def stage_bench(args, log) -> dict:
     report = device_dir() / "tmp" / "bench_ops.json"
     report.unlink(missing_ok=True)
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--gpu", "--json", str(report)]
-    code, output = run_logged(command, log, args.bench_timeout, env)
+    code, output = run_logged(command, log, time_left(args.bench_timeout), env)
     figures = json.loads(report.read_text()) if report.is_file() else {}
     figures["exit_code"] = code
     print(output[-3000:])
@@ -552,7 +595,10 @@ def train_figures(run_dir: Path, epochs: int) -> dict:
         "mask_map50_95": number(last, "mask/map"),
         "mask_map50": number(last, "mask/map50"),
         "box_map50_95": number(last, "box/map"),
-        "best_mask_map50_95": max(number(row, "mask/map") for row in rows),
+        "validated_epochs": [int(row["epoch"]) for row in rows if math.isfinite(number(row, "mask/map"))],
+        "best_mask_map50_95": max(
+            (number(row, "mask/map") for row in rows if math.isfinite(number(row, "mask/map"))), default=math.nan
+        ),
         "losses_first": {key: number(rows[0], key) for key in losses},
         "losses_last": {key: number(last, key) for key in losses},
     }
@@ -591,10 +637,10 @@ def stage_train(args, log) -> dict:
     command += ["--imgsz", str(args.imgsz), "--batch", str(args.batch), "--device", args.device, "--amp", "true"]
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     command += ["--workers", str(workers), "--project", str(project)]
-    command += ["--name", "train", "--no-mlflow"]
+    command += ["--val-period", str(args.val_period), "--name", "train", "--no-mlflow"]
     env = {**os.environ, "PYSEG_CACHE_DIR": str(device_dir() / "cache")}
     start = time.perf_counter()
-    code, output = run_logged(command, log, args.train_timeout, env)
+    code, output = run_logged(command, log, time_left(args.train_timeout), env)
     wall = time.perf_counter() - start
     print("\n".join(line for line in output.splitlines() if not line.startswith("/"))[-3000:])
     if code != 0:
@@ -639,8 +685,13 @@ def prepare(args) -> int:
             print(f"gpu_check prepare: pip download of {', '.join(DEVICE_WHEELS)} failed", file=sys.stderr)
             return 1
     size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=ROOT).returncode == 0
-    print(f"{target}: {size / 2**20:.1f} MiB ({'git-ignored' if ignored else 'NOT git-ignored: add it to .gitignore'})")
+    if not target.is_relative_to(ROOT):
+        where = "outside the repository: a device call cannot carry it"
+    elif subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=ROOT, capture_output=True).returncode == 0:
+        where = "git-ignored: name it in the device call's carry"
+    else:
+        where = "NOT git-ignored: add it to .gitignore, or it travels as untracked files"
+    print(f"{target}: {size / 2**20:.1f} MiB, {where}")
     carry = os.path.relpath(target, ROOT)
     print(
         f'device calls: command "bash benchmarks/gpu_check.sh STAGE" with carry ["{carry}"], one of {", ".join(STAGES)}'
@@ -712,6 +763,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="train: epochs (default 10)")
     parser.add_argument("--imgsz", type=int, default=640, help="train: image size (default 640)")
     parser.add_argument("--batch", type=int, default=16, help="train: batch (default 16)")
+    parser.add_argument(
+        "--val-period", type=int, default=5, help="train: validate every N epochs and after the last (default 5)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="train: loader workers (default min(8, cores))")
     parser.add_argument(
         "--device", default="0", help="train: --device of pyseg.train (default 0; cpu checks the stage)"
@@ -722,6 +776,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sanitizer-timeout", type=float, default=150, help="sanitize: seconds per tool")
     parser.add_argument("--bench-timeout", type=float, default=400, help="bench: seconds")
     parser.add_argument("--train-timeout", type=float, default=480, help="train: seconds")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=560,
+        help="seconds the whole call may take (default 560: a device command's 600)",
+    )
+    parser.add_argument("--sanitizer-args", default="", help="sanitize: more compute-sanitizer flags (one string)")
     args = parser.parse_args(argv)
     if args.stages == ["exercise-ops"] or args.stages == ["prepare"]:
         return args
@@ -749,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as error:
         print(f"gpu_check: {error}", file=sys.stderr)
         return 1
+    DEADLINE.update(at=time.monotonic() + args.budget, budget=args.budget)
     state: dict = {}
     passed = [run_stage(stage, args, out, state) for stage in args.stages]
     print(f"[gpu_check] {sum(passed)} of {len(passed)} stages passed; JSON in {out}")

@@ -95,9 +95,12 @@ def epoch_row(epoch: int, mask_loss: float, **changes) -> dict:
 
 
 def test_a_run_passes_only_when_complete_finite_and_learning(tmp_path):
-    write_run(tmp_path / "good", [epoch_row(1, 9.0), epoch_row(2, 7.0), epoch_row(3, 6.0)])
+    # validated after epochs 1 and 3 (--val-period 2): epoch 2 has blank metric cells
+    unvalidated = {"mask/map": "", "mask/map50": "", "box/map": ""}
+    write_run(tmp_path / "good", [epoch_row(1, 9.0), epoch_row(2, 7.0, **unvalidated), epoch_row(3, 6.0)])
     figures = gpu_check.train_figures(tmp_path / "good", 3)
     assert figures["images_per_s_median"] == 102.5  # epochs 2 and 3: epoch 1 holds the warm-up
+    assert figures["validated_epochs"] == [1, 3]
     assert figures["mask_map50_95"] == 0.03 and figures["best_mask_map50_95"] == 0.03
     assert figures["losses_first"]["train/mask"] == 9.0 and figures["losses_last"]["train/mask"] == 6.0
 
@@ -139,6 +142,17 @@ def test_test_counts_come_from_the_junit_report(tmp_path):
     assert gpu_check.junit_counts(tmp_path / "missing.xml")["tests"] == 0
 
 
+def test_sanitizer_summaries_are_read_per_tool():
+    memcheck = "========= COMPUTE-SANITIZER\nexercise-ops: ok\n========= ERROR SUMMARY: 0 errors\n"
+    assert gpu_check.sanitizer_summary("memcheck", memcheck) == (0, None)
+    assert gpu_check.sanitizer_summary("initcheck", "========= ERROR SUMMARY: 1 error\n") == (1, None)
+    racecheck = "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n"
+    assert gpu_check.sanitizer_summary("racecheck", racecheck) == (1, 2)
+    # a run that died before its summary has no count, which the stage treats as a failure
+    assert gpu_check.sanitizer_summary("synccheck", "Segmentation fault\n") == (None, None)
+    assert gpu_check.sanitizer_summary("racecheck", memcheck) == (None, None)
+
+
 def test_prepare_copies_coco128_seg_to_carry(tmp_path):
     source = tmp_path / "coco128-seg"
     for part, name, text in (("images", "a.jpg", "jpeg"), ("labels", "a.txt", "0 0.1 0.1 0.5 0.1 0.5 0.5\n")):
@@ -157,3 +171,14 @@ def test_prepare_copies_coco128_seg_to_carry(tmp_path):
 def test_the_device_files_are_git_ignored():
     done = subprocess.run(["git", "check-ignore", "-q", ".device/coco128-seg"], cwd=ROOT)
     assert done.returncode == 0, ".device/ must be in .gitignore: it holds the data and wheels a device call carries"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a CUDA device")
+def test_bench_ops_gpu_mode_says_it_needs_a_cuda_device(tmp_path):
+    report = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--gpu", "--json", str(report)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "sees no CUDA device" in done.stderr and not report.exists()
+    misuse = subprocess.run(command[:2] + ["--json", str(report)], capture_output=True, text=True, timeout=300)
+    assert misuse.returncode == 2 and "--json goes with --gpu" in misuse.stderr
