@@ -16,6 +16,7 @@ line says so). Training in this process (no --ray-workers) never imports Ray: to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import signal
 import sys
@@ -103,6 +104,11 @@ def train_command(argv: list[str] | None) -> int:
     storage = remote_storage(args)
     if storage and not args.ray_workers:
         raise ConfigError("--storage URI keeps a run trained by Ray workers: add --ray-workers N")
+    if args.ray_workers and not ray_installed():
+        raise ConfigError(
+            f"--ray-workers {args.ray_workers}: Ray is not installed in this environment; `pip install 'ray[train]'`, "
+            "or leave out --ray-workers to train in this process"
+        )
     cfg = config_from_args(args)
     ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
     if cfg.resume and (ignored or args.cfg):
@@ -161,6 +167,14 @@ def train_command(argv: list[str] | None) -> int:
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+def ray_installed() -> bool:
+    """True when `import ray` can find Ray (not imported here: only --ray-workers needs it)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as none
+        return False
 
 
 # Training settings a resumed run takes from its checkpoint, whatever the command line says.

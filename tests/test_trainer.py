@@ -469,6 +469,11 @@ def test_train_and_val_run_without_ray_or_mlflow(tiny_data, tmp_path):
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and "--no-mlflow" in refused.stderr
     assert not (tmp_path / "refused").exists() and not (tmp_path / "m.db").exists()
 
+    # --ray-workers needs Ray: without it, one line and exit code 2 as well.
+    no_ray = run("pyseg.train", "--no-mlflow", "--ray-workers", "1", *tiny_flags(tiny_data, tmp_path, "on_ray"))
+    assert no_ray.returncode == 2 and no_ray.stderr.strip().splitlines() == [no_ray.stderr.strip()], no_ray.stderr
+    assert "Ray is not installed" in no_ray.stderr and not (tmp_path / "on_ray").exists()
+
     out = tmp_path / "metrics.json"
     weights = str(run_dir / "weights" / "best.pt")
     validated = run("pyseg.val", "--weights", weights, "--workers", "0", "--device", "cpu", "--out", str(out))
