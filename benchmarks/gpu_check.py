@@ -118,23 +118,29 @@ def find_coco128(given: str | None) -> Path | None:
     return None
 
 
-def install_carried_wheels() -> None:
+def install_carried_wheels() -> list[str]:
     """pip-installs .device/wheels/*.whl into .device/site (no index, no dependencies) and puts that folder and the
-    repository on the path of this process and of every command it starts."""
+    repository on the path of this process and of every command it starts; returns the wheels' names. The
+    repository goes on the path even when the install fails (StageError)."""
     wheels = sorted((device_dir() / "wheels").glob("*.whl"))
     paths = [str(ROOT)]
+    problem = None
     if wheels:
         site = device_dir() / "site"
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
         command += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise StageError(f"installing {', '.join(w.name for w in wheels)} failed: {done.stderr[-LOG_TAIL:]}")
-        paths.append(str(site))
+        if done.returncode == 0:
+            paths.append(str(site))
+        else:
+            problem = f"installing {', '.join(w.name for w in wheels)} failed: {done.stderr[-LOG_TAIL:]}"
     for path in reversed(paths):
         if path not in sys.path:
             sys.path.insert(0, path)
     os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
+    if problem:
+        raise StageError(problem)
+    return [wheel.name for wheel in wheels]
 
 
 def environment() -> dict:
@@ -710,6 +716,21 @@ STAGE_FUNCTIONS = {
 }
 
 
+def build_once(state: dict) -> dict:
+    """ensure_build() once per call: its result (with the build log's tail) for the stage that built, the same less
+    the log for the later ones; a failed build fails every stage."""
+    if "build" not in state:
+        try:
+            state["build"] = ensure_build()
+        except StageError as error:
+            state["build"] = error
+            raise
+        return state["build"]
+    if isinstance(state["build"], StageError):
+        raise StageError(f"the build failed (see the first stage's JSON): {state['build']}")
+    return {key: value for key, value in state["build"].items() if key != "log"}
+
+
 def run_stage(stage: str, args, out: Path, state: dict) -> bool:
     """Runs one stage and writes OUT/<stage>.json and OUT/<stage>.log; True when it passed."""
     start = time.perf_counter()
@@ -719,21 +740,13 @@ def run_stage(stage: str, args, out: Path, state: dict) -> bool:
         try:
             with contextlib.suppress(ImportError):  # require_gpu says so when torch is missing
                 result["environment"] = environment()
-            on_gpu = not (stage == "train" and args.device == "cpu")
-            if on_gpu:
+            if isinstance(state["wheels"], StageError):
+                raise state["wheels"]
+            result["wheels"] = state["wheels"]
+            if not (stage == "train" and args.device == "cpu"):
                 require_gpu()
-            if on_gpu:
-                if "build" not in state:  # once per call: the stage that built reports the build
-                    try:
-                        state["build"] = result["build"] = ensure_build()
-                    except StageError as error:
-                        state["build"] = error
-                        raise
-                elif isinstance(state["build"], StageError):
-                    raise StageError(f"the build failed (see the first stage's JSON): {state['build']}")
-                else:
-                    result["build"] = {key: value for key, value in state["build"].items() if key != "log"}
-                result["build_info"] = state["build"]["build_info"]
+                result["build"] = build_once(state)
+                result["build_info"] = result["build"]["build_info"]
             figures = STAGE_FUNCTIONS[stage](args, log)
             result["ok"] = True
         except StageError as error:
@@ -744,6 +757,7 @@ def run_stage(stage: str, args, out: Path, state: dict) -> bool:
 
             result["error"] = f"{type(error).__name__}: {error}"
             log.write(traceback.format_exc())
+            traceback.print_exc()
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["figures"] = figures
     (out / f"{stage}.json").write_text(json.dumps(result, indent=2, default=str))
@@ -805,13 +819,12 @@ def main(argv: list[str] | None = None) -> int:
     out = out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (device_dir() / "tmp").mkdir(parents=True, exist_ok=True)
-    try:
-        install_carried_wheels()
-    except StageError as error:
-        print(f"gpu_check: {error}", file=sys.stderr)
-        return 1
-    DEADLINE.update(at=time.monotonic() + args.budget, budget=args.budget)
     state: dict = {}
+    try:
+        state["wheels"] = install_carried_wheels()
+    except StageError as error:  # every stage fails with it, in its JSON
+        state["wheels"] = error
+    DEADLINE.update(at=time.monotonic() + args.budget, budget=args.budget)
     passed = [run_stage(stage, args, out, state) for stage in args.stages]
     print(f"[gpu_check] {sum(passed)} of {len(passed)} stages passed; JSON in {out}")
     return 0 if all(passed) else 1

@@ -182,3 +182,15 @@ def test_bench_ops_gpu_mode_says_it_needs_a_cuda_device(tmp_path):
     assert "sees no CUDA device" in done.stderr and not report.exists()
     misuse = subprocess.run(command[:2] + ["--json", str(report)], capture_output=True, text=True, timeout=300)
     assert misuse.returncode == 2 and "--json goes with --gpu" in misuse.stderr
+
+
+def test_a_carried_wheel_that_does_not_install_fails_every_stage(tmp_path):
+    wheels = tmp_path / "device" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip archive")
+    done = gpu_check_run(tmp_path, "train", "bench", "--device", "cpu")
+    assert done.returncode == 1, done.stdout + done.stderr
+    for stage in ("train", "bench"):
+        result = json.loads((tmp_path / "out" / f"{stage}.json").read_text())
+        assert result["ok"] is False and result["error"].startswith("installing broken-1.0-py3-none-any.whl failed")
+    assert not (tmp_path / "device" / "runs").exists()  # no training started
