@@ -71,7 +71,6 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Wheels the device image lacks, for `prepare` to download (pure-Python or cp312 manylinux x86-64 builds).
 DEVICE_WHEELS = ("pycocotools==2.0.11",)
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
-OPS = ("rasterize_polygons", "rasterize_polygons_overlap", "assemble_masks", "mask_loss", "mask_loss_backward")
 LOG_TAIL = 4000  # characters of a failing command's output kept in the JSON
 
 
@@ -246,15 +245,20 @@ def check_build(arch: str) -> dict:
     import torch
 
     import pyseg.ops as ops
+    from pyseg._extension import registered_ops
 
     info = ops.build_info()
     if not ops.has_ops():
         raise StageError(f"pyseg._C did not load: {info['error']}")
+    if not registered_ops():
+        raise StageError("pyseg._C registers no op")
     if info["cuda"] is not True:
         raise StageError(f"pyseg._C holds no CUDA kernels: build_info() = {info}")
     if arch not in info["cuda_archs"]:
         raise StageError(f"pyseg._C was compiled for {info['cuda_archs']}, not for this GPU ({arch})")
-    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA")]
+    missing = [
+        op for op in registered_ops() if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA")
+    ]
     if missing:
         raise StageError(f"pyseg._C registers no CUDA kernel for {', '.join(missing)}")
     return info

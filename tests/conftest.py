@@ -72,7 +72,6 @@ def _is_abandoned(folder: Path) -> bool:
 # (pyseg.ops would run the pure-torch reference on both sides and compare it with itself), and a needs_cuda test
 # that skips for any other reason (COCO128-Seg not found, say) fails too.
 EXPECT_GPU = os.environ.get("PYSEG_EXPECT_GPU") == "1"
-CUDA_OPS = ("rasterize_polygons", "rasterize_polygons_overlap", "assemble_masks", "mask_loss", "mask_loss_backward")
 
 
 @functools.cache
@@ -81,13 +80,18 @@ def gpu_run_problem() -> str | None:
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
     import pyseg.ops as ops
+    from pyseg._extension import registered_ops
 
     info = ops.build_info()
     if not ops.has_ops():
         return f"pyseg._C did not load ({info.get('error')})"
     if not info["cuda"]:
         return "pyseg._C was built without its CUDA kernels (build with FORCE_CUDA=1)"
-    missing = [op for op in CUDA_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA")]
+    if not registered_ops():
+        return "pyseg._C registers no op"
+    missing = [
+        op for op in registered_ops() if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA")
+    ]
     if missing:
         return f"pyseg._C has no CUDA kernel for {', '.join(missing)}"
     return None

@@ -43,6 +43,14 @@ def test_every_op_has_a_cpu_kernel_and_mask_loss_an_autograd_one():
 
 
 @needs_ops
+def test_registered_ops_lists_what_pyseg_c_registered(monkeypatch):
+    # What the GPU checks (conftest's PYSEG_EXPECT_GPU, benchmarks/gpu_check.py) require a CUDA kernel for.
+    assert _extension.registered_ops() == sorted(OPS)
+    monkeypatch.setattr(_extension, "_C", None)
+    assert _extension.registered_ops() == []
+
+
+@needs_ops
 def test_registered_cpu_ops_compute_the_reference():
     # Straight through torch.ops.pyseg (not the Python wrappers): one small input per op.
     square = np.array([[1, 1], [6, 1], [6, 5], [1, 5]], dtype=np.float32)
