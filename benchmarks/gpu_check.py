@@ -80,6 +80,7 @@ class StageError(Exception):
 
 # The whole call must end inside the device command's limit (600 s): every command a stage runs is stopped in time
 # for its JSON to be written, and a stage that finds too little time left fails saying so.
+STARTED = time.monotonic()
 DEADLINE = {"at": math.inf, "budget": math.inf}
 MARGIN_S = 20.0
 
@@ -823,12 +824,12 @@ def main(argv: list[str] | None = None) -> int:
     out = out_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (device_dir() / "tmp").mkdir(parents=True, exist_ok=True)
+    DEADLINE.update(at=STARTED + args.budget, budget=args.budget)
     state: dict = {}
     try:
         state["wheels"] = install_carried_wheels()
     except StageError as error:  # every stage fails with it, in its JSON
         state["wheels"] = error
-    DEADLINE.update(at=time.monotonic() + args.budget, budget=args.budget)
     passed = [run_stage(stage, args, out, state) for stage in args.stages]
     print(f"[gpu_check] {sum(passed)} of {len(passed)} stages passed; JSON in {out}")
     return 0 if all(passed) else 1

@@ -194,3 +194,12 @@ def test_a_carried_wheel_that_does_not_install_fails_every_stage(tmp_path):
         result = json.loads((tmp_path / "out" / f"{stage}.json").read_text())
         assert result["ok"] is False and result["error"].startswith("installing broken-1.0-py3-none-any.whl failed")
     assert not (tmp_path / "device" / "runs").exists()  # no training started
+
+
+def test_a_stage_with_too_little_of_the_budget_left_fails_saying_so(tiny_data, tmp_path):
+    # 25 s for the whole call, 20 of them kept back to write the JSON: too little to start a training
+    done = gpu_check_run(tmp_path, "train", "--device", "cpu", "--data", str(tiny_data), "--budget", "25")
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert result["ok"] is False and result["error"] == "out of time: the call's --budget of 25 s is spent"
+    assert not (tmp_path / "device" / "runs").exists()
