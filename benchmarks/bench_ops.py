@@ -2,6 +2,13 @@
 
     python benchmarks/bench_ops.py            # full table (CPU; GPU rows too when CUDA is available)
     python benchmarks/bench_ops.py --quick    # fewer sizes and repeats
+    python benchmarks/bench_ops.py --gpu --json bench.json   # GPU only: agreement asserted, GPU rows, JSON
+
+--gpu (benchmarks/gpu_check.sh bench runs it) first compares every CUDA kernel with the CPU kernel on the same
+inputs and exits 1 when they disagree: rasterization must be bit-identical (COCO128-Seg at 160 and 640, per-instance
+masks and overlap maps), assemble_masks and mask_loss (float32) within AGREEMENT_TOLERANCE. Then the GPU rows, and
+the bandwidth ratio of assemble_masks: (bytes written + bytes read) / time over the device-to-device copy bandwidth
+measured in the same run. Without a CUDA device, or with a pyseg._C built without CUDA, it exits 2.
 
 Rows (speedup = baseline time / our time; memory ratio = our peak / baseline peak):
   rasterize  every COCO128-Seg instance at mask ratio 4 (640 -> 160), one call per batch of 16 images,
@@ -17,6 +24,7 @@ Rows (speedup = baseline time / our time; memory ratio = our peak / baseline pea
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
@@ -328,27 +336,23 @@ def bench_mask_loss(sizes, repeats: int, device: str) -> list[tuple]:
 # --------------------------------------------------------------------------- GPU bandwidth
 
 
-def bench_bandwidth(repeats: int) -> list[tuple]:
-    """Achieved bytes/s of the CUDA kernels as a fraction of a device-to-device copy."""
+def bench_bandwidth(repeats: int, assemble: dict | None = None) -> list[tuple]:
+    """Achieved bytes/s of the CUDA kernels as a fraction of a device-to-device copy (assemble: assemble_bandwidth's
+    figures when already measured)."""
     sync = torch.cuda.synchronize
-    src = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / timed(lambda: dst.copy_(src), repeats, sync=sync)
-    rows = []
-    args = assemble_inputs(300, "cuda")
-    t = timed(lambda: ops.assemble_masks(*args, (640, 640), 0.5), repeats, sync=sync)
-    moved = 300 * 640 * 640 + args[0].numel() * 4  # bool output written + protos read once
-    rows.append(
+    assemble = assemble or assemble_bandwidth(repeats)
+    copy_bw = assemble["copy_GBps"] * 1e9
+    rows = [
         (
             "assemble_masks N=300 bandwidth",
             "d2d copy",
-            copy_bw / 1e9,
-            moved / t / 1e9,
-            moved / t / copy_bw,
+            assemble["copy_GBps"],
+            assemble["achieved_GBps"],
+            assemble["ratio_to_copy"],
             None,
             "GB/s (baseline column: copy), ratio = fraction of copy bandwidth",
         )
-    )
+    ]
     images, _ = load_polygons()
     polys = [p * 160 for image in images for p in image]
     v = torch.from_numpy(np.concatenate(polys)).float().cuda()
@@ -370,6 +374,171 @@ def bench_bandwidth(repeats: int) -> list[tuple]:
     return rows
 
 
+# --------------------------------------------------------------------------- GPU agreement (--gpu)
+
+# CUDA kernel vs CPU kernel, float32: the largest |gpu - cpu| of assemble_masks' probabilities, and of mask_loss the
+# relative error ||gpu - cpu|| / ||cpu|| of the losses and of each gradient. Thresholded masks must agree on every
+# pixel whose probability lies farther than AMBIGUOUS from the threshold; rasterization must agree bit for bit.
+AGREEMENT_TOLERANCE = {"assemble_masks": 1e-5, "mask_loss": 1e-4}
+AMBIGUOUS = 1e-3
+
+
+def rasterize_agreement() -> dict:
+    """Per-instance masks at 160 and 640 and overlap maps (16 images a batch), CUDA vs CPU: differing pixels."""
+    images, source = load_polygons()
+    differing = pixels = 0
+    for size in (160, 640):
+        polys, image_index, start_of = [], [], []
+        for index, image in enumerate(images):
+            start_of.append(len(polys))
+            for poly in image:
+                polys.append(poly * size)
+                image_index.append(index)
+        lengths = [len(p) for p in polys]
+        vertices = torch.from_numpy(np.concatenate(polys)).float()
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+        owner = torch.arange(len(polys))
+        cpu = ops.rasterize_polygons(vertices, offsets, owner, len(polys), size, size)
+        gpu = ops.rasterize_polygons(vertices.cuda(), offsets.cuda(), owner.cuda(), len(polys), size, size).cpu()
+        differing += int((cpu != gpu).sum())
+        pixels += cpu.numel()
+        for first in range(0, len(images), 16):  # overlap maps, one batch of 16 images at a time
+            last = min(first + 16, len(images))
+            lo, hi = start_of[first], start_of[last] if last < len(images) else len(polys)
+            if lo == hi:
+                continue
+            v = vertices[offsets[lo] : offsets[hi]]
+            off = offsets[lo : hi + 1] - offsets[lo]
+            own = torch.arange(hi - lo)
+            index = torch.tensor(image_index[lo:hi]) - first
+            cpu_map, cpu_areas = ops.rasterize_polygons_overlap(v, off, own, index, last - first, size, size)
+            gpu_map, gpu_areas = ops.rasterize_polygons_overlap(
+                v.cuda(), off.cuda(), own.cuda(), index.cuda(), last - first, size, size
+            )
+            differing += int((cpu_map != gpu_map.cpu()).sum()) + int((cpu_areas != gpu_areas.cpu()).sum())
+            pixels += cpu_map.numel()
+    return {"source": source, "pixels": pixels, "pixels_differing": differing, "ok": differing == 0}
+
+
+def assemble_agreement() -> dict:
+    """assemble_masks, 300 instances, 160x160 protos at proto size and resized to 640x640, CUDA vs CPU."""
+    args = assemble_inputs(300, "cpu", seed=1)
+    cuda_args = [t.cuda() for t in args]
+    max_abs, decided_agree, all_agree = 0.0, 1.0, 1.0
+    for out_size in (None, (640, 640)):
+        cpu = ops.assemble_masks(*args, out_size)
+        gpu = ops.assemble_masks(*cuda_args, out_size).cpu()
+        max_abs = max(max_abs, float((cpu - gpu).abs().max()))
+        cpu_bool, gpu_bool = cpu > 0.5, ops.assemble_masks(*cuda_args, out_size, 0.5).cpu()
+        decided = (cpu - 0.5).abs() > AMBIGUOUS
+        decided_agree = min(decided_agree, float((cpu_bool == gpu_bool)[decided].float().mean()))
+        all_agree = min(all_agree, float((cpu_bool == gpu_bool).float().mean()))
+    ok = max_abs <= AGREEMENT_TOLERANCE["assemble_masks"] and decided_agree == 1.0
+    return {
+        "max_abs_diff": max_abs,
+        "tolerance": AGREEMENT_TOLERANCE["assemble_masks"],
+        "threshold_agreement": all_agree,
+        "threshold_agreement_decided": decided_agree,
+        "ok": ok,
+    }
+
+
+def mask_loss_agreement() -> dict:
+    """mask_loss forward + backward, 1024 instances over 16 images of 160x160 protos, CUDA vs CPU."""
+    results = []
+    for device in ("cpu", "cuda"):
+        args = loss_inputs(1024, device, seed=2)
+        protos, coeffs = args[0].requires_grad_(), args[1].requires_grad_()
+        loss = ops.mask_loss(protos, coeffs, *args[2:])
+        weights = torch.linspace(0.5, 1.5, loss.numel(), device=device)
+        (loss * weights).sum().backward()
+        results.append([t.detach().cpu().double() for t in (loss, protos.grad, coeffs.grad)])
+    errors = {}
+    for name, cpu, gpu in zip(("loss", "grad_protos", "grad_coeffs"), *results, strict=True):
+        errors[name] = float((gpu - cpu).norm() / cpu.norm().clamp(min=1e-30))
+    ok = all(math.isfinite(e) and e <= AGREEMENT_TOLERANCE["mask_loss"] for e in errors.values())
+    return {"relative_error": errors, "tolerance": AGREEMENT_TOLERANCE["mask_loss"], "ok": ok}
+
+
+def assemble_bandwidth(repeats: int) -> dict:
+    """assemble_masks N=300, 160x160 protos -> 640x640 bool: (bytes written + bytes read) / time, and that over the
+    bandwidth of a 1 GiB device-to-device copy (bytes read + written) measured now."""
+    sync = torch.cuda.synchronize
+    src = torch.randn(2**28, device="cuda")  # 1 GiB of float32, random (never time on zeros)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), repeats, warmup=2, sync=sync)
+    copy_bandwidth = 2 * src.numel() * src.element_size() / copy_s
+    protos, coeffs, image_index, boxes = assemble_inputs(300, "cuda")
+    seconds = timed(lambda: ops.assemble_masks(protos, coeffs, image_index, boxes, (640, 640), 0.5), repeats, sync=sync)
+    written = 300 * 640 * 640  # bool masks
+    read = sum(t.numel() * t.element_size() for t in (protos, coeffs, image_index, boxes))
+    achieved = (written + read) / seconds
+    return {
+        "instances": 300,
+        "out_size": [640, 640],
+        "bytes_written": written,
+        "bytes_read": read,
+        "seconds": seconds,
+        "achieved_GBps": achieved / 1e9,
+        "copy_GBps": copy_bandwidth / 1e9,
+        "ratio_to_copy": achieved / copy_bandwidth,
+    }
+
+
+def gpu_main(args) -> int:
+    """--gpu: agreement (asserted), the GPU rows and the bandwidth ratio; JSON to args.json. 0, 1 (disagreement)
+    or 2 (no CUDA device or no CUDA kernels)."""
+    if not torch.cuda.is_available():
+        print(
+            f"bench_ops --gpu: torch {torch.__version__} sees no CUDA device; run it on a GPU machine", file=sys.stderr
+        )
+        return 2
+    info = ops.build_info()
+    if not info["cuda"]:
+        why = info.get("error") or "built without CUDA kernels"
+        print(f"bench_ops --gpu: pyseg._C has no CUDA kernels ({why}); build with FORCE_CUDA=1", file=sys.stderr)
+        return 2
+    repeats = args.repeats or (5 if args.quick else 20)
+    device = torch.cuda.get_device_name()
+    print(f"pyseg bench_ops --gpu: {device}, torch {torch.__version__}, build {info}")
+    agreement = {
+        "rasterize": rasterize_agreement(),
+        "assemble_masks": assemble_agreement(),
+        "mask_loss": mask_loss_agreement(),
+    }
+    for name, figures in agreement.items():
+        print(f"agreement {name}: {'ok' if figures['ok'] else 'DISAGREES'} {figures}")
+    bandwidth = assemble_bandwidth(repeats)
+    rows = bench_assemble([10, 100, 300], repeats, "cuda")
+    rows += bench_mask_loss([128] if args.quick else [128, 1024], repeats, "cuda")
+    rows += bench_bandwidth(repeats, bandwidth)
+    print("assemble/mask_loss columns: milliseconds per call")
+    print_table(rows)
+    print(
+        f"assemble_masks bandwidth: {bandwidth['achieved_GBps']:.1f} GB/s against a device-to-device copy's "
+        f"{bandwidth['copy_GBps']:.1f} GB/s: ratio {bandwidth['ratio_to_copy']:.3f}"
+    )
+    ok = all(figures["ok"] for figures in agreement.values())
+    if args.json:
+        columns = ("op", "baseline_name", "baseline", "ours", "speedup", "memory_ratio", "notes")
+        report = {
+            "device": device,
+            "torch": torch.__version__,
+            "build_info": info,
+            "repeats": repeats,
+            "agreement": agreement,
+            "assemble_bandwidth": bandwidth,
+            "rows": [dict(zip(columns, row, strict=True)) for row in rows],
+            "ok": ok,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if not ok:
+        failed = [name for name, figures in agreement.items() if not figures["ok"]]
+        print(f"bench_ops --gpu: the CUDA kernels disagree with the CPU kernels: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def print_table(rows: list[tuple]) -> None:
     header = ("op", "baseline", "baseline", "ours", "speedup", "mem ratio", "notes")
     print("| " + " | ".join(header) + " |")
@@ -383,9 +552,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (median reported)")
+    parser.add_argument("--gpu", action="store_true", help="GPU only: agreement with the CPU kernels, GPU rows")
+    parser.add_argument("--json", default=None, help="with --gpu: write every figure to this JSON file")
     args = parser.parse_args()
+    if args.json and not args.gpu:
+        parser.error("--json goes with --gpu")
     if not ops.has_ops():
-        sys.exit("pyseg._C is not built: run `pip install --no-build-isolation -e .` first (or `make bench`).")
+        print(f"bench_ops: pyseg._C is not built ({ops.build_info()['error']})", file=sys.stderr)
+        sys.exit(2)
+    if args.gpu:
+        sys.exit(gpu_main(args))
     repeats = args.repeats or (3 if args.quick else 7)
     print(f"pyseg bench_ops: torch {torch.__version__}, {torch.get_num_threads()} threads, build {ops.build_info()}")
     rows = bench_rasterize(repeats)

@@ -41,6 +41,15 @@ def warn_fallback() -> None:
         )
 
 
+def registered_ops() -> list[str]:
+    """Names of the ops pyseg._C registered with torch (torch.ops.pyseg.NAME); [] without pyseg._C."""
+    import torch
+
+    if _C is None:
+        return []
+    return sorted(n.removeprefix("pyseg::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyseg::"))
+
+
 def build_info() -> dict:
     """What pyseg._C was compiled with: cpu, cuda, cuda_version, cuda_archs, torch_version, openmp.
 

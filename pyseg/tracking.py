@@ -11,6 +11,7 @@ Tracking URI: --mlflow-uri, else MLFLOW_TRACKING_URI, else a SQLite file next to
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyseg.engine.trainer import Hook, Trainer
+from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text
 
 # A training must not hang on a dead server: MLflow's defaults retry for minutes (7 retries, 120 s timeout).
@@ -54,6 +56,35 @@ class TrackingConfig:
     parent_run_id: str | None = None
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+def mlflow_installed() -> bool:
+    """True when `import mlflow` can find MLflow (it is not imported here: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("mlflow") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as none
+        return False
+
+
+def command_tracking(prog: str, no_mlflow: bool, uri: str, experiment: str) -> TrackingConfig:
+    """The TrackingConfig of a command's --no-mlflow / --mlflow-uri / --mlflow-experiment, decided before any work.
+
+    Without MLflow installed (a slim environment, a GPU box with only torch), a run asked to log to --mlflow-uri is a
+    user error (ConfigError: the command exits 2 with one line); the default logging is turned off with a one-line
+    note, and the run goes on with its results in results.csv as always.
+    """
+    if no_mlflow or mlflow_installed():
+        return TrackingConfig(enabled=not no_mlflow, uri=uri, experiment=experiment)
+    if uri:
+        raise ConfigError(
+            f"--mlflow-uri {uri}: MLflow is not installed in this environment; `pip install mlflow`, or pass "
+            "--no-mlflow to train without tracking"
+        )
+    print(
+        f"{prog}: MLflow is not installed, so this run is not tracked (results.csv holds every result); "
+        "`pip install mlflow` to track it, --no-mlflow to turn tracking off without this note"
+    )
+    return TrackingConfig(enabled=False, uri=uri, experiment=experiment)
 
 
 def resolve_tracking_uri(uri: str, project: str | Path) -> str:

@@ -9,12 +9,14 @@ Examples:
     python -m pyseg.train --ray-workers 8 --gpus-per-worker 1 --address auto   # on a running Ray cluster (NCCL)
 
 Every run is logged to MLflow (default: sqlite:///runs/mlflow.db; `mlflow ui --backend-store-uri
-sqlite:///runs/mlflow.db` shows it); --no-mlflow turns it off.
+sqlite:///runs/mlflow.db` shows it); --no-mlflow turns it off. Without MLflow installed a run is not logged (one
+line says so). Training in this process (no --ray-workers) never imports Ray: torch and pyseg's own needs suffice.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import signal
 import sys
@@ -102,6 +104,11 @@ def train_command(argv: list[str] | None) -> int:
     storage = remote_storage(args)
     if storage and not args.ray_workers:
         raise ConfigError("--storage URI keeps a run trained by Ray workers: add --ray-workers N")
+    if args.ray_workers and not ray_installed():
+        raise ConfigError(
+            f"--ray-workers {args.ray_workers}: Ray is not installed in this environment; `pip install 'ray[train]'`, "
+            "or leave out --ray-workers to train in this process"
+        )
     cfg = config_from_args(args)
     ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
     if cfg.resume and (ignored or args.cfg):
@@ -112,9 +119,9 @@ def train_command(argv: list[str] | None) -> int:
         )
     if not args.ray_workers:  # `kill PID` (SIGTERM) ends a run as Ctrl-C does: the message and the continue command
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    from pyseg.tracking import MlflowHook, TrackingConfig
+    from pyseg.tracking import MlflowHook, command_tracking
 
-    tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+    tracking = command_tracking("pyseg.train", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
     trainer = None
     try:
         if args.ray_workers:
@@ -160,6 +167,14 @@ def train_command(argv: list[str] | None) -> int:
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+def ray_installed() -> bool:
+    """True when `import ray` can find Ray (not imported here: only --ray-workers needs it)."""
+    try:
+        return importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as none
+        return False
 
 
 # Training settings a resumed run takes from its checkpoint, whatever the command line says.

@@ -145,9 +145,9 @@ def tune_command(argv: list[str] | None) -> int:
         )
     except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
         raise ConfigError(str(error)) from error
-    from pyseg.tracking import TrackingConfig
+    from pyseg.tracking import command_tracking
 
-    tracking = TrackingConfig(enabled=not args.no_mlflow, uri=args.mlflow_uri, experiment=args.mlflow_experiment)
+    tracking = command_tracking("pyseg.tune", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
     try:
         summary = run_tune(base, space, settings, tracking)
     except (FileNotFoundError, FileExistsError, ConnectionError) as error:  # a missing search, a taken name, no Ray

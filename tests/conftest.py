@@ -4,6 +4,7 @@ batches, a tiny shapes-seg."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import secrets
@@ -67,13 +68,60 @@ def _is_abandoned(folder: Path) -> bool:
     return bool(entries)
 
 
+# PYSEG_EXPECT_GPU=1: this run is on a GPU machine (benchmarks/gpu_check.sh build-test). Every needs_cuda test must
+# then run on the CUDA kernels: without a CUDA device, without pyseg._C or without its CUDA kernels each one fails
+# (pyseg.ops would run the pure-torch reference on both sides and compare it with itself), and a needs_cuda test
+# that skips for any other reason (COCO128-Seg not found, say) fails too.
+EXPECT_GPU = os.environ.get("PYSEG_EXPECT_GPU") == "1"
+
+
+@functools.cache
+def gpu_run_problem() -> str | None:
+    """Why the needs_cuda tests cannot test the CUDA kernels here, or None when they can."""
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device"
+    import pyseg.ops as ops
+    from pyseg._extension import registered_ops
+
+    info = ops.build_info()
+    if not ops.has_ops():
+        return f"pyseg._C did not load ({info.get('error')})"
+    if not info["cuda"]:
+        return "pyseg._C was built without its CUDA kernels (build with FORCE_CUDA=1)"
+    if not registered_ops():
+        return "pyseg._C registers no op"
+    missing = [
+        op for op in registered_ops() if not torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA")
+    ]
+    if missing:
+        return f"pyseg._C has no CUDA kernel for {', '.join(missing)}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if EXPECT_GPU or torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "needs_cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if EXPECT_GPU and "needs_cuda" in item.keywords and gpu_run_problem():
+        pytest.fail(f"PYSEG_EXPECT_GPU=1, but {gpu_run_problem()}", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under PYSEG_EXPECT_GPU=1 a needs_cuda test that skips (a fixture's data not found, say) is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if EXPECT_GPU and report.skipped and "needs_cuda" in item.keywords and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"PYSEG_EXPECT_GPU=1: a needs_cuda test must run, but it skipped: {reason}"
 
 
 def use_reference_fallback(monkeypatch) -> None:

@@ -43,6 +43,14 @@ def test_every_op_has_a_cpu_kernel_and_mask_loss_an_autograd_one():
 
 
 @needs_ops
+def test_registered_ops_lists_what_pyseg_c_registered(monkeypatch):
+    # What the GPU checks (conftest's PYSEG_EXPECT_GPU, benchmarks/gpu_check.py) require a CUDA kernel for.
+    assert _extension.registered_ops() == sorted(OPS)
+    monkeypatch.setattr(_extension, "_C", None)
+    assert _extension.registered_ops() == []
+
+
+@needs_ops
 def test_registered_cpu_ops_compute_the_reference():
     # Straight through torch.ops.pyseg (not the Python wrappers): one small input per op.
     square = np.array([[1, 1], [6, 1], [6, 5], [1, 5]], dtype=np.float32)
@@ -71,13 +79,105 @@ def test_registered_cpu_ops_compute_the_reference():
     assert torch.allclose(losses, want, rtol=0, atol=1e-12) and bool((want > 0).all())
 
 
+def expected_archs() -> set[str]:
+    """The sm_XY a FORCE_CUDA=1 build was asked for: TORCH_CUDA_ARCH_LIST ("8.0;9.0", "9.0a", "8.6+PTX"), else
+    what CI builds (sm_80 and sm_90)."""
+    archs = set()
+    for entry in os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";").split(";"):
+        found = re.fullmatch(r"(\d+)\.(\d+)[af]?(\+PTX)?", entry.strip())
+        if found:
+            archs.add(f"sm_{found[1]}{found[2]}")
+    return archs or {"sm_80", "sm_90"}
+
+
 @pytest.mark.skipif(os.environ.get("PYSEG_EXPECT_CUDA_BUILD") != "1", reason="only where CI builds with FORCE_CUDA=1")
 def test_ci_build_contains_the_cuda_kernels():
+    # Without pyseg._C every CUDA test would compare the pure-torch reference with itself and pass: fail here.
+    assert ops.has_ops(), f"PYSEG_EXPECT_CUDA_BUILD=1 but pyseg._C did not load: {ops.build_info()['error']}"
     info = ops.build_info()
     assert info["cuda"] is True, info
-    assert {"sm_80", "sm_90"} <= set(info["cuda_archs"]), info
-    for op in ("rasterize_polygons", "rasterize_polygons_overlap", "assemble_masks", "mask_loss"):
+    assert expected_archs() <= set(info["cuda_archs"]), (expected_archs(), info)
+    for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA"), op
+
+
+@pytest.mark.parametrize(
+    ("arch_list", "archs"),
+    [
+        ("", {"sm_80", "sm_90"}),
+        ("8.0;9.0", {"sm_80", "sm_90"}),
+        ("9.0a", {"sm_90"}),
+        ("7.5 8.6+PTX", {"sm_75", "sm_86"}),
+    ],
+)
+def test_the_expected_archs_are_the_ones_the_build_was_asked_for(arch_list, archs, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert expected_archs() == archs
+
+
+@pytest.mark.needs_cuda
+def test_cuda_tensors_reach_the_cuda_kernels():
+    # On a GPU the CUDA tests are only worth something when pyseg._C holds the CUDA kernels.
+    assert ops.has_ops(), ops.build_info()["error"]
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", "CUDA"), op
+    square = np.array([[1, 1], [6, 1], [6, 5], [1, 5]], dtype=np.float32)
+    v, off, owner = pack_polygons([square])
+    masks = torch.ops.pyseg.rasterize_polygons(v.cuda(), off.cuda(), owner.cuda(), 1, 8, 9)
+    assert masks.is_cuda and torch.equal(masks.cpu(), torch.ops.pyseg.rasterize_polygons(v, off, owner, 1, 8, 9))
+
+
+# A pytest plugin for the run below: the machine counts as a working GPU machine (conftest.gpu_run_problem), so
+# that what PYSEG_EXPECT_GPU=1 does with a skipped needs_cuda test shows on a machine without one.
+GPU_ASSUMED = """
+import sys
+
+def pytest_collection_modifyitems(config, items):
+    sys.modules["conftest"].gpu_run_problem = lambda: None
+"""
+
+NEEDS_CUDA_TESTS = """
+import pytest
+
+@pytest.mark.needs_cuda
+def test_on_a_gpu():
+    pytest.skip("COCO128-Seg not found")
+
+def test_on_any_machine():
+    pass
+"""
+
+
+def test_expect_gpu_fails_every_needs_cuda_test_that_cannot_run_on_the_cuda_kernels(tmp_path):
+    """PYSEG_EXPECT_GPU=1 (benchmarks/gpu_check.sh build-test): a needs_cuda test fails where it would skip."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    shutil.copy(tests / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "gpu_assumed.py").write_text(GPU_ASSUMED)
+    (tmp_path / "test_sample.py").write_text(NEEDS_CUDA_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    needs_cuda: runs only with a CUDA device\n")
+
+    def pytest_run(*args: str, expect_gpu: bool) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{tests.parent}"}
+        env["PYSEG_EXPECT_GPU"] = "1" if expect_gpu else "0"
+        command = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *args, "test_sample.py"]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    skipped = pytest_run("-p", "gpu_assumed", expect_gpu=True)
+    assert skipped.returncode == 1, skipped.stdout
+    assert "1 failed, 1 passed" in skipped.stdout, skipped.stdout
+    assert "a needs_cuda test must run, but it skipped: COCO128-Seg not found" in skipped.stdout
+    assert "1 passed, 1 skipped" in pytest_run("-p", "gpu_assumed", expect_gpu=False).stdout
+    if not torch.cuda.is_available():  # the real check, here: no device, so every needs_cuda test fails
+        no_gpu = pytest_run(expect_gpu=True)
+        assert no_gpu.returncode == 1 and "1 passed, 1 error" in no_gpu.stdout, no_gpu.stdout  # fails in setup
+        assert "PYSEG_EXPECT_GPU=1, but torch" in no_gpu.stdout and "sees no CUDA device" in no_gpu.stdout
+        without = pytest_run(expect_gpu=False)
+        assert without.returncode == 0 and "1 passed, 1 skipped" in without.stdout, without.stdout
 
 
 def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -464,3 +468,64 @@ def test_cuda_steps_with_autocast_make_the_cpu_masks_finite_losses_and_few_host_
 
 def to_cuda(batch: dict) -> dict:
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------ without Ray and MLflow
+
+# Runs `python -m MODULE ARGS` with Ray and MLflow unimportable, as on a GPU box that has only torch (the device
+# image of benchmarks/gpu_check.sh): a finder ahead of every other one answers ModuleNotFoundError for both.
+WITHOUT_RAY_AND_MLFLOW = """
+import runpy, sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("ray", "mlflow"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+for name in ("ray", "mlflow"):
+    try:
+        __import__(name)
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"{name} is still importable")
+module, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_train_and_val_run_without_ray_or_mlflow(tiny_data, tmp_path):
+    env = {**os.environ, "PYSEG_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def run(module: str, *args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", WITHOUT_RAY_AND_MLFLOW, module, *args]
+        return subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    # MLflow logging is on by default: without MLflow the run goes on untracked, and one line says so.
+    trained = run("pyseg.train", *tiny_flags(tiny_data, tmp_path / "runs", epochs=1))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "pyseg.train: MLflow is not installed, so this run is not tracked" in trained.stdout
+    assert "Traceback" not in trained.stderr
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [int(row["epoch"]) for row in results_rows(run_dir)] == [1]
+    assert not (tmp_path / "runs" / "mlflow.db").exists() and not (run_dir / "mlflow_run.json").exists()
+
+    # Asked for a tracking URI, it stops before any work: one line, exit code 2, the flag that goes without.
+    refused = run("pyseg.train", "--mlflow-uri", str(tmp_path / "m.db"), *tiny_flags(tiny_data, tmp_path, "refused"))
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and "--no-mlflow" in refused.stderr
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "m.db").exists()
+
+    # --ray-workers needs Ray: without it, one line and exit code 2 as well.
+    no_ray = run("pyseg.train", "--no-mlflow", "--ray-workers", "1", *tiny_flags(tiny_data, tmp_path, "on_ray"))
+    assert no_ray.returncode == 2 and no_ray.stderr.strip().splitlines() == [no_ray.stderr.strip()], no_ray.stderr
+    assert "Ray is not installed" in no_ray.stderr and not (tmp_path / "on_ray").exists()
+
+    out = tmp_path / "metrics.json"
+    weights = str(run_dir / "weights" / "best.pt")
+    validated = run("pyseg.val", "--weights", weights, "--workers", "0", "--device", "cpu", "--out", str(out))
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["detections"]["count"] >= 0 and 0.0 <= metrics["mask"]["map"] <= 1.0
