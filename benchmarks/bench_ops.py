@@ -485,6 +485,61 @@ def assemble_bandwidth(repeats: int) -> dict:
     }
 
 
+def star_polygon(rng: np.random.Generator, vertices: int, centre, radius: float) -> np.ndarray:
+    """A star-shaped polygon of `vertices` vertices around centre (pixels)."""
+    angles = np.sort(rng.uniform(0, 2 * math.pi, vertices))
+    radii = radius * rng.uniform(0.4, 1.0, vertices)
+    return np.stack([centre[0] + radii * np.cos(angles), centre[1] + radii * np.sin(angles)], 1).astype(np.float32)
+
+
+def rasterize_gpu_rows(repeats: int) -> list[tuple]:
+    """The issue's rasterization targets on the GPU: overlap maps of 16 images x 50 instances at 160x160 (< 0.1 ms),
+    and polygons of 1500 vertices at 640x640 against 100-vertex ones of the same size (no O(vertices x rows) blow-up).
+    """
+    sync = torch.cuda.synchronize
+    rng = np.random.default_rng(3)
+    polys, image_index = [], []
+    for image in range(16):
+        for _ in range(50):
+            polys.append(star_polygon(rng, int(rng.integers(8, 40)), rng.uniform(0, 160, 2), rng.uniform(4, 40)))
+            image_index.append(image)
+    v = torch.from_numpy(np.concatenate(polys)).cuda()
+    off = torch.tensor(np.concatenate([[0], np.cumsum([len(p) for p in polys])]), dtype=torch.int64).cuda()
+    owner, index = torch.arange(len(polys), device="cuda"), torch.tensor(image_index, device="cuda")
+    overlap = timed(lambda: ops.rasterize_polygons_overlap(v, off, owner, index, 16, 160, 160), repeats, sync=sync)
+    rows = [
+        (
+            "rasterize overlap 16x50 @160",
+            "target",
+            0.1,
+            overlap * 1e3,
+            0.1 / (overlap * 1e3),
+            None,
+            "ms; target < 0.1 ms",
+        )
+    ]
+    times = {}
+    for vertices in (100, 1500):
+        big = [star_polygon(rng, vertices, (320, 320), 300) for _ in range(32)]
+        bv = torch.from_numpy(np.concatenate(big)).cuda()
+        boff = torch.tensor(np.arange(0, vertices * 33, vertices), dtype=torch.int64).cuda()
+        bown = torch.arange(32, device="cuda")
+        args = (bv, boff, bown, 32, 640, 640)
+        times[vertices] = timed(lambda args=args: ops.rasterize_polygons(*args), repeats, sync=sync)
+    rows.append(
+        (
+            "rasterize 32 polygons @640, 1500 vs 100 vertices",
+            "100 vertices",
+            times[100] * 1e3,
+            times[1500] * 1e3,
+            times[100] / times[1500],
+            None,
+            "ms; 15x the vertices should cost far less than 15x the time",
+        )
+    )
+    return rows
+
+
 def gpu_main(args) -> int:
     """--gpu: agreement (asserted), the GPU rows and the bandwidth ratio; JSON to args.json. 0, 1 (disagreement)
     or 2 (no CUDA device or no CUDA kernels)."""
@@ -512,6 +567,7 @@ def gpu_main(args) -> int:
     rows = bench_assemble([10, 100, 300], repeats, "cuda")
     rows += bench_mask_loss([128] if args.quick else [128, 1024], repeats, "cuda")
     rows += bench_bandwidth(repeats, bandwidth)
+    rows += rasterize_gpu_rows(repeats)
     print("assemble/mask_loss columns: milliseconds per call")
     print_table(rows)
     print(
