@@ -613,6 +613,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.json and not args.gpu:
         parser.error("--json goes with --gpu")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if not ops.has_ops():
         print(f"bench_ops: pyseg._C is not built ({ops.build_info()['error']})", file=sys.stderr)
         sys.exit(2)

@@ -53,3 +53,40 @@ def test_step_values_raises_for_a_flag_a_kernel_set_during_the_step():
     with pytest.raises(ValueError, match="image_index values must lie"):
         step_values(torch.tensor(1.0, device=device), {}, device)
     assert int(flag.item()) == 0  # read once, cleared
+
+
+def test_a_meta_tensor_among_cpu_tensors_is_refused_by_every_op():
+    """A meta argument makes the dispatcher pick an op's fake (what torch.compile traces with): like the kernels, it
+    must refuse inputs on two devices instead of returning uninitialized tensors."""
+    import pyseg.ops as ops
+
+    if not ops.has_ops():
+        pytest.skip("pyseg._C is not built")
+    square = torch.tensor([[1.0, 1.0], [5.0, 1.0], [5.0, 5.0], [1.0, 5.0]])
+    offsets, owner = torch.tensor([0, 4]), torch.tensor([0])
+    with pytest.raises(ValueError, match="poly_offsets must be on the device of vertices"):
+        ops.rasterize_polygons(square, offsets.to("meta"), owner, 1, 8, 8)
+    with pytest.raises(ValueError, match="image_index must be on the device of vertices"):
+        ops.rasterize_polygons_overlap(square, offsets, owner, torch.tensor([0], device="meta"), 1, 8, 8)
+    protos, coeffs, boxes = torch.randn(1, 3, 8, 8), torch.randn(1, 3), torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    with pytest.raises(ValueError, match="image_index must be on the device of protos"):
+        ops.assemble_masks(protos, coeffs, torch.tensor([0], device="meta"), boxes)
+    index_map = torch.ones(1, 8, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="gt_masks must be on the device of protos"):
+        ops.mask_loss(protos, coeffs, torch.tensor([0]), index_map.to("meta"), torch.tensor([1]), boxes)
+
+
+def test_an_int8_index_map_is_read_as_an_overlap_map():
+    """Signed integer maps hold instance ids: an int8 map gives the loss of the same map in int32 (not per-instance
+    masks, whose values would be read as targets above 1 and give a negative loss)."""
+    import pyseg.ops as ops
+
+    torch.manual_seed(0)
+    protos, coeffs = torch.randn(1, 3, 8, 8), torch.randn(2, 3)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [2.0, 2.0, 6.0, 6.0]])
+    index_map = torch.zeros(1, 8, 8, dtype=torch.int32)
+    index_map[0, :4], index_map[0, 3:6, 3:6] = 1, 2
+    args = (protos, coeffs, torch.tensor([0, 0]))
+    want = ops.mask_loss(*args, index_map, torch.tensor([1, 2]), boxes)
+    got = ops.mask_loss(*args, index_map.to(torch.int8), torch.tensor([1, 2]), boxes)
+    assert torch.equal(got, want) and bool((got > 0).all())

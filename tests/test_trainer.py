@@ -74,15 +74,19 @@ class StopAfterFirstEpoch(Hook):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_exactly(tiny_data, tmp_path, workers):
+def test_resume_continues_exactly(tiny_data, tmp_path, workers, capsys):
     """Stopped after epoch 1 and resumed == trained straight: weights, EMA, optimizer state, schedule, rows."""
     straight = Trainer(tiny_config(tiny_data, tmp_path, name="straight", workers=workers), show_progress=False).fit()
     interrupted = Trainer(tiny_config(tiny_data, tmp_path, name="split", workers=workers), show_progress=False)
     interrupted.hooks.append(StopAfterFirstEpoch())
     interrupted.fit()
     assert load_checkpoint(interrupted.run_dir / "weights" / "last.pt")["epoch"] == 0
-    resumed = Trainer(tiny_config(tiny_data, tmp_path, name="split", resume=True), show_progress=False)
+    capsys.readouterr()
+    # The epochs given with --resume (here the command line's default) do not count: the run's own 2 do.
+    resumed = Trainer(tiny_config(tiny_data, tmp_path, name="split", resume=True, epochs=100), show_progress=False)
     resumed.fit()
+    out = capsys.readouterr().out
+    assert " 2/2 " in out and "/100" not in out, out
     a = load_checkpoint(straight / "weights" / "last.pt")
     b = load_checkpoint(resumed.run_dir / "weights" / "last.pt")
     assert a["epoch"] == b["epoch"] == 1 and a["iteration"] == b["iteration"]

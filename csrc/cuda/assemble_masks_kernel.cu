@@ -241,11 +241,16 @@ at::Tensor assemble_masks_cuda(const at::Tensor& protos, const at::Tensor& coeff
   // A persistent grid: a few blocks per SM loop over the tiles, then over the rows.
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t row_blocks = ceil_div<int64_t>(num * out_h, kBlockThreads / 32);
-  const unsigned int blocks = static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(8 * sms, row_blocks)));
+  const int64_t most_tiles = num * ceil_div<int64_t>(out_h, kTile) * ceil_div<int64_t>(out_w, kTile);
+  const unsigned int blocks =
+      static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(8 * sms, std::max(row_blocks, most_tiles))));
   const double thr = threshold.value_or(0.0);  // narrowed to the accumulation type in the kernel, as on the CPU
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, protos.scalar_type(), "assemble_masks_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t shared = static_cast<size_t>(protos.size(1)) * sizeof(acc_t);
+    TORCH_CHECK_VALUE(shared + kRegionMax * sizeof(acc_t) <= 48 * 1024, "assemble_masks on CUDA supports at most ",
+                      (48 * 1024 - kRegionMax * sizeof(acc_t)) / sizeof(acc_t), " prototype channels for ",
+                      protos.scalar_type(), ", got ", protos.size(1));
     const int4* tile_ptr = reinterpret_cast<const int4*>(tiles.data_ptr<int32_t>());
     if (threshold.has_value()) {
       const bool vector_rows = (out_w * sizeof(bool)) % 16 == 0;

@@ -2,6 +2,7 @@
 #include "device_errors.h"
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAFunctions.h>
 
@@ -25,6 +26,10 @@ at::Tensor& flag_tensor(c10::DeviceIndex index) {
   TORCH_CHECK(index >= 0 && static_cast<size_t>(index) < all.size(), "no CUDA device ", index);
   if (all[index] == nullptr) {
     const c10::cuda::CUDAGuard guard(index);
+    // Made inside a CUDA graph capture, the flag would live in the graph's private pool and be zeroed only on replay.
+    TORCH_CHECK(c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
+                "pyseg's first CUDA op on device ", static_cast<int>(index), " ran inside a CUDA graph capture: "
+                "run one pyseg op on that device before capturing (it allocates the device error flag)");
     all[index] = new at::Tensor(at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, index)));
   }
   return *all[index];

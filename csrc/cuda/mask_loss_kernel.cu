@@ -247,6 +247,7 @@ at::Tensor mask_loss_cuda(const at::Tensor& protos, const at::Tensor& coeffs, co
     using scalar_t = decltype(scalar);
     using target_t = decltype(target);
     using acc_t = at::opmath_type<scalar_t>;
+    grad_threads(protos.size(1), sizeof(acc_t));  // one channel limit for the forward and the backward
     mask_loss_forward_kernel<scalar_t, target_t><<<blocks, kThreadsPerBlock, protos.size(1) * sizeof(acc_t), stream>>>(
         p.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), targets.data_ptr<target_t>(),
         gidx.data_ptr<int64_t>(), reinterpret_cast<const int4*>(pixels.data_ptr<int32_t>()), num, protos.size(1),
@@ -290,14 +291,16 @@ std::tuple<at::Tensor, at::Tensor> mask_loss_backward_cuda(const at::Tensor& gra
             targets.data_ptr<target_t>(), gidx.data_ptr<int64_t>(), px, num, channels, protos.size(2),
             protos.size(3), partial.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 proto_grid(static_cast<unsigned int>(ceil_div<int64_t>(plane, threads)),
-                          static_cast<unsigned int>(std::min<int64_t>(batch, 65535)));
-    TORCH_CHECK_VALUE(ceil_div<int64_t>(plane, threads) <= INT32_MAX, "proto grid too large for CUDA: ", plane);
-    proto_grad_kernel<scalar_t, target_t><<<proto_grid, threads, channels * threads * sizeof(acc_t), stream>>>(
-        g.data_ptr<acc_t>(), p.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
-        targets.data_ptr<target_t>(), gidx.data_ptr<int64_t>(), px, order.data_ptr<int64_t>(),
-        begin.data_ptr<int64_t>(), batch, channels, protos.size(2), protos.size(3), grad_protos.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (batch > 0) {  // no image: grad_protos is empty (every image_index is out of range, flagged above)
+      const dim3 proto_grid(static_cast<unsigned int>(ceil_div<int64_t>(plane, threads)),
+                            static_cast<unsigned int>(std::min<int64_t>(batch, 65535)));
+      TORCH_CHECK_VALUE(ceil_div<int64_t>(plane, threads) <= INT32_MAX, "proto grid too large for CUDA: ", plane);
+      proto_grad_kernel<scalar_t, target_t><<<proto_grid, threads, channels * threads * sizeof(acc_t), stream>>>(
+          g.data_ptr<acc_t>(), p.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+          targets.data_ptr<target_t>(), gidx.data_ptr<int64_t>(), px, order.data_ptr<int64_t>(),
+          begin.data_ptr<int64_t>(), batch, channels, protos.size(2), protos.size(3), grad_protos.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   // Stripes summed by a reduction along one dimension: a fixed order, so run-to-run identical.
   const at::Tensor grad_coeffs = partial.sum(1);

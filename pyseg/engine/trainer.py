@@ -470,6 +470,7 @@ class Trainer:
         saved.update(self.config_overrides)
         saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
         self.cfg = make_config(saved)
+        self.table = EpochTable(self.cfg.epochs)  # the run's epochs, not the command line's default
         return state
 
     def build_runtime(self) -> None:

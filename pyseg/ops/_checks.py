@@ -98,3 +98,12 @@ def check_targets(protos: Tensor, coeffs: Tensor, gt_masks: Tensor, gt_index: Te
             raise ValueError(f"gt_masks as an overlap index map must be an integer dtype, got {gt_masks.dtype}")
     elif gt_index.numel() and not (0 <= int(gt_index.min()) and int(gt_index.max()) < gt_masks.shape[0]):
         raise ValueError(f"gt_index values must lie in [0, G = {gt_masks.shape[0]}) (rows of gt_masks)")
+
+
+def check_one_device(**tensors: Tensor) -> None:
+    """ValueError unless every tensor is on the device of the first (the fakes' check: a meta tensor among CPU or
+    CUDA ones makes the dispatcher pick the fake, which must refuse it as the kernels do)."""
+    (first, reference), *rest = tensors.items()
+    for name, tensor in rest:
+        if tensor.device != reference.device:
+            raise ValueError(f"{name} must be on the device of {first} ({reference.device}), got {tensor.device}")

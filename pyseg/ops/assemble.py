@@ -54,6 +54,7 @@ def assemble_masks(
 def _register_fakes() -> None:
     @torch.library.register_fake("pyseg::assemble_masks")
     def _(protos, coeffs, image_index, boxes, out_size=None, threshold=None):
+        _checks.check_one_device(protos=protos, coeffs=coeffs, image_index=image_index, boxes=boxes)
         height, width = (protos.shape[2], protos.shape[3]) if out_size is None else out_size
         dtype = torch.bool if threshold is not None else protos.dtype
         return protos.new_empty((coeffs.shape[0], height, width), dtype=dtype)

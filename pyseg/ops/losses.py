@@ -25,12 +25,12 @@ def mask_loss(
         protos (Tensor[B, K, h, w], float): mask prototypes; differentiable.
         coeffs (Tensor[N, K], dtype of protos): coefficients of the positive predictions; differentiable.
         image_index (Tensor[N], int64): the image of each prediction, in [0, B).
-        gt_masks: either an overlap index map (Tensor[B, h, w], integer: int32/int64) whose pixels hold
+        gt_masks: either an overlap index map (Tensor[B, h, w], signed integer: int8 to int64) whose pixels hold
             the 1-based instance id of their image, or per-instance masks (Tensor[G, h, w], bool/uint8
             for binary, float for soft targets), always at proto resolution.
         gt_index (Tensor[N], int64): the matched instance: its id in the map (overlap) or its row of gt_masks.
         boxes (Tensor[N, 4], float32, xyxy in proto pixels): the region each loss is averaged over.
-        overlap (bool or None): how to read gt_masks; None infers it from the dtype (int16/int32/int64
+        overlap (bool or None): how to read gt_masks; None infers it from the dtype (int8/int16/int32/int64
             -> index map; bool/uint8/float -> per-instance masks).
 
     Returns:
@@ -38,7 +38,7 @@ def mask_loss(
         of BCEWithLogits(coeffs_i . protos_image_index[i], target_i); 0 for a box covering no pixel.
     """
     if overlap is None:
-        overlap = gt_masks.dtype in (torch.int16, torch.int32, torch.int64)
+        overlap = gt_masks.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)
     if boxes.dtype != torch.float32:
         boxes = boxes.float()
     if _extension.has_ops():
@@ -73,12 +73,22 @@ def _backward(ctx, grad_loss):
 def _register() -> None:
     @torch.library.register_fake("pyseg::mask_loss")
     def _(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap):
+        _checks.check_one_device(
+            protos=protos, coeffs=coeffs, image_index=image_index, gt_masks=gt_masks, gt_index=gt_index, boxes=boxes
+        )
         return protos.new_empty((coeffs.shape[0],), dtype=_accumulation_dtype(protos))
 
     @torch.library.register_fake("pyseg::mask_loss_backward")
     def _(grad_loss, protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap):
-        if grad_loss.device != protos.device:  # as the kernels check
-            raise ValueError(f"grad_loss must be on the device of protos ({protos.device}), got {grad_loss.device}")
+        _checks.check_one_device(
+            protos=protos,
+            grad_loss=grad_loss,
+            coeffs=coeffs,
+            image_index=image_index,
+            gt_masks=gt_masks,
+            gt_index=gt_index,
+            boxes=boxes,
+        )
         # The kernels return contiguous gradients whatever the strides of protos (e.g. channels_last).
         return protos.new_empty(protos.shape), coeffs.new_empty(coeffs.shape)
 

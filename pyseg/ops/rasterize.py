@@ -78,10 +78,14 @@ def rasterize_polygons_overlap(
 def _register_fakes() -> None:
     @torch.library.register_fake("pyseg::rasterize_polygons")
     def _(vertices, poly_offsets, poly_to_mask, num_masks, height, width):
+        _checks.check_one_device(vertices=vertices, poly_offsets=poly_offsets, poly_to_mask=poly_to_mask)
         return vertices.new_empty((num_masks, height, width), dtype=torch.uint8)
 
     @torch.library.register_fake("pyseg::rasterize_polygons_overlap")
     def _(vertices, poly_offsets, poly_to_mask, image_index, num_images, height, width):
+        _checks.check_one_device(
+            vertices=vertices, poly_offsets=poly_offsets, poly_to_mask=poly_to_mask, image_index=image_index
+        )
         return (
             vertices.new_empty((num_images, height, width), dtype=torch.int32),
             vertices.new_empty((image_index.shape[0],), dtype=torch.int64),
