@@ -216,6 +216,7 @@ at::Tensor assemble_masks_cuda(const at::Tensor& protos, const at::Tensor& coeff
   const int64_t num = coeffs.size(0);
   const at::ScalarType out_dtype = threshold.has_value() ? at::kBool : protos.scalar_type();
   if (num == 0 || out_h == 0 || out_w == 0 || protos.size(2) == 0 || protos.size(3) == 0) {
+    check_mask_head_inputs(protos, coeffs, image_index, boxes, /*check_values=*/true);  // no kernel: on the host
     return at::zeros({num, out_h, out_w}, protos.options().dtype(out_dtype));
   }
   TORCH_CHECK_VALUE(ceil_div<int64_t>(out_w, kTile) < INT32_MAX && ceil_div<int64_t>(out_h, kTile) < INT32_MAX,

@@ -267,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor> mask_loss_backward_cuda(const at::Tensor& gra
   const at::ScalarType acc_dtype = protos.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t num = coeffs.size(0), batch = protos.size(0), channels = protos.size(1);
   const int64_t plane = protos.size(2) * protos.size(3);
-  if (num == 0 || plane == 0) {
+  if (num == 0 || plane == 0) {  // no kernel runs: check the values on the host, as the CPU does
+    check_mask_loss_inputs(protos, coeffs, image_index, gt_masks, gt_index, boxes, overlap, /*check_values=*/true);
     return {at::zeros(protos.sizes(), protos.options()), at::zeros(coeffs.sizes(), coeffs.options())};
   }
   at::Tensor grad_protos = at::empty(protos.sizes(), protos.options().dtype(acc_dtype));

@@ -261,7 +261,8 @@ at::Tensor rasterize_polygons_cuda(const at::Tensor& vertices, const at::Tensor&
   check_polygon_inputs(vertices, poly_offsets, poly_to_mask, num_masks, height, width, /*check_values=*/false);
   TORCH_CHECK_VALUE(vertices.is_cuda(), "vertices must be a CUDA tensor for the CUDA kernel");
   const c10::cuda::CUDAGuard device_guard(vertices.device());
-  if (num_masks == 0 || height == 0 || width == 0) {
+  if (num_masks == 0 || height == 0 || width == 0) {  // no kernel runs: check the values on the host, as the CPU does
+    check_polygon_inputs(vertices, poly_offsets, poly_to_mask, num_masks, height, width, /*check_values=*/true);
     return at::zeros({num_masks, height, width}, vertices.options().dtype(at::kByte));
   }
   at::Tensor masks = at::empty({num_masks, height, width}, vertices.options().dtype(at::kByte));
@@ -286,7 +287,9 @@ std::tuple<at::Tensor, at::Tensor> rasterize_polygons_overlap_cuda(
   TORCH_CHECK_VALUE(image_index.device() == vertices.device(), "image_index must be on the device of vertices");
   const c10::cuda::CUDAGuard device_guard(vertices.device());
   at::Tensor areas = at::zeros({num_masks}, vertices.options().dtype(at::kLong));
-  if (num_images == 0 || height == 0 || width == 0) {
+  if (num_images == 0 || height == 0 || width == 0) {  // no kernel runs: check the values on the host, as the CPU does
+    check_image_index(image_index, num_masks, num_images, /*check_values=*/true);
+    check_polygon_inputs(vertices, poly_offsets, poly_to_mask, num_masks, height, width, /*check_values=*/true);
     return {at::zeros({num_images, height, width}, vertices.options().dtype(at::kInt)), areas};
   }
   at::Tensor index_map = at::empty({num_images, height, width}, vertices.options().dtype(at::kInt));
