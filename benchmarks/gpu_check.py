@@ -1,15 +1,16 @@
-"""GPU checks in stages, each well under the 10 minutes one device command may take: one stage per call.
+"""GPU checks in stages, each well under the 10 minutes one device command may take; several stages share a call.
 
     bash benchmarks/gpu_check.sh prepare        # here, with internet: fills .device/ (data, wheels) to carry
-    bash benchmarks/gpu_check.sh build-test     # there: build + build_info + every needs_cuda test
-    bash benchmarks/gpu_check.sh sanitize       # compute-sanitizer memcheck, racecheck, synccheck, initcheck
-    bash benchmarks/gpu_check.sh bench          # bench_ops.py --gpu: agreement asserted, bandwidth ratio
-    bash benchmarks/gpu_check.sh train          # 10 epochs of COCO128-Seg at 640 (AMP, GPU-side masks)
+    bash benchmarks/gpu_check.sh build-test bench sanitize --budget 420   # there: one build, three stages
+    bash benchmarks/gpu_check.sh train --budget 210                       # there, at once: the machine still warm
 
-Stages (several may follow each other in one call: `... build-test bench`; each writes its own JSON):
+Stages (each writes its own JSON):
   build-test  pyseg._C built with its CUDA kernels for this GPU (build_info()["cuda"] true, this GPU's sm_XY
               compiled, a CUDA kernel for every op), tests/test_extension.py, then every needs_cuda test of
-              tests/ (the files that mark one) with PYSEG_EXPECT_GPU=1: a needs_cuda test that skips fails.
+              tests/ with PYSEG_EXPECT_GPU=1. Which tests those are, pytest says: `--collect-only -m needs_cuda`
+              over tests/ (however a test gets the mark: a decorator, or conftest's `device` fixture); the
+              stage fails unless every collected test passed (a skip, a deselection or a test file that did
+              not collect for another reason than a missing optional module such as Ray all fail it).
   sanitize    `benchmarks/gpu_check.py exercise-ops` (every CUDA op on small, odd-sized inputs, compared with
               its CPU kernel) under compute-sanitizer's memcheck, racecheck, synccheck and initcheck; any error
               reported fails the stage.
@@ -17,30 +18,36 @@ Stages (several may follow each other in one call: `... build-test bench`; each 
               and mask_loss within tolerance) asserted; GPU timings; assemble_masks' bandwidth over a copy's.
   train       python -m pyseg.train on COCO128-Seg: 10 epochs at 640, batch 16, AMP, on the GPU (which makes
               the ground-truth masks there), MLflow off, validation after epochs 5 and 10 (--val-period: a
-              barely trained model keeps up to 300 detections an image, each mask RLE-encoded on the CPU); img/s
-              and mask mAP. Fails unless every epoch is there, the losses are finite and the mask loss fell.
+              barely trained model keeps up to 300 detections an image, each mask RLE-encoded on the CPU); img/s,
+              mask mAP and the AMP it used. Fails unless every epoch is there, the losses are finite and the mask
+              loss fell. The run folder goes to --runs (default build/gpu_check/runs: not carried, not fetched).
 
 Each stage writes $OUT/<stage>.json (stage, ok, error, seconds, device name, torch, CUDA, build_info, its
-figures) and $OUT/<stage>.log (the output of what it ran), and exits 1 when any stage failed (2: bad arguments).
-OUT defaults to benchmarks/out. A stage builds pyseg._C from this working tree first when it is missing or was
-built from other sources, another torch or another arch list (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = this GPU's,
-MAX_JOBS = all cores; 2-3 minutes on 16 cores; build/pyseg_C.stamp records what it was built from); the build log
-stays in .device/build.log, its tail goes into the JSON of the stage that built.
+figures, the commands stopped for time) and $OUT/<stage>.log (the output of what it ran), and the call exits 1
+when any stage failed; 2 for bad arguments (one line; each stage named gets a JSON saying so); 130 when
+interrupted (Ctrl-C or SIGTERM: the running command gets SIGINT, then SIGKILL, and its stage's JSON says
+"interrupted"). OUT defaults to benchmarks/out. The first stage that needs it builds pyseg._C from this
+working tree when it is missing or was built from other sources, another torch or another arch list
+(FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST = this GPU's, MAX_JOBS = all cores; build/pyseg_C.stamp records what it
+was built from); the build log stays in .device/build.log, its tail goes into the JSON of the stage that built.
 
 What travels: the device machine gets the working tree, and nothing beside it (no ../shared, no internet). The
 device image has Python 3.12 and torch, but not pycocotools (validation's mAP) and no Ray or MLflow (the trainer
 needs neither). `prepare` copies COCO128-Seg (images and labels, 7.7 MB) to .device/coco128-seg and downloads
 the wheels of DEVICE_WHEELS for CPython 3.12 on x86-64 to .device/wheels; .device/ is git-ignored, so name it in
-the device call's `carry`. There the stages install those wheels into .device/site first (no index, no
-dependencies) and find COCO128-Seg at --coco128 DIR, else $PYSEG_COCO128_SEG, else .device/coco128-seg, else
-../shared/datasets/coco128-seg.
+the device call's `carry` (64 MiB at most: prepare warns above 50). A stage first checks that torch imports and
+sees a GPU, then installs those wheels into .device/site (no index, no dependencies): a wheel for another Python
+is skipped when its module is importable anyway, else the stage fails naming the Python the wheel needs. It finds
+COCO128-Seg at --coco128 DIR (which must hold labels/train2017), else $PYSEG_COCO128_SEG, else
+.device/coco128-seg, else ../shared/datasets/coco128-seg.
 
-Time: --budget (default 560 s) is what the whole call may take; every command a stage runs is stopped in time for
-its JSON to be written, and a stage started with too little time left fails saying so. Set it below the device
-call's timeout_s.
+Time: --budget (default 560 s, at least 60) is what the whole call may take; every command a stage runs is
+stopped in time for its JSON to be written (SIGINT to its process group, as Ctrl-C would: pyseg.train stops
+and says how to continue; SIGKILL GRACE_S later), and a stage started with too little time left fails saying
+so. Set it 30 s below the device call's timeout_s.
 
 `train --device cpu` (with a small --data, --epochs, --imgsz) runs the train stage on a CPU machine, which checks
-the stage itself: no build, no AMP; the JSON says device cpu.
+the stage itself: no build, no AMP; the JSON says device cpu and amp false.
 """
 
 from __future__ import annotations
@@ -61,28 +68,42 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("build-test", "sanitize", "bench", "train")
+ALONE = {"prepare": "on this machine, before the device calls", "exercise-ops": "under compute-sanitizer"}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Wheels the device image lacks, for `prepare` to download (pure-Python or cp312 manylinux x86-64 builds).
 DEVICE_WHEELS = ("pycocotools==2.0.11",)
+DEVICE_PYTHON = "3.12"  # the device image's Python, the one prepare downloads wheels for
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+CARRY_LIMIT_MIB = 64  # what a device call carries in all
+CARRY_WARN_MIB = 50  # prepare warns when .device holds more
 LOG_TAIL = 4000  # characters of a failing command's output kept in the JSON
+USAGE_EXIT, INTERRUPTED_EXIT, TIMEOUT_EXIT = 2, 130, 124
 
 
 class StageError(Exception):
     """A stage found something wrong; the message says what (and where the full log is)."""
 
 
+class UsageError(Exception):
+    """Bad arguments or environment for the call as a whole: one line on stderr, exit 2."""
+
+
 # The whole call must end inside the device command's limit (600 s): every command a stage runs is stopped in time
 # for its JSON to be written, and a stage that finds too little time left fails saying so.
 STARTED = time.monotonic()
 DEADLINE = {"at": math.inf, "budget": math.inf}
-MARGIN_S = 20.0
+MIN_BUDGET_S = 60.0
+MARGIN_S = 20.0  # kept back from every command's time: GRACE_S for it to stop, the rest to write the JSON
+GRACE_S = 10.0  # from SIGINT to SIGKILL of a command's process group
+TIMEOUTS: list[dict] = []  # the commands of the running stage that were stopped for time (its JSON's "timeouts")
 
 
 def time_left(wanted: float) -> float:
@@ -97,7 +118,7 @@ def time_left(wanted: float) -> float:
 
 
 def device_dir() -> Path:
-    """Where the carried data, wheels and the stages' own files live: $PYSEG_DEVICE_DIR or .device/."""
+    """Where the carried data, wheels and the stages' own small files live: $PYSEG_DEVICE_DIR or .device/."""
     return Path(os.environ.get("PYSEG_DEVICE_DIR", ROOT / ".device")).resolve()
 
 
@@ -105,42 +126,109 @@ def out_dir(given: str | None) -> Path:
     return Path(given or os.environ.get("OUT") or ROOT / "benchmarks" / "out").resolve()
 
 
+def has_coco128(folder: str | Path) -> bool:
+    return (Path(folder) / "labels" / "train2017").is_dir()
+
+
 def find_coco128(given: str | None) -> Path | None:
-    """COCO128-Seg: --coco128, $PYSEG_COCO128_SEG, .device/coco128-seg, ../shared/datasets/coco128-seg."""
-    candidates = [given] if given else []
-    candidates += [os.environ.get("PYSEG_COCO128_SEG"), device_dir() / "coco128-seg"]
+    """COCO128-Seg: --coco128 (only it, when given), else $PYSEG_COCO128_SEG, .device/coco128-seg,
+    ../shared/datasets/coco128-seg."""
+    if given:
+        if not has_coco128(given):
+            raise StageError(f"--coco128 {given}: COCO128-Seg not found there (no labels/train2017 folder)")
+        return Path(given).resolve()
+    candidates = [os.environ.get("PYSEG_COCO128_SEG"), device_dir() / "coco128-seg"]
     candidates.append(ROOT.parent / "shared" / "datasets" / "coco128-seg")
     for candidate in candidates:
-        if candidate and (Path(candidate) / "labels" / "train2017").is_dir():
+        if candidate and has_coco128(candidate):
             return Path(candidate).resolve()
-    if given:
-        raise StageError(f"--coco128 {given}: no labels/train2017 there")
     return None
 
 
-def install_carried_wheels() -> list[str]:
-    """pip-installs .device/wheels/*.whl into .device/site (no index, no dependencies) and puts that folder and the
-    repository on the path of this process and of every command it starts; returns the wheels' names. The
-    repository goes on the path even when the install fails (StageError)."""
+def put_on_path(path: Path) -> None:
+    """path first on this process's sys.path and on the PYTHONPATH of every command it starts."""
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(path) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(path), *paths])
+
+
+def wheel_tags(wheel: Path) -> tuple[str, set[str]]:
+    """(the wheel's python tag, e.g. "cp312", every interpreter-abi-platform tag its file name allows)."""
+    parts = wheel.name.removesuffix(".whl").split("-")
+    if len(parts) not in (5, 6):
+        return "?", set()
+    python, abi, platform_tag = parts[-3:]
+    tags = {f"{p}-{a}-{t}" for p in python.split(".") for a in abi.split(".") for t in platform_tag.split(".")}
+    return python, tags
+
+
+def interpreter_tags() -> set[str] | None:
+    """Every wheel tag this Python accepts (pip's packaging), or None when neither packaging nor pip is here."""
+    try:
+        from packaging.tags import sys_tags
+    except ImportError:
+        try:
+            from pip._vendor.packaging.tags import sys_tags
+        except ImportError:
+            return None
+    return {str(tag) for tag in sys_tags()}
+
+
+def wheel_modules(wheel: Path) -> list[str]:
+    """The top-level modules a wheel installs: its top_level.txt, else its distribution name."""
+    with contextlib.suppress(OSError, zipfile.BadZipFile):
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.count("/") == 1 and name.endswith(".dist-info/top_level.txt"):
+                    modules = archive.read(name).decode().split()
+                    if modules:
+                        return modules
+    return [wheel.name.split("-")[0].lower().replace("-", "_")]
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def install_carried_wheels() -> dict:
+    """pip-installs .device/wheels/*.whl into .device/site (no index, no dependencies) and puts that folder on the
+    path of this process and of every command it starts. A wheel this Python cannot use is skipped when the modules
+    it holds are importable anyway; otherwise StageError names the Python the wheel needs. Returns
+    {"installed": [names], "skipped": [why, per wheel]}."""
     wheels = sorted((device_dir() / "wheels").glob("*.whl"))
-    paths = [str(ROOT)]
-    problem = None
-    if wheels:
+    accepted = interpreter_tags()
+    usable, skipped, problems = [], [], []
+    this_python = f"{sys.executable} (Python {platform.python_version()}, {sysconfig.get_platform()})"
+    for wheel in wheels:
+        python, tags = wheel_tags(wheel)
+        if accepted is None or tags & accepted:
+            usable.append(wheel)
+            continue
+        modules = wheel_modules(wheel)
+        if all(importable(module) for module in modules):
+            skipped.append(f"{wheel.name}: built for {python}, not {this_python}; {', '.join(modules)} importable")
+        else:
+            problems.append(
+                f"{wheel.name} is built for {python}, not for {this_python}, which cannot import "
+                f"{', '.join(modules)}: run the stages with a Python {DEVICE_PYTHON} (PYTHON=python{DEVICE_PYTHON} "
+                f"bash benchmarks/gpu_check.sh ...), or install {', '.join(modules)} into this Python"
+            )
+    if problems:
+        raise StageError("; ".join(problems))
+    if usable:
         site = device_dir() / "site"
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
-        command += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)]
+        command += ["--no-cache-dir", "--upgrade", "--target", str(site), *map(str, usable)]
         done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode == 0:
-            paths.append(str(site))
-        else:
-            problem = f"installing {', '.join(w.name for w in wheels)} failed: {done.stderr[-LOG_TAIL:]}"
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
-    if problem:
-        raise StageError(problem)
-    return [wheel.name for wheel in wheels]
+        if done.returncode != 0:
+            raise StageError(f"installing {', '.join(w.name for w in usable)} failed: {done.stderr[-LOG_TAIL:]}")
+        put_on_path(site)
+    return {"installed": [wheel.name for wheel in usable], "skipped": skipped}
 
 
 def environment() -> dict:
@@ -163,10 +251,58 @@ def environment() -> dict:
     return info
 
 
+# ------------------------------------------------------------------ commands: run, stopped in time or when interrupted
+
+
+def group_alive(process: subprocess.Popen) -> bool:
+    """True while any process of process's group (it leads one: start_new_session) is alive (zombies aside)."""
+    process.poll()  # reaps the leader once it exits
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc: the leader is all that can be watched
+        return process.returncode is None
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _, group = stat[stat.rindex(")") + 2 :].split()[:3]
+        if int(group) == process.pid and state != "Z":
+            return True
+    return False
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGINT to process's whole group (what Ctrl-C sends a terminal's foreground group: pyseg.train and its
+    DataLoader workers stop cleanly), up to grace_s seconds for the group to end, then SIGKILL to what is left of
+    it. An interrupt while waiting skips the rest of the wait, and is raised again once the group is gone."""
+    interrupted = False
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and group_alive(process):
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        interrupted = True
+    deadline = time.monotonic() + 10
+    while group_alive(process) and time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    process.wait()
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 def run_logged(command: list[str], log, timeout: float, env: dict | None = None, cwd: Path = ROOT) -> tuple[int, str]:
-    """Runs command in its own process group, its output appended to log (and returned); on timeout SIGTERM to the
-    group (pyseg.train saves and stops), SIGKILL 10 s later. Returns (exit code, output); 124 for a timeout."""
-    log.write(f"\n$ {' '.join(command)}\n")
+    """Runs command in its own process group, its output appended to log (and returned). After timeout seconds,
+    or when this process is interrupted (Ctrl-C, SIGTERM), the group is stopped (stop_process_group). Returns
+    (exit code, output): TIMEOUT_EXIT (124) for a timeout, recorded in TIMEOUTS; an interrupt is raised again once
+    the command is stopped."""
+    log.write(f"\n$ {shlex.join(command)}\n")
     log.flush()
     start = os.path.getsize(log.name)
     process = subprocess.Popen(
@@ -175,16 +311,17 @@ def run_logged(command: list[str], log, timeout: float, env: dict | None = None,
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        code = 124
-        log.write(f"\n[gpu_check] stopped after {timeout:.0f} s\n")
+        log.write(f"\n[gpu_check] stopped after {timeout:.0f} s: SIGINT, SIGKILL {GRACE_S:.0f} s later\n")
+        log.flush()
+        stop_process_group(process, GRACE_S)
+        code = TIMEOUT_EXIT
+        TIMEOUTS.append({"command": shlex.join(command)[:300], "after_s": round(timeout, 1)})
+    except KeyboardInterrupt:
+        log.write("\n[gpu_check] interrupted: SIGINT to the command, SIGKILL to what is left of it after ")
+        log.write(f"{GRACE_S:.0f} s\n")
+        log.flush()
+        stop_process_group(process, GRACE_S)
+        raise
     log.flush()
     with open(log.name, "rb") as f:
         f.seek(start)
@@ -265,11 +402,17 @@ def check_build(arch: str) -> dict:
     return info
 
 
-def require_gpu() -> None:
+def require_torch():
+    """torch, or StageError saying that this Python cannot import it."""
     try:
         import torch
     except ImportError as error:
         raise StageError(f"torch cannot be imported by {sys.executable}: {error}") from error
+    return torch
+
+
+def require_gpu() -> None:
+    torch = require_torch()
     if not torch.cuda.is_available():
         raise StageError(f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
 
@@ -298,13 +441,105 @@ def junit_counts(path: Path) -> dict:
     return counts
 
 
-def needs_cuda_files() -> list[str]:
-    """The test files that mark a test needs_cuda (collecting all of tests/ needs Ray, MLflow, moto: not there)."""
-    files = []
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        if path.name != "test_extension.py" and re.search(r"\bneeds_cuda\b", path.read_text()):
-            files.append(str(path.relative_to(ROOT)))
-    return files
+def junit_passed(path: Path) -> set[str]:
+    """The tests of a JUnit XML that passed, as classname::name (see junit_name)."""
+    if not path.is_file():
+        return set()
+    return {
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in ElementTree.parse(path).getroot().iter("testcase")
+        if all(case.find(kind) is None for kind in ("failure", "error", "skipped"))
+    }
+
+
+def not_passed(collected: list[str], report: Path) -> list[str]:
+    """The collected tests (pytest node ids) that did not pass in the JUnit XML report: failed, skipped, or missing
+    from the run (deselected, or in a file the run did not name)."""
+    passed = junit_passed(report)
+    return [test for test in collected if junit_name(test) not in passed]
+
+
+def junit_name(nodeid: str) -> str:
+    """A pytest node id as pytest's JUnit XML names its test: tests/test_a.py::Case::test_x[p] is
+    tests.test_a.Case::test_x[p] (classname::name)."""
+    path, bracket, params = nodeid.partition("[")
+    names = path.split("::")
+    names[0] = re.sub(r"\.py$", "", names[0].replace("/", "."))
+    return ".".join(names[:-1]) + "::" + names[-1] + bracket + params
+
+
+# A pytest plugin (`-p gpu_check`, benchmarks/ on PYTHONPATH): what a collection selected, and the test files that
+# did not collect and why, written as JSON to $GPU_CHECK_COLLECTION_JSON.
+COLLECTION_JSON_ENV = "GPU_CHECK_COLLECTION_JSON"
+_not_collected: dict[str, str] = {}
+
+
+def pytest_collectreport(report) -> None:
+    """pytest hook: a test file (or folder) that failed or skipped at collection, with the reason."""
+    if not os.environ.get(COLLECTION_JSON_ENV) or not report.nodeid or not (report.failed or report.skipped):
+        return
+    if isinstance(report.longrepr, tuple):  # a skip: (path, line, reason)
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+    else:
+        lines = [line for line in str(report.longrepr).splitlines() if line.strip()]
+        errors = [line[1:].strip() for line in lines if line.startswith("E ")]
+        reason = errors[-1] if errors else (lines[-1] if lines else "no reason given")
+    _not_collected[report.nodeid] = ("skipped: " if report.skipped else "") + reason
+
+
+def pytest_collection_finish(session) -> None:
+    """pytest hook: writes what the collection selected (after -m) and what did not collect."""
+    target = os.environ.get(COLLECTION_JSON_ENV)
+    if target:
+        selected = [item.nodeid for item in session.items]
+        Path(target).write_text(json.dumps({"selected": selected, "not_collected": _not_collected}, indent=1))
+
+
+def may_have_needs_cuda_tests(path: Path) -> bool:
+    """Whether a test file's text suggests needs_cuda tests: the mark's name, or a test taking conftest's `device`
+    fixture (its cuda case carries the mark). Asked only of files that did not collect."""
+    text = path.read_text(errors="replace")
+    return "needs_cuda" in text or re.search(r"def test_\w*\([^)]*\bdevice\b", text) is not None
+
+
+# Modules a test file may lack on the device machine without hiding a needs_cuda test (the file says so at import).
+PROJECT_MODULES = ("pyseg", "tests", "torch", "numpy", "pytest")
+
+
+def needs_cuda_collection(log, timeout: float, env: dict, report: Path) -> dict:
+    """What `pytest --collect-only -m needs_cuda tests/` selects here (test_extension.py aside: build-test runs all
+    of it), however a test gets the mark: {"tests": node ids, "files", "not_collected": {file: why}, "problems"}.
+    A test file that did not collect is a problem unless it lacks an optional module (Ray, MLflow, moto: the device
+    has none) and its text shows no sign of needs_cuda tests."""
+    env = {**env, COLLECTION_JSON_ENV: str(report)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), env.get("PYTHONPATH")]))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "gpu_check"]
+    command += ["-m", "needs_cuda", "--continue-on-collection-errors", "--ignore=tests/test_extension.py", "tests"]
+    code, output = run_logged(command, log, timeout, env)
+    if not report.is_file():
+        raise StageError(f"pytest --collect-only -m needs_cuda listed nothing (exit {code}): {output[-LOG_TAIL:]}")
+    found = json.loads(report.read_text())
+    tests = found["selected"]
+    return {
+        "tests": tests,
+        "files": sorted({test.split("::")[0] for test in tests}),
+        "not_collected": found["not_collected"],
+        "problems": collection_problems(found["not_collected"]),
+    }
+
+
+def collection_problems(not_collected: dict[str, str], root: Path = ROOT) -> list[str]:
+    """The test files (paths relative to root) that did not collect, other than those that lack an optional module
+    and show no sign of needs_cuda tests: each may hide needs_cuda tests, so each fails build-test."""
+    problems = []
+    for file, why in not_collected.items():
+        missing = re.search(r"No module named '([\w.]+)'", why)
+        optional = missing is not None and missing.group(1).split(".")[0] not in PROJECT_MODULES
+        if not optional or not (root / file).is_file() or may_have_needs_cuda_tests(root / file):
+            problems.append(f"{file} did not collect ({why[:300]})")
+    return problems
 
 
 def stage_build_test(args, log) -> dict:
@@ -315,12 +550,15 @@ def stage_build_test(args, log) -> dict:
             "here and carry .device, or pass --coco128 DIR"
         )
     env = {**os.environ, "PYSEG_EXPECT_GPU": "1", "PYSEG_EXPECT_CUDA_BUILD": "1", "PYSEG_COCO128_SEG": str(coco128)}
-    env["PYSEG_CACHE_DIR"] = str(device_dir() / "cache")
-    files = needs_cuda_files()
-    if not files:
-        raise StageError("no test file under tests/ marks a test needs_cuda")
-    runs = {"extension": ["tests/test_extension.py"], "needs_cuda": ["-m", "needs_cuda", *files]}
-    figures, problems = {"coco128": str(coco128), "needs_cuda_files": runs["needs_cuda"][2:]}, []
+    env["PYSEG_CACHE_DIR"] = str(cache_dir())
+    collection = needs_cuda_collection(log, time_left(120), env, device_dir() / "tmp" / "needs_cuda_collection.json")
+    collected = collection["tests"]
+    figures = {"coco128": str(coco128), "needs_cuda_files": collection["files"], "needs_cuda_collected": len(collected)}
+    figures["not_collected"] = collection["not_collected"]
+    problems = list(collection["problems"])
+    if not collected:
+        raise StageError("pytest collects no needs_cuda test under tests/; " + "; ".join(problems), figures)
+    runs = {"extension": ["tests/test_extension.py"], "needs_cuda": ["-m", "needs_cuda", *collection["files"]]}
     for name, selection in runs.items():
         report = device_dir() / "tmp" / f"{name}.xml"
         report.unlink(missing_ok=True)
@@ -328,14 +566,24 @@ def stage_build_test(args, log) -> dict:
         code, _ = run_logged([*command, *selection], log, time_left(args.test_timeout), env)
         counts = junit_counts(report)
         figures[name] = {"exit_code": code, **counts}
-        if code != 0 or counts["failed"] or counts["errors"]:
+        if code == TIMEOUT_EXIT:
+            problems.append(f"{name} tests: stopped for time ({TIMEOUTS[-1]['after_s']:.0f} s)")
+        elif code != 0 or counts["failed"] or counts["errors"]:
             problems.append(f"{name} tests: exit {code}, {counts['failed']} failed, {counts['errors']} errors")
         if counts["skipped"]:
             problems.append(f"{name} tests: {counts['skipped']} skipped: {'; '.join(counts['skipped_tests'][:5])}")
         if counts["passed"] == 0:
             problems.append(f"{name} tests: none passed")
+    # every test the collection selected must have run and passed: one missing from the run fails the stage too
+    missing = not_passed(collected, device_dir() / "tmp" / "needs_cuda.xml")
+    figures["needs_cuda"]["not_passed"] = missing[:50]
+    if missing:
+        problems.append(
+            f"needs_cuda tests: {len(missing)} of the {len(collected)} that pytest collects did not pass "
+            f"(failed, skipped or not run): {', '.join(missing[:5])}"
+        )
     print(
-        f"[gpu_check] needs_cuda tests: {figures['needs_cuda']['passed']} passed, "
+        f"[gpu_check] needs_cuda tests: {len(collected)} collected, {figures['needs_cuda']['passed']} passed, "
         f"{figures['needs_cuda']['failed'] + figures['needs_cuda']['errors']} failed, "
         f"{figures['needs_cuda']['skipped']} skipped; test_extension.py: {figures['extension']['passed']} passed"
     )
@@ -414,9 +662,17 @@ def stage_sanitize(args, log) -> dict:
 
 def exercise_ops() -> int:
     """Every CUDA op once or twice on small, odd-sized inputs (edges, empty, non-contiguous, bf16), compared with
-    the CPU kernel; what compute-sanitizer runs. Exit 0 when all agree."""
+    the CPU kernel; what compute-sanitizer runs. Exit 0 when all agree; UsageError without a CUDA device."""
+    try:
+        import torch
+    except ImportError as error:
+        raise UsageError(f"exercise-ops: torch cannot be imported by {sys.executable}: {error}") from error
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"exercise-ops runs the CUDA ops, but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no "
+            "CUDA device"
+        )
     import numpy as np
-    import torch
 
     import pyseg.ops as ops
 
@@ -598,7 +854,6 @@ def train_figures(run_dir: Path, epochs: int) -> dict:
         "epochs": len(rows),
         "imgsz": settings["imgsz"],
         "batch": settings["batch"],
-        "amp": settings["amp"],
         "device": settings["device"],
         "images_per_s_median": statistics.median(rates[1:] or rates),  # epoch 1 holds the warm-up
         "images_per_s": rates,
@@ -632,55 +887,108 @@ def masks_made_on(device: str) -> str:
     return "loader" if masks_made_by_loader(select_device(device)) else "device"
 
 
-def stage_train(args, log) -> dict:
-    if args.data:
-        data = Path(args.data).resolve()
-    else:
-        coco128 = find_coco128(args.coco128)
-        if coco128 is None:
-            raise StageError(
-                "COCO128-Seg not found: run `bash benchmarks/gpu_check.sh prepare` here and carry .device, or pass "
-                "--coco128 DIR or --data YAML"
-            )
-        data = coco128_yaml(coco128, device_dir() / "tmp")
-    project = device_dir() / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    command = [sys.executable, "-m", "pyseg.train", "--data", str(data), "--epochs", str(args.epochs)]
+def amp_used(device: str, amp: bool) -> str | bool:
+    """The mixed precision pyseg.train uses on this --device with --amp amp: "bf16" or "fp16" on CUDA (bf16 where the
+    GPU supports it), False on the CPU (where --amp does nothing). The Trainer decides the same way."""
+    import torch
+
+    from pyseg.engine.device import select_device
+
+    if not amp or select_device(device).type != "cuda":
+        return False
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def cache_dir() -> Path:
+    """pyseg's cache for what the stages run: $PYSEG_CACHE_DIR, else build/gpu_check/cache (.device is carried: what
+    the stages make stays out of it)."""
+    return Path(os.environ.get("PYSEG_CACHE_DIR") or ROOT / "build" / "gpu_check" / "cache").resolve()
+
+
+def train_data(data: str | None, coco128: str | None) -> str:
+    """--data for pyseg.train: a path that exists, made absolute; anything else as given (a built-in dataset name
+    such as shapes-seg.yaml: pyseg.train resolves it, or says what it accepts); without --data, a dataset YAML for
+    the COCO128-Seg that find_coco128 finds."""
+    if data:
+        return str(Path(data).resolve()) if Path(data).exists() else data
+    found = find_coco128(coco128)
+    if found is None:
+        raise StageError(
+            "COCO128-Seg not found: run `bash benchmarks/gpu_check.sh prepare` here and carry .device, or pass "
+            "--coco128 DIR or --data YAML"
+        )
+    return str(coco128_yaml(found, device_dir() / "tmp"))
+
+
+def train_command(args, data: str, project: Path) -> list[str]:
+    """The pyseg.train command of the train stage, its run folder project/train."""
+    command = [sys.executable, "-m", "pyseg.train", "--data", data, "--epochs", str(args.epochs)]
     command += ["--imgsz", str(args.imgsz), "--batch", str(args.batch), "--device", args.device, "--amp", "true"]
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
     command += ["--workers", str(workers), "--project", str(project)]
     command += ["--val-period", str(args.val_period), "--name", "train", "--no-mlflow"]
-    env = {**os.environ, "PYSEG_CACHE_DIR": str(device_dir() / "cache")}
+    return command
+
+
+def stage_train(args, log) -> dict:
+    data = train_data(args.data, args.coco128)
+    project = Path(args.runs).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    env = {**os.environ, "PYSEG_CACHE_DIR": str(cache_dir())}
     start = time.perf_counter()
-    code, output = run_logged(command, log, time_left(args.train_timeout), env)
+    limit = time_left(args.train_timeout)
+    code, output = run_logged(train_command(args, data, project), log, limit, env)
     wall = time.perf_counter() - start
     print("\n".join(line for line in output.splitlines() if not line.startswith("/"))[-3000:])
+    if code == TIMEOUT_EXIT:
+        raise StageError(
+            f"python -m pyseg.train was stopped after {limit:.0f} s (--train-timeout {args.train_timeout:g} s, or "
+            f"what --budget left): {output[-LOG_TAIL:]}",
+            {"wall_seconds": round(wall, 1), "run_dir": str(project / "train")},
+        )
     if code != 0:
-        raise StageError(f"python -m pyseg.train exit {code}: {output[-LOG_TAIL:]}", {"wall_seconds": wall})
+        raise StageError(f"python -m pyseg.train exit {code}: {output[-LOG_TAIL:]}", {"wall_seconds": round(wall, 1)})
     figures = train_figures(project / "train", args.epochs)
     figures["wall_seconds"] = round(wall, 1)
+    figures["amp"] = amp_used(args.device, True)
     figures["masks_made_on"] = masks_made_on(args.device)
-    figures["data"] = str(data)
-    figures["ray_installed"] = importlib.util.find_spec("ray") is not None
-    figures["mlflow_installed"] = importlib.util.find_spec("mlflow") is not None
+    figures["data"] = data
+    figures["ray_installed"] = importable("ray")
+    figures["mlflow_installed"] = importable("mlflow")
     print(
         f"[gpu_check] train: {figures['epochs']} epochs at {figures['imgsz']} in {wall:.0f} s, "
         f"{figures['images_per_s_median']:.1f} img/s (median of epochs 2..), mask mAP50-95 "
-        f"{figures['mask_map50_95']:.4f}, mAP50 {figures['mask_map50']:.4f}"
+        f"{figures['mask_map50_95']:.4f}, mAP50 {figures['mask_map50']:.4f}, AMP {figures['amp'] or 'off'}"
     )
     return figures
 
 
 # ------------------------------------------------------------------ prepare (here, not there)
 
+# The device calls prepare points to (README, "GPU check"): 15 minutes of device time in all, machine start-ups
+# included; the first call builds, the second follows at once to find the machine (and the build) still warm.
+DEVICE_PLAN = (
+    'command "bash benchmarks/gpu_check.sh build-test bench sanitize --budget 420" with timeout_s 450, then at once '
+    '"bash benchmarks/gpu_check.sh train --budget 210" with timeout_s 240'
+)
+
+
+def folder_mib(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
 
 def prepare(args) -> int:
     """Fills .device/ with what the device lacks: COCO128-Seg and the wheels of DEVICE_WHEELS. Runs here."""
     target = device_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.is_relative_to(ROOT):
+        raise UsageError(
+            f"PYSEG_DEVICE_DIR={target} is outside the repository ({ROOT}): a device call carries only paths "
+            "inside its working tree; leave PYSEG_DEVICE_DIR unset (.device) or name a git-ignored folder inside"
+        )
     source = Path(args.coco128 or os.environ.get("PYSEG_COCO128_SEG") or ROOT.parent / "shared/datasets/coco128-seg")
-    if not (source / "labels" / "train2017").is_dir():
-        print(f"gpu_check prepare: COCO128-Seg not found at {source} (pass --coco128 DIR)", file=sys.stderr)
-        return 2
+    if not has_coco128(source):
+        raise UsageError(f"prepare: COCO128-Seg not found at {source} (pass --coco128 DIR)")
+    target.mkdir(parents=True, exist_ok=True)
     copy = target / "coco128-seg"
     if copy.resolve() != source.resolve():
         shutil.rmtree(copy, ignore_errors=True)
@@ -688,25 +996,29 @@ def prepare(args) -> int:
             shutil.copytree(source / part, copy / part)
     if not args.no_wheels:
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-        command += ["--python-version", "3.12", "--implementation", "cp"]
+        command += ["--python-version", DEVICE_PYTHON, "--implementation", "cp"]
         for platform_tag in WHEEL_PLATFORMS:
             command += ["--platform", platform_tag]
         command += ["-d", str(target / "wheels"), *DEVICE_WHEELS]
         if subprocess.run(command).returncode != 0:
             print(f"gpu_check prepare: pip download of {', '.join(DEVICE_WHEELS)} failed", file=sys.stderr)
             return 1
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    if not target.is_relative_to(ROOT):
-        where = "outside the repository: a device call cannot carry it"
-    elif subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=ROOT, capture_output=True).returncode == 0:
+    size = folder_mib(target)
+    carry = os.path.relpath(target, ROOT)
+    if subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=ROOT, capture_output=True).returncode == 0:
         where = "git-ignored: name it in the device call's carry"
     else:
         where = "NOT git-ignored: add it to .gitignore, or it travels as untracked files"
-    print(f"{target}: {size / 2**20:.1f} MiB, {where}")
-    carry = os.path.relpath(target, ROOT)
-    print(
-        f'device calls: command "bash benchmarks/gpu_check.sh STAGE" with carry ["{carry}"], one of {", ".join(STAGES)}'
-    )
+    print(f"{target}: {size:.1f} MiB, {where}")
+    if size > CARRY_WARN_MIB:
+        largest = sorted(((folder_mib(p), p.name) for p in target.iterdir()), reverse=True)[:3]
+        print(
+            f"gpu_check prepare: warning: {carry} holds {size:.0f} MiB and a device call carries {CARRY_LIMIT_MIB} MiB "
+            f"in all; remove what the device does not need from it (largest: "
+            f"{', '.join(f'{name} {mib:.0f} MiB' for mib, name in largest)})",
+            file=sys.stderr,
+        )
+    print(f'device calls: carry ["{carry}"]; {DEVICE_PLAN}')
     return 0
 
 
@@ -719,6 +1031,19 @@ STAGE_FUNCTIONS = {
     "bench": stage_bench,
     "train": stage_train,
 }
+
+
+def wheels_once(state: dict) -> dict:
+    """install_carried_wheels() once per call; its StageError fails every stage that asks."""
+    if "wheels" not in state:
+        try:
+            state["wheels"] = install_carried_wheels()
+        except StageError as error:
+            state["wheels"] = error
+            raise
+    if isinstance(state["wheels"], StageError):
+        raise state["wheels"]
+    return state["wheels"]
 
 
 def build_once(state: dict) -> dict:
@@ -736,20 +1061,40 @@ def build_once(state: dict) -> dict:
     return {key: value for key, value in state["build"].items() if key != "log"}
 
 
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM ignored inside the block (in the main thread): an interrupted call writes its JSON whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+
+
 def run_stage(stage: str, args, out: Path, state: dict) -> bool:
-    """Runs one stage and writes OUT/<stage>.json and OUT/<stage>.log; True when it passed."""
+    """Runs one stage and writes OUT/<stage>.json and OUT/<stage>.log; True when it passed. The stage first checks
+    that torch imports and (unless it is `train --device cpu`) sees a GPU, then installs the carried wheels and
+    builds. An interrupt (Ctrl-C, SIGTERM) stops what the stage runs, writes its JSON (error "interrupted") and is
+    raised again."""
     start = time.perf_counter()
     result = {"stage": stage, "ok": False, "error": None, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    figures = {}
+    figures, interrupted = {}, False
+    TIMEOUTS.clear()
     with open(out / f"{stage}.log", "w") as log:
         try:
-            with contextlib.suppress(ImportError):  # require_gpu says so when torch is missing
+            with contextlib.suppress(ImportError):  # require_torch says so when torch is missing
                 result["environment"] = environment()
-            if isinstance(state["wheels"], StageError):
-                raise state["wheels"]
-            result["wheels"] = state["wheels"]
-            if not (stage == "train" and args.device == "cpu"):
+            on_gpu = not (stage == "train" and args.device == "cpu")
+            if on_gpu:
                 require_gpu()
+            else:
+                require_torch()
+            result["wheels"] = wheels_once(state)
+            if on_gpu:
                 result["build"] = build_once(state)
                 result["build_info"] = result["build"]["build_info"]
             figures = STAGE_FUNCTIONS[stage](args, log)
@@ -757,6 +1102,10 @@ def run_stage(stage: str, args, out: Path, state: dict) -> bool:
         except StageError as error:
             result["error"] = str(error.args[0])
             figures = error.args[1] if len(error.args) > 1 else figures
+        except KeyboardInterrupt:
+            result["error"] = "interrupted"
+            interrupted = True
+            log.write("\n[gpu_check] interrupted\n")
         except Exception as error:  # a bug in a stage: recorded, and the next stage still runs
             import traceback
 
@@ -764,21 +1113,35 @@ def run_stage(stage: str, args, out: Path, state: dict) -> bool:
             log.write(traceback.format_exc())
             traceback.print_exc()
     result["seconds"] = round(time.perf_counter() - start, 1)
+    result["timeouts"] = list(TIMEOUTS)
     result["figures"] = figures
-    (out / f"{stage}.json").write_text(json.dumps(result, indent=2, default=str))
+    with signals_held() if interrupted else contextlib.nullcontext():
+        (out / f"{stage}.json").write_text(json.dumps(result, indent=2, default=str))
     verdict = "ok" if result["ok"] else f"FAILED: {str(result['error'])[:2000]}"
     print(f"[gpu_check] {stage}: {verdict} ({result['seconds']} s)")
+    if interrupted:
+        raise KeyboardInterrupt
     return result["ok"]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is a UsageError: one line and exit 2, as pyseg.errors.CommandParser answers (no usage dump)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see python benchmarks/gpu_check.py --help)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = ArgumentParser(
+        prog="gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("stages", nargs="+", metavar="STAGE", help=f"prepare, or one or more of: {', '.join(STAGES)}")
     parser.add_argument("--out", default=None, help="where the JSON and logs go (default $OUT, else benchmarks/out)")
-    parser.add_argument("--coco128", default=None, help="COCO128-Seg folder (images/, labels/)")
-    parser.add_argument("--data", default=None, help="train: a dataset YAML instead of COCO128-Seg")
+    parser.add_argument("--coco128", default=None, help="COCO128-Seg folder (images/, labels/train2017)")
+    parser.add_argument("--data", default=None, help="train: a dataset YAML or built-in name instead of COCO128-Seg")
+    parser.add_argument(
+        "--runs", default=str(ROOT / "build" / "gpu_check" / "runs"), help="train: where run folders go (not .device)"
+    )
     parser.add_argument("--epochs", type=int, default=10, help="train: epochs (default 10)")
     parser.add_argument("--imgsz", type=int, default=640, help="train: image size (default 640)")
     parser.add_argument("--batch", type=int, default=16, help="train: batch (default 16)")
@@ -799,40 +1162,117 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--budget",
         type=float,
         default=560,
-        help="seconds the whole call may take (default 560: a device command's 600)",
+        help=f"seconds the whole call may take, at least {MIN_BUDGET_S:.0f} (default 560: a device command's 600)",
     )
     parser.add_argument("--sanitizer-args", default="", help="sanitize: more compute-sanitizer flags (one string)")
     args = parser.parse_args(argv)
-    if args.stages == ["exercise-ops"] or args.stages == ["prepare"]:
+    for stage, how in ALONE.items():
+        if stage in args.stages and len(args.stages) > 1:
+            raise UsageError(f"{stage} runs alone, {how}: `bash benchmarks/gpu_check.sh {stage}`")
+    if args.coco128 and not has_coco128(args.coco128):
+        raise UsageError(f"--coco128 {args.coco128}: COCO128-Seg not found there (no labels/train2017 folder)")
+    if args.stages[0] in ALONE:
         return args
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
-        parser.error(f"unknown stage {', '.join(unknown)}: prepare, or one or more of {', '.join(STAGES)}")
+        raise UsageError(f"unknown stage {', '.join(unknown)}: prepare, or one or more of {', '.join(STAGES)}")
     args.tools = [t for t in args.tools.split(",") if t]
     if not args.tools or any(t not in SANITIZER_TOOLS for t in args.tools):
-        parser.error(f"--tools: a comma-separated subset of {','.join(SANITIZER_TOOLS)}")
+        raise UsageError(f"--tools: a comma-separated subset of {','.join(SANITIZER_TOOLS)}")
+    if not (math.isfinite(args.budget) and args.budget >= MIN_BUDGET_S):
+        raise UsageError(
+            f"--budget {args.budget:g}: at least {MIN_BUDGET_S:.0f} s; it is what the whole call may take: pass the "
+            "device call's timeout_s less 30 (the default, 560, goes with timeout_s 600)"
+        )
+    for flag, value, least in (
+        ("--epochs", args.epochs, 1),
+        ("--imgsz", args.imgsz, 32),
+        ("--batch", args.batch, 1),
+        ("--val-period", args.val_period, 1),
+        ("--workers", 0 if args.workers is None else args.workers, 0),
+    ):
+        if value < least:
+            raise UsageError(f"{flag} {value}: at least {least}")
+    for flag, value in (
+        ("--test-timeout", args.test_timeout),
+        ("--sanitizer-timeout", args.sanitizer_timeout),
+        ("--bench-timeout", args.bench_timeout),
+        ("--train-timeout", args.train_timeout),
+    ):
+        if not value > 0:
+            raise UsageError(f"{flag} {value:g}: seconds, more than 0")
+    out = out_dir(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{f'--out {args.out}' if args.out else f'OUT={out}'}: a file, not a folder")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def record_usage_error(argv: list[str], message: str) -> None:
+    """A JSON per stage that argv names, saying the call stopped at its arguments, where --out (or $OUT) is a
+    folder that can be made."""
+    named = [token for token in dict.fromkeys(argv) if token in STAGES]
+    given = None
+    for index, token in enumerate(argv):
+        if token == "--out" and index + 1 < len(argv):
+            given = argv[index + 1]
+        elif token.startswith("--out="):
+            given = token.split("=", 1)[1]
+    if not named:
+        return
+    result = {"ok": False, "error": f"argument error: {message}", "seconds": 0.0, "timeouts": [], "figures": {}}
+    with contextlib.suppress(OSError):
+        out = out_dir(given)
+        out.mkdir(parents=True, exist_ok=True)
+        for stage in named:
+            (out / f"{stage}.json").write_text(json.dumps({"stage": stage, **result}, indent=2))
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_call(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.stages == ["prepare"]:
         return prepare(args)
-    sys.path.insert(0, str(ROOT))
+    put_on_path(ROOT)
     if args.stages == ["exercise-ops"]:
         return exercise_ops()
     out = out_dir(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot make that folder ({error.strerror})") from error
     (device_dir() / "tmp").mkdir(parents=True, exist_ok=True)
     DEADLINE.update(at=STARTED + args.budget, budget=args.budget)
     state: dict = {}
-    try:
-        state["wheels"] = install_carried_wheels()
-    except StageError as error:  # every stage fails with it, in its JSON
-        state["wheels"] = error
     passed = [run_stage(stage, args, out, state) for stage in args.stages]
     print(f"[gpu_check] {sum(passed)} of {len(passed)} stages passed; JSON in {out}")
     return 0 if all(passed) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when every stage passed, 1 when one failed, 2 for bad arguments, 130 when interrupted (Ctrl-C or
+    SIGTERM: the running command is stopped and its stage's JSON says so)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    saved = None
+    if threading.current_thread() is threading.main_thread():
+        saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+        if saved[signal.SIGINT] is signal.SIG_IGN:  # started in the background of a script: kill -INT still stops it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return run_call(argv)
+    except UsageError as error:
+        print(f"gpu_check: {error}", file=sys.stderr)
+        record_usage_error(argv, str(error))
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print("\ngpu_check: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    finally:
+        for number, handler in (saved or {}).items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":
