@@ -888,15 +888,14 @@ def masks_made_on(device: str) -> str:
 
 
 def amp_used(device: str, amp: bool) -> str | bool:
-    """The mixed precision pyseg.train uses on this --device with --amp amp: "bf16" or "fp16" on CUDA (bf16 where the
-    GPU supports it), False on the CPU (where --amp does nothing). The Trainer decides the same way."""
+    """The mixed precision pyseg.train uses on this --device with --amp amp: "bf16" or "fp16" on CUDA, False on the
+    CPU (pyseg.engine.device.autocast_dtype decides, for the Trainer too)."""
     import torch
 
-    from pyseg.engine.device import select_device
+    from pyseg.engine.device import autocast_dtype, select_device
 
-    if not amp or select_device(device).type != "cuda":
-        return False
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = autocast_dtype(select_device(device), amp)
+    return {None: False, torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def cache_dir() -> Path:

@@ -533,3 +533,14 @@ def test_train_and_val_run_without_ray_or_mlflow(tiny_data, tmp_path):
     assert validated.returncode == 0, validated.stderr[-3000:]
     metrics = json.loads(out.read_text())
     assert metrics["detections"]["count"] >= 0 and 0.0 <= metrics["mask"]["map"] <= 1.0
+
+
+def test_autocast_dtype_is_none_on_the_cpu_and_follows_the_gpu_on_cuda(monkeypatch):
+    from pyseg.engine.device import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), True) is None
+    assert autocast_dtype(torch.device("cuda"), False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert autocast_dtype(torch.device("cuda"), True) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert autocast_dtype(torch.device("cuda"), True) is torch.float16  # with a gradient scaler

@@ -36,3 +36,11 @@ def masks_made_by_loader(device: torch.device) -> bool:
     """Who rasterizes the ground-truth masks: the loader workers on CPU, the training step on a GPU (where the
     CUDA kernel is faster than shipping [B, h, w] maps through the loader queue)."""
     return device.type != "cuda"
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The mixed precision of training on device with --amp amp: bfloat16 on a CUDA GPU that supports it, else
+    float16 (with a gradient scaler); None on the CPU, where --amp does nothing."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

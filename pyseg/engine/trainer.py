@@ -35,7 +35,7 @@ from pyseg.data.loader import MASK_RATIO, SegCollate, build_dataloader, polygon_
 from pyseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pyseg.engine.coco_eval import METRIC_KEYS, CocoEvaluator
 from pyseg.engine.console import EpochTable
-from pyseg.engine.device import masks_made_by_loader, select_device, to_device
+from pyseg.engine.device import autocast_dtype, masks_made_by_loader, select_device, to_device
 from pyseg.engine.loss import SegLoss
 from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
 from pyseg.engine.plots import plot_results
@@ -584,10 +584,9 @@ class Trainer:
             self.cfg = cfg = cfg.updated(optimizer=optimizer, lr0=lr0)
         self.optimizer = build_optimizer(self.model, optimizer, lr0, cfg.momentum, weight_decay)
         self.ema = ModelEMA(self.model, cfg.ema_decay)
-        on_cuda = self.device.type == "cuda"
-        amp_dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float16
-        self.autocast = torch.autocast("cuda", dtype=amp_dtype) if on_cuda and cfg.amp else None
-        self.scaler = torch.amp.GradScaler("cuda") if on_cuda and cfg.amp and amp_dtype == torch.float16 else None
+        amp_dtype = autocast_dtype(self.device, cfg.amp)
+        self.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else None
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
         self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
