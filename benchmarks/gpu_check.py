@@ -875,7 +875,9 @@ def train_figures(run_dir: Path, epochs: int) -> dict:
         raise StageError(f"non-finite losses: {', '.join(not_finite[:5])}", figures)
     if not math.isfinite(figures["mask_map50_95"]) or not all(r > 0 for r in rates):
         raise StageError("the last epoch has no mask mAP, or an epoch no images/s", figures)
-    if epochs > 1 and not figures["losses_last"]["train/mask"] < figures["losses_first"]["train/mask"]:
+    # Ten epochs on a GPU must lower the mask loss; a short CPU check of the stage itself (a few optimizer steps on a
+    # tiny set) need not, so there only finite losses and a last mAP are asked for.
+    if epochs >= 5 and not figures["losses_last"]["train/mask"] < figures["losses_first"]["train/mask"]:
         raise StageError("the mask loss did not fall from the first epoch to the last", figures)
     return figures
 
@@ -1130,6 +1132,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python benchmarks/gpu_check.py --help)")
 
 
+def builtin_dataset(name: str) -> bool:
+    """True for a dataset name pyseg.train resolves itself (shapes-seg.yaml, coco128-seg.yaml)."""
+    from pyseg.data.dataset_config import builtin_yaml
+
+    return builtin_yaml(name) is not None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -1175,6 +1184,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in args.stages if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown stage {', '.join(unknown)}: prepare, or one or more of {', '.join(STAGES)}")
+    repeated = sorted({s for s in args.stages if args.stages.count(s) > 1})
+    if repeated:
+        raise UsageError(f"stage {', '.join(repeated)} named twice: each stage runs once a call")
+    if args.data and not Path(args.data).exists() and not builtin_dataset(args.data):
+        raise UsageError(f"--data {args.data}: no such file or folder, and not a built-in dataset name")
+    runs = Path(args.runs).resolve()
+    if runs == device_dir() or device_dir() in runs.parents:
+        raise UsageError(f"--runs {args.runs}: inside {device_dir()}, which a device call carries (64 MiB at most)")
     args.tools = [t for t in args.tools.split(",") if t]
     if not args.tools or any(t not in SANITIZER_TOOLS for t in args.tools):
         raise UsageError(f"--tools: a comma-separated subset of {','.join(SANITIZER_TOOLS)}")

@@ -49,6 +49,12 @@ def test_an_argument_error_is_one_line_exit_2_and_a_json_for_each_stage_named(tm
         "no such coco128": (["bench", "--coco128", str(tmp_path / "nowhere")], "COCO128-Seg not found there"),
         "mistyped flag": (["train", "--epoch", "3"], "unrecognized arguments: --epoch"),
         "out is a file": (["train", "--out", str(a_file)], f"--out {a_file}: a file, not a folder"),
+        "stage twice": (["train", "bench", "train"], "stage train named twice"),
+        "no such data": (["train", "--data", str(tmp_path / "no.yaml")], "not a built-in dataset name"),
+        "runs carried": (
+            ["train", "--runs", str(tmp_path / "runs_carried" / "device" / "runs")],
+            "a device call carries",
+        ),
     }
     for name, (args, message) in cases.items():
         folder = tmp_path / name.replace(" ", "_")
@@ -167,13 +173,19 @@ def test_a_run_passes_only_when_complete_finite_and_learning(tmp_path):
     cases = {
         "short": ([epoch_row(1, 9.0), epoch_row(2, 7.0)], "holds 2 epochs, not 3"),
         "nan": ([epoch_row(1, 9.0), epoch_row(2, "nan"), epoch_row(3, 6.0)], "non-finite losses: train/mask epoch 2"),
-        "flat": ([epoch_row(1, 6.0), epoch_row(2, 7.0), epoch_row(3, 6.5)], "the mask loss did not fall"),
         "no map": ([epoch_row(1, 9.0), epoch_row(2, 7.0), epoch_row(3, 6.0, **{"mask/map": ""})], "no mask mAP"),
     }
     for name, (rows, message) in cases.items():
         write_run(tmp_path / name, rows)
         with pytest.raises(gpu_check.StageError, match=message):
             gpu_check.train_figures(tmp_path / name, 3)
+    # From 5 epochs on (the GPU stage runs 10) the mask loss must fall; a shorter CPU check of the stage need not.
+    flat = [epoch_row(e, loss) for e, loss in enumerate([6.0, 7.0, 6.5, 6.2, 6.1], 1)]
+    write_run(tmp_path / "flat", flat)
+    with pytest.raises(gpu_check.StageError, match="the mask loss did not fall"):
+        gpu_check.train_figures(tmp_path / "flat", 5)
+    write_run(tmp_path / "short flat", flat[:3])
+    assert gpu_check.train_figures(tmp_path / "short flat", 3)["losses_last"]["train/mask"] == 6.5
 
 
 def test_test_counts_come_from_the_junit_report(tmp_path):
