@@ -191,8 +191,7 @@ class SegLoss:
         target_boxes = assignment.boxes.flatten(0, 1)[fg]
         box = (complete_box_iou_loss(pred_boxes.flatten(0, 1)[fg], target_boxes, reduction="none") * weight).sum()
         box = box / score_sum
-        anchor_fg = anchor_points.repeat(batch_size, 1)[fg]
-        stride_fg = stride.repeat(batch_size, 1)[fg]
+        anchor_fg, stride_fg = anchor_points[fg % anchors], stride[fg % anchors]  # flat index -> its anchor
         target_ltrb = torch.cat(
             [anchor_fg - target_boxes[:, :2] / stride_fg, target_boxes[:, 2:] / stride_fg - anchor_fg], -1
         )
