@@ -39,7 +39,7 @@ def scale_depth(num_blocks: int, depth: float) -> int:
     return max(round(num_blocks * depth), 1)
 
 
-def _flatten_level(x: Tensor) -> Tensor:
+def flatten_level(x: Tensor) -> Tensor:
     """(B, C, h, w) -> (B, h * w, C), row-major over the cells (a view for channels_last input)."""
     return x.permute(0, 2, 3, 1).flatten(1, 2)
 
@@ -162,9 +162,9 @@ class SegHead(nn.Module):
         for x, box_branch, class_branch, mask_branch in zip(
             features, self.box_branches, self.class_branches, self.mask_branches, strict=True
         ):
-            boxes.append(_flatten_level(box_branch(x)))  # (B, h * w, 4 * reg_max)
-            classes.append(_flatten_level(class_branch(x)))  # (B, h * w, nc)
-            coeffs.append(_flatten_level(mask_branch(x)))  # (B, h * w, num_protos)
+            boxes.append(flatten_level(box_branch(x)))  # (B, h * w, 4 * reg_max)
+            classes.append(flatten_level(class_branch(x)))  # (B, h * w, nc)
+            coeffs.append(flatten_level(mask_branch(x)))  # (B, h * w, num_protos)
         return SegOutputs(
             box_distribution=torch.cat(boxes, dim=1),
             class_logits=torch.cat(classes, dim=1),
@@ -217,17 +217,23 @@ class SegModel(nn.Module):
         "module." (DDP) and "_orig_mod." (torch.compile) prefixes are ignored. Parameters of this model that
         the state dict lacks keep their values.
         """
-        own = self.state_dict()
-        matched: dict[str, Tensor] = {}
-        skipped: list[str] = []
-        for key, value in state_dict.items():
-            name = key.removeprefix("module.").removeprefix("_orig_mod.")
-            if name in own and own[name].shape == value.shape:
-                matched[name] = value
-            else:
-                skipped.append(key)
-        self.load_state_dict(matched, strict=False)
-        return skipped
+        return load_matching(self, state_dict)
+
+
+def load_matching(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Loads into model every tensor of state_dict whose name (less "module." / "_orig_mod.") and shape match;
+    returns the keys of the others."""
+    own = model.state_dict()
+    matched: dict[str, Tensor] = {}
+    skipped: list[str] = []
+    for key, value in state_dict.items():
+        name = key.removeprefix("module.").removeprefix("_orig_mod.")
+        if name in own and own[name].shape == value.shape:
+            matched[name] = value
+        else:
+            skipped.append(key)
+    model.load_state_dict(matched, strict=False)
+    return skipped
 
 
 def make_anchors(
@@ -265,13 +271,41 @@ def decode_boxes(box_distribution: Tensor, anchor_points: Tensor, reg_max: int) 
     return torch.cat((anchor_points - left_top, anchor_points + right_bottom), dim=-1)
 
 
-def build_model(model: str, nc: int) -> SegModel:
-    """A SegModel by name: 'pyseg-n' | 'pyseg-s' | 'pyseg-m' (or 'n' | 's' | 'm'), with nc classes."""
-    scale = model.strip().lower().removeprefix("pyseg-")
-    if scale not in MODEL_SCALES:
-        choices = ", ".join(f"pyseg-{name}" for name in MODEL_SCALES)
-        raise ValueError(f"unknown model {model!r}; choose one of {choices} (or {', '.join(MODEL_SCALES)})")
-    return SegModel(nc, scale=scale)
+PYSEG_MODEL_NAMES = tuple(f"pyseg-{scale}" for scale in MODEL_SCALES)
+
+
+def model_names() -> tuple[str, ...]:
+    """Every name build_model takes: pyseg-n/s/m, yolo11{n,s,m,l,x}-seg and yolov8{n,s,m,l,x}-seg."""
+    from pyseg.models.yolo import YOLO_MODEL_NAMES
+
+    return PYSEG_MODEL_NAMES + YOLO_MODEL_NAMES
+
+
+def canonical_model_name(model: str) -> str | None:
+    """The name build_model records for `model` ('n' -> 'pyseg-n', 'YOLO11n-seg.yaml' -> 'yolo11n-seg'), or None
+    when no model has that name."""
+    from pyseg.models.yolo import parse_yolo_name
+
+    name = model.strip().lower()
+    if name.removeprefix("pyseg-") in MODEL_SCALES:
+        return f"pyseg-{name.removeprefix('pyseg-')}"
+    parsed = parse_yolo_name(name)
+    return f"{parsed[0]}{parsed[1]}-seg" if parsed else None
+
+
+def build_model(model: str, nc: int) -> nn.Module:
+    """A model by name, with nc classes and random weights: 'pyseg-n' | 'pyseg-s' | 'pyseg-m' (or 'n' | 's' |
+    'm'), 'yolo11{n,s,m,l,x}-seg' or 'yolov8{n,s,m,l,x}-seg' (a '.yaml' suffix is allowed, as Ultralytics users
+    write it). Every model maps images (B, 3, H, W) to SegOutputs and has .strides, .reg_max and .nc."""
+    from pyseg.models.yolo import YoloSegModel, parse_yolo_name
+
+    name = canonical_model_name(model)
+    if name is None:
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(model_names())}")
+    if name.startswith("pyseg-"):
+        return SegModel(nc, scale=name.removeprefix("pyseg-"))
+    family, scale = parse_yolo_name(name)
+    return YoloSegModel(family, scale, nc)
 
 
 def model_info(model: nn.Module, imgsz: int = 640) -> dict:
