@@ -25,8 +25,8 @@ from pyseg.files import read_yaml_mapping
 class TrainConfig:
     # --- run
     data: str = "shapes-seg.yaml"  # dataset YAML, built-in name or dataset folder
-    model: str = "pyseg-n"  # pyseg-n | pyseg-s | pyseg-m
-    weights: str = ""  # a pyseg checkpoint to start from ("" = from scratch)
+    model: str = "pyseg-n"  # pyseg-n|s|m, yolo11n|s|m|l|x-seg, yolov8n|s|m|l|x-seg (--weights decides when given)
+    weights: str = ""  # a pyseg or Ultralytics checkpoint to start from ("" = from scratch)
     epochs: int = 100  # training epochs
     imgsz: int = 640  # square input size, pixels (multiple of 32)
     batch: int = 16  # images per batch, in total (split evenly over data-parallel workers)
@@ -129,6 +129,25 @@ def _at_least(low: float, *, strictly: bool = False):
     ), f"{'>' if strictly else '>='} {low}"
 
 
+PYSEG_SCALES = ("n", "s", "m")
+YOLO_SCALES = ("n", "s", "m", "l", "x")
+YOLO_FAMILIES = ("yolo11", "yolov8")
+MODEL_NAMES = tuple(f"pyseg-{s}" for s in PYSEG_SCALES) + tuple(
+    f"{family}{scale}-seg" for family in YOLO_FAMILIES for scale in YOLO_SCALES
+)
+_YOLO_NAME = re.compile(r"^(yolo11|yolov8)([nslmx])-seg(\.yaml)?$")
+
+
+def canonical_model_name(model: str) -> str | None:
+    """The name a model is recorded under ('n' -> 'pyseg-n', 'YOLO11n-seg.yaml' -> 'yolo11n-seg'), or None when
+    no model has that name."""
+    name = str(model).strip().lower()
+    if name.removeprefix("pyseg-") in PYSEG_SCALES:
+        return f"pyseg-{name.removeprefix('pyseg-')}"
+    match = _YOLO_NAME.match(name)
+    return f"{match.group(1)}{match.group(2)}-seg" if match else None
+
+
 def _single_path_component(value: str) -> bool:
     return value not in ("", ".", "..") and "/" not in value and "\\" not in value and value == value.strip()
 
@@ -140,7 +159,10 @@ def _multiple_of_stride(value: int) -> bool:
 _FRACTION = _between(0.0, 1.0)
 RULES: dict[str, tuple] = {
     "data": (lambda v: v.strip() != "", "a dataset YAML, a built-in name or a dataset folder"),
-    "model": (lambda v: v.removeprefix("pyseg-") in ("n", "s", "m"), "one of pyseg-n, pyseg-s, pyseg-m"),
+    "model": (
+        lambda v: canonical_model_name(v) is not None,
+        "one of pyseg-n, pyseg-s, pyseg-m, yolo11{n,s,m,l,x}-seg, yolov8{n,s,m,l,x}-seg",
+    ),
     "epochs": _at_least(1),
     "imgsz": (_multiple_of_stride, f"a multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640"),
     "batch": _at_least(1),

@@ -159,7 +159,11 @@ def check_source(source: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CommandParser("python -m pyseg.predict", __doc__)
-    parser.add_argument("--weights", required=True, help="a pyseg checkpoint (runs/NAME/weights/best.pt)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="a pyseg checkpoint (runs/NAME/weights/best.pt) or an Ultralytics YOLO11/YOLOv8-seg .pt",
+    )
     parser.add_argument("--source", required=True, help="an image, a folder of images or a video")
     parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")
     parser.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")

@@ -110,10 +110,10 @@ def tune_command(argv: list[str] | None) -> int:
 
     dataset = resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
     val_images = next((source for source in dataset.splits.get("val", []) if source.is_dir()), None)
-    if base.weights:  # a bad --weights too
-        from pyseg.engine.checkpoint import load_checkpoint
+    if base.weights:  # a bad --weights too (a pyseg or an Ultralytics checkpoint)
+        from pyseg.models.weights import load_weights
 
-        load_checkpoint(base.weights)
+        load_weights(base.weights)
     if base.device not in ("", "cpu") and not (args.address or os.environ.get("RAY_ADDRESS")):
         from pyseg.engine.device import select_device
 

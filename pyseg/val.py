@@ -22,16 +22,17 @@ from pyseg.files import atomic_write_text
 
 
 def load_model(weights: str | Path, device: torch.device):
-    """(model with the checkpoint's EMA weights, its TrainConfig, class names) from a pyseg checkpoint."""
-    from pyseg.engine.checkpoint import load_checkpoint
-    from pyseg.models import build_model
+    """(model with the checkpoint's EMA weights, its TrainConfig, class names) from a pyseg checkpoint or an
+    Ultralytics one (whose config is pyseg's defaults with its model and image size)."""
+    from pyseg.models.weights import build_from_weights, load_weights
 
-    state = load_checkpoint(weights)
-    cfg = make_config(state["config"])
-    names = list(state["names"])
-    model = build_model(state.get("model_name", cfg.model), len(names))
-    model.load_state_dict(state.get("ema") or state["model"])
-    return model.to(device).eval(), cfg, names
+    loaded = load_weights(weights)
+    if loaded.config is not None:
+        cfg = make_config(loaded.config)
+    else:
+        cfg = make_config({"model": loaded.model_name, **({"imgsz": loaded.imgsz} if loaded.imgsz else {})})
+    model, _ = build_from_weights(loaded)
+    return model.to(device).eval(), cfg, loaded.names
 
 
 def validate(
@@ -69,7 +70,10 @@ def validate(
     if split not in dataset_config.splits:
         raise ConfigError(f"--split {split}: {cfg.data} has no such split (it has {', '.join(dataset_config.splits)})")
     if dataset_config.nc != len(names):
-        raise ConfigError(f"{weights} was trained on {len(names)} classes but {cfg.data} has {dataset_config.nc}")
+        raise ConfigError(
+            f"{weights} has {len(names)} classes but {cfg.data} has {dataset_config.nc}: pass the --data it was "
+            "trained on"
+        )
     labels = load_split(dataset_config.splits[split], len(names), split)
     print(labels.summary())
     problems = report_problems([labels], problems_file)
@@ -130,7 +134,11 @@ def output_folder(folder: Path, flags: str):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = CommandParser("python -m pyseg.val", __doc__)
-    parser.add_argument("--weights", required=True, help="a pyseg checkpoint (runs/NAME/weights/best.pt)")
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="a pyseg checkpoint (runs/NAME/weights/best.pt) or an Ultralytics YOLO11/YOLOv8-seg .pt",
+    )
     parser.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--imgsz", type=int, default=None)

@@ -53,6 +53,13 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - truncated, not a zip, not torch, unsafe pickle: one answer
+        from pyseg.models.ultralytics_import import is_ultralytics_file
+
+        if is_ultralytics_file(path):
+            raise CheckpointError(
+                f"{path} is an Ultralytics checkpoint, not a pyseg one: start from it with --weights {path} "
+                "(--resume continues only the last.pt of a pyseg run)"
+            ) from error
         raise CheckpointError(
             f"{path} is not a readable pyseg checkpoint ({_load_problem(path, error)}): use "
             "runs/NAME/weights/best.pt or last.pt"

@@ -53,8 +53,15 @@ def detect(
     return results
 
 
+# Detections crop their masks as Ultralytics does: pixel i (covering [i, i + 1) in input pixels) is kept when
+# x1 <= i < x2, which is assemble_masks' pixel-centre rule (x1 <= i + 0.5 < x2) on the box shifted by half a pixel.
+# An imported YOLO model thus gives the masks it gives in Ultralytics (tests/test_ultralytics_import.py).
+CROP_SHIFT_PX = 0.5
+
+
 def masks_in_input(protos: Tensor, detections: list[Detections], input_size: tuple[int, int]) -> list[Tensor]:
-    """Binary masks (n, H, W) bool at the input size for each image's detections (one assemble_masks call)."""
+    """Binary masks (n, H, W) bool at the input size for each image's detections (one assemble_masks call), each
+    cropped to its box by Ultralytics' rule (CROP_SHIFT_PX)."""
     _, _, proto_h, proto_w = protos.shape
     height, width = input_size
     counts = [d.boxes.shape[0] for d in detections]
@@ -65,7 +72,7 @@ def masks_in_input(protos: Tensor, detections: list[Detections], input_size: tup
         torch.arange(len(detections), device=protos.device), torch.tensor(counts, device=protos.device)
     )
     scale = torch.tensor([proto_w / width, proto_h / height] * 2, device=protos.device)
-    boxes = torch.cat([d.boxes for d in detections]).float() * scale
+    boxes = (torch.cat([d.boxes for d in detections]).float() + CROP_SHIFT_PX) * scale
     masks = assemble_masks(protos, coeffs, image_index, boxes, (height, width), 0.5)
     return list(masks.split(counts))
 

@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from pyseg.config import TrainConfig, make_config
+from pyseg.config import TrainConfig, canonical_model_name, make_config
 from pyseg.data.dataset import SegDataset
 from pyseg.data.dataset_config import DatasetConfig, resolve_dataset
 from pyseg.data.labels import SplitLabels, load_split, report_problems
@@ -540,19 +540,24 @@ class Trainer:
             self.evaluator = CocoEvaluator(self.val_split.images, list(names))
 
     def build_model(self) -> None:
-        """The model (from cfg.weights when given), channels_last, SyncBatchNorm, the loss."""
+        """The model (from cfg.weights when given: a pyseg or Ultralytics checkpoint, whose architecture wins over
+        cfg.model), channels_last, SyncBatchNorm, the loss."""
         from pyseg.models import build_model, model_info
+        from pyseg.models.weights import build_from_weights, load_weights
 
         cfg, names = self.cfg, self.dataset_config.names
-        self.model = build_model(cfg.model, len(names)).to(self.device)
         if cfg.weights and not cfg.resume:
-            state = load_checkpoint(cfg.weights)
-            skipped = self.model.load_state_dict_partial(state.get("ema") or state["model"])
+            weights = load_weights(cfg.weights)
+            if canonical_model_name(cfg.model) != weights.model_name:
+                if self.is_main and cfg.model != TrainConfig.model:
+                    print(f"--model {cfg.model}: the weights are {weights.model_name}; training {weights.model_name}")
+                self.cfg = cfg = cfg.updated(model=weights.model_name)
+            self.model, loaded = build_from_weights(weights, len(names))
+            self.model = self.model.to(self.device)
             if self.is_main:
-                print(
-                    f"weights {cfg.weights}: loaded"
-                    + (f", skipped {len(skipped)} tensors of other shapes" if skipped else "")
-                )
+                print(loaded)
+        else:
+            self.model = build_model(cfg.model, len(names)).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.world_size > 1:

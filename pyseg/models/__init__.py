@@ -1,4 +1,5 @@
-"""pyseg models: building blocks, the SegModel family (pyseg-n/s/m), anchors and box decoding."""
+"""pyseg models: building blocks, the SegModel family (pyseg-n/s/m), the YOLO11-seg and YOLOv8-seg families,
+anchors and box decoding. Checkpoints of other programs are read by pyseg.models.weights."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pyseg.models.seg_model import (
     make_anchors,
     model_info,
 )
+from pyseg.models.yolo import FAMILIES, YoloSegModel
 
 __all__ = [
     "DFL",
+    "FAMILIES",
     "MODEL_SCALES",
     "SPPF",
     "Bottleneck",
@@ -22,6 +25,7 @@ __all__ = [
     "Conv",
     "SegModel",
     "SegOutputs",
+    "YoloSegModel",
     "build_model",
     "decode_boxes",
     "expected_distances",

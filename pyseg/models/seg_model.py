@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from pyseg.config import MODEL_NAMES, canonical_model_name
 from pyseg.models.blocks import SPPF, Conv, CSPBlock, expected_distances
 
 # name -> (depth multiple, width multiple, max channels before the width multiple)
@@ -271,40 +272,18 @@ def decode_boxes(box_distribution: Tensor, anchor_points: Tensor, reg_max: int) 
     return torch.cat((anchor_points - left_top, anchor_points + right_bottom), dim=-1)
 
 
-PYSEG_MODEL_NAMES = tuple(f"pyseg-{scale}" for scale in MODEL_SCALES)
-
-
-def model_names() -> tuple[str, ...]:
-    """Every name build_model takes: pyseg-n/s/m, yolo11{n,s,m,l,x}-seg and yolov8{n,s,m,l,x}-seg."""
-    from pyseg.models.yolo import YOLO_MODEL_NAMES
-
-    return PYSEG_MODEL_NAMES + YOLO_MODEL_NAMES
-
-
-def canonical_model_name(model: str) -> str | None:
-    """The name build_model records for `model` ('n' -> 'pyseg-n', 'YOLO11n-seg.yaml' -> 'yolo11n-seg'), or None
-    when no model has that name."""
-    from pyseg.models.yolo import parse_yolo_name
-
-    name = model.strip().lower()
-    if name.removeprefix("pyseg-") in MODEL_SCALES:
-        return f"pyseg-{name.removeprefix('pyseg-')}"
-    parsed = parse_yolo_name(name)
-    return f"{parsed[0]}{parsed[1]}-seg" if parsed else None
-
-
 def build_model(model: str, nc: int) -> nn.Module:
     """A model by name, with nc classes and random weights: 'pyseg-n' | 'pyseg-s' | 'pyseg-m' (or 'n' | 's' |
     'm'), 'yolo11{n,s,m,l,x}-seg' or 'yolov8{n,s,m,l,x}-seg' (a '.yaml' suffix is allowed, as Ultralytics users
     write it). Every model maps images (B, 3, H, W) to SegOutputs and has .strides, .reg_max and .nc."""
-    from pyseg.models.yolo import YoloSegModel, parse_yolo_name
+    from pyseg.models.yolo import YoloSegModel
 
     name = canonical_model_name(model)
     if name is None:
-        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(model_names())}")
+        raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODEL_NAMES)}")
     if name.startswith("pyseg-"):
         return SegModel(nc, scale=name.removeprefix("pyseg-"))
-    family, scale = parse_yolo_name(name)
+    family, scale = name[:-5], name[-5]  # "yolo11n-seg" -> "yolo11", "n"
     return YoloSegModel(family, scale, nc)
 
 

@@ -10,7 +10,6 @@ Shapes follow pyseg.models.seg_model: B images of H x W pixels (multiples of 32)
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,14 +114,6 @@ YOLOV8_SEG = Family(
 )
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (YOLO11_SEG, YOLOV8_SEG)}
-YOLO_MODEL_NAMES = tuple(f"{family}{scale}-seg" for family in FAMILIES for scale in FAMILIES[family].scales)
-_NAME_PATTERN = re.compile(r"^(yolo11|yolov8)([nslmx])-seg(\.yaml)?$")
-
-
-def parse_yolo_name(name: str) -> tuple[str, str] | None:
-    """(family, scale) of 'yolo11n-seg' (or 'yolo11n-seg.yaml', any case), None for any other name."""
-    match = _NAME_PATTERN.match(name.strip().lower())
-    return (match.group(1), match.group(2)) if match else None
 
 
 class YoloSegmentHead(nn.Module):
