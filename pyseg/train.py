@@ -109,6 +109,7 @@ def train_command(argv: list[str] | None) -> int:
             f"--ray-workers {args.ray_workers}: Ray is not installed in this environment; `pip install 'ray[train]'`, "
             "or leave out --ray-workers to train in this process"
         )
+    check_checkpoint_flags(args)
     cfg = config_from_args(args)
     ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
     if cfg.resume and (ignored or args.cfg):
@@ -167,6 +168,25 @@ def train_command(argv: list[str] | None) -> int:
         return 130
     print(f"results in {run_dir}")
     return 0
+
+
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """--weights read in full and --resume FILE told from an Ultralytics checkpoint, before any data is read: a bad
+    file is one line naming it, not a failure after the dataset was loaded (or on every Ray worker)."""
+    resume = args.resume if isinstance(args.resume, str) else None
+    if resume and Path(resume).expanduser().is_file():
+        from pyseg.models.ultralytics_import import is_ultralytics_file
+
+        if is_ultralytics_file(Path(resume).expanduser()):
+            raise ConfigError(
+                f"--resume {resume} is an Ultralytics checkpoint, not the last.pt of a pyseg run: start from it with "
+                f"--weights {resume}"
+            )
+    resuming = args.resume not in (None, False) and str(args.resume).strip().lower() not in ("0", "false", "no", "off")
+    if args.weights and not resuming:  # (a resumed run takes its weights from its own last.pt)
+        from pyseg.models.weights import load_weights
+
+        load_weights(args.weights)
 
 
 def ray_installed() -> bool:

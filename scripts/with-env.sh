@@ -3,7 +3,8 @@
 #
 #   scripts/with-env.sh python -m pytest
 #
-# The environment lives outside the checkout, keyed by requirements.txt and the Python version, and
+# The environment lives outside the checkout, keyed by requirements.txt, requirements-peer.txt (Ultralytics, for the
+# tests and benchmarks only) and the Python version, and
 # is reused across runs: $PYSEG_VENV, default ~/.cache/pyseg/venv-<key>. The extension is (re)built
 # with `pip install --no-build-isolation -e .` each time (ccache makes unchanged sources cheap).
 # Build flags pass through: FORCE_CUDA=1, FORCE_CPU=1, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
@@ -12,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
 cache="${PYSEG_CACHE_DIR:-$HOME/.cache/pyseg}"
-key="$({ cat "$root/requirements.txt"; "$python" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-16)"
+key="$({ cat "$root/requirements.txt" "$root/requirements-peer.txt"; "$python" -c 'import sys; print(sys.version_info[:2])'; } | sha256sum | cut -c1-16)"
 venv="${PYSEG_VENV:-$cache/venv-$key}"
 
 if [ ! -f "$venv/.pyseg-complete" ]; then
@@ -22,6 +23,14 @@ if [ ! -f "$venv/.pyseg-complete" ]; then
   # (pip's notes about package-index folders of this machine that do not exist are dropped)
   "$venv/bin/pip" install --quiet --upgrade pip setuptools wheel 2> >(grep -v "is ignored: it is neither" >&2)
   "$venv/bin/pip" install --quiet -r "$root/requirements.txt" 2> >(grep -v "is ignored: it is neither" >&2)
+  # the test-only peer (requirements-peer.txt): Ultralytics without the dependencies it declares, then the ones it
+  # needs (see that file)
+  peer="$(mktemp)"
+  grep -E '^ultralytics==' "$root/requirements-peer.txt" >"$peer"
+  "$venv/bin/pip" install --quiet --no-deps -r "$peer" 2> >(grep -v "is ignored: it is neither" >&2)
+  grep -vE '^ultralytics==' "$root/requirements-peer.txt" >"$peer"
+  "$venv/bin/pip" install --quiet -r "$peer" 2> >(grep -v "is ignored: it is neither" >&2)
+  rm -f "$peer"
   touch "$venv/.pyseg-complete"
 fi
 export PATH="$venv/bin:$PATH"

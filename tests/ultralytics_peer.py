@@ -40,7 +40,7 @@ def save_ultralytics_checkpoint(model_name: str, path: Path, nc: int | None = No
 
     torch.manual_seed(seed)
     yolo = YOLO(f"{model_name}.yaml")
-    if nc is not None and nc != yolo.model.nc:
+    if nc is not None:
         from ultralytics.nn.tasks import SegmentationModel
 
         yolo.model = SegmentationModel(f"{model_name}.yaml", nc=nc, verbose=False)
