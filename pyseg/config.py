@@ -148,8 +148,17 @@ def canonical_model_name(model: str) -> str | None:
     return f"{match.group(1)}{match.group(2)}-seg" if match else None
 
 
+MAX_NAME_BYTES = 128  # run names become folder names (with suffixes: name2, trial ids) and MLflow run names
+
+
 def _single_path_component(value: str) -> bool:
-    return value not in ("", ".", "..") and "/" not in value and "\\" not in value and value == value.strip()
+    return (
+        value not in ("", ".", "..")
+        and "/" not in value
+        and "\\" not in value
+        and value == value.strip()
+        and len(value.encode("utf-8", "replace")) <= MAX_NAME_BYTES
+    )
 
 
 def _multiple_of_stride(value: int) -> bool:
@@ -169,7 +178,11 @@ RULES: dict[str, tuple] = {
     "device": (DEVICE_PATTERN.match, "cpu, cuda, cuda:N, a GPU index N, or empty for cuda when available"),
     "workers": _at_least(0),
     "project": (lambda v: v.strip() != "", "a folder"),
-    "name": (_single_path_component, "a single folder name (no '/', not '.' or '..'); use --project for the parent"),
+    "name": (
+        _single_path_component,
+        f"a single folder name of at most {MAX_NAME_BYTES} bytes (no '/', not '.' or '..'); use --project for the "
+        "parent",
+    ),
     "seed": _between(0, 2**32 - 1),
     "patience": _at_least(0),
     "val_period": _at_least(1),
@@ -227,6 +240,8 @@ def check_config(cfg: TrainConfig) -> None:
             kind is float and isinstance(value, int) and not isinstance(value, bool)
         ):
             raise ConfigError(f"{flag(field.name)} must be a {kind.__name__}, got {value!r}")
+        if isinstance(value, str) and "\0" in value:  # a NUL byte ends a path for the OS: no file can be named so
+            raise ConfigError(f"{flag(field.name)} must not contain a NUL character, got {value!r}")
         if field.name in RULES:
             check_value(field.name, value)
 
@@ -338,11 +353,17 @@ def resume_target(value: str | bool | None) -> tuple[bool, Path | None]:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The config of --cfg (if given) with the flags given on the command line on top; --resume PATH is turned
-    into --resume with the --project/--name of that checkpoint's run folder (args.resume_from keeps the file)."""
+    into --resume with the --project/--name of that checkpoint's run folder (args.resume_from keeps the file). A
+    checkpoint outside its run folder (no NAME/weights/ with NAME/args.yaml) sets args.resume_elsewhere: the run
+    continues in a new folder under --project, never beside the file."""
     args.resume, args.resume_from = resume_target(args.resume)
+    args.resume_elsewhere = False
     if args.resume_from is not None:
         run_dir = args.resume_from.resolve().parent.parent
-        args.project, args.name = str(run_dir.parent), run_dir.name
+        if args.resume_from.resolve().parent.name == "weights" and (run_dir / "args.yaml").is_file():
+            args.project, args.name = str(run_dir.parent), run_dir.name
+        else:  # not inside its run folder (NAME/weights/last.pt beside NAME/args.yaml): a new run folder continues it
+            args.resume_elsewhere = True
     values = load_config_file(args.cfg) if args.cfg else {}
     # commands, not settings: a saved args.yaml of a resumed run (resume, exist_ok true) starts a new run
     values.pop("resume", None)

@@ -4,6 +4,7 @@ one) and YAML mappings read with an error that names the file."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import tempfile
@@ -21,16 +22,63 @@ TEMP_PREFIX = "."  # temporaries are hidden files: .NAME.<random>
 TEMP_MARKER = ".pyseg-tmp"  # ... ending in this, so that stale ones can be told from the user's files
 
 
+class WriteError(UserError, OSError):
+    """A file pyseg could not write because of the machine (a full disk, a read-only or foreign folder); the
+    file at that path, if any, is unchanged."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # picklable: a Ray worker's error reaches the driver
+        return type(self), (self.errno, self.message)
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
     """Calls write(file) on a temporary beside path, then renames it over path.
 
     durable: fsync the file and its folder, so that the rename survives a power cut (checkpoints, results).
     A killed process leaves at most a `.NAME.*.pyseg-tmp` file, which `remove_stale_temporaries` clears.
+    Raises WriteError (one line: the file, the reason, what to do) when the machine refuses the write: a full
+    disk, a folder that is not writable; path then keeps its previous version.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with interrupts_deferred():  # Ctrl-C inside torch.save's writer became a RuntimeError (and a traceback)
-        _write_and_replace(path, write, durable)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with interrupts_deferred():  # Ctrl-C inside torch.save's writer became a RuntimeError (and a traceback)
+            _write_and_replace(path, write, durable)
+    except Exception as error:
+        cause = _os_error_in(error)
+        if cause is None or cause.errno not in _MACHINE_ERRORS:
+            raise
+        raise WriteError(cause.errno, f"cannot write {path}: {_MACHINE_ERRORS[cause.errno]}") from error
+
+
+_MACHINE_ERRORS = {  # errno -> what it means and what to do
+    errno.ENOSPC: "no space left on device (the disk is full); the file keeps its previous version: free space, "
+    "then continue (train: --resume)",
+    errno.EDQUOT: "disk quota exceeded; the file keeps its previous version: free space, then continue (train: "
+    "--resume)",
+    errno.EACCES: "permission denied; pick a writable --project (or --out), or fix the folder's permissions",
+    errno.EPERM: "operation not permitted; pick a writable --project (or --out), or fix the folder's permissions",
+    errno.EROFS: "read-only file system; pick a writable --project (or --out)",
+    errno.ENAMETOOLONG: "file name too long; pick a shorter --name or --project",
+}
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError an exception is or was raised from (torch's writer turns a full disk into a RuntimeError
+    whose context is the OSError), or None."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
 
 
 def _write_and_replace(path: Path, write: Callable[[BinaryIO], None], durable: bool) -> None:

@@ -111,6 +111,8 @@ def train_command(argv: list[str] | None) -> int:
         )
     check_checkpoint_flags(args)
     cfg = config_from_args(args)
+    if args.resume_elsewhere:
+        cfg = continue_elsewhere(cfg, args)
     ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
     if cfg.resume and (ignored or args.cfg):
         print(
@@ -187,6 +189,24 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
         from pyseg.models.weights import load_weights
 
         load_weights(args.weights)
+
+
+def continue_elsewhere(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """The config that continues a --resume FILE which is not inside its run folder: a new run folder under
+    --project (--name, or train, train2, ...), said on the console; never the folder the file lies in."""
+    from pyseg.engine.trainer import unique_run_dir
+
+    if args.ray_workers:
+        raise ConfigError(
+            f"--resume {args.resume_from}: with --ray-workers, give the last.pt inside its run folder "
+            "(NAME/weights/last.pt beside NAME/args.yaml), or continue it in this process (leave out --ray-workers)"
+        )
+    run_dir = unique_run_dir(cfg.project, cfg.name, False)
+    print(
+        f"pyseg.train: {args.resume_from} is not inside its run folder (NAME/weights/last.pt beside NAME/args.yaml): "
+        f"continuing it in a new run folder, {run_dir}"
+    )
+    return cfg.updated(name=run_dir.name)
 
 
 def ray_installed() -> bool:

@@ -578,3 +578,30 @@ def _restore_env(saved: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str, read_only: bool = False):
+    """A private tmpfs of `size` (e.g. "60m"), read-only when asked, mounted on a fresh folder and removed after;
+    skips the test where mounting is not allowed (not root, no CAP_SYS_ADMIN). A full disk and a read-only one are
+    real there (root ignores permission bits, so a chmod folder proves nothing)."""
+    import subprocess
+
+    folder = Path(tempfile.mkdtemp(prefix="pyseg-fs-"))
+    options = f"size={size},mode=0777" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:120]})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+        folder.rmdir()
+
+
+def remount_read_only(folder: Path) -> None:
+    """Makes a small_filesystem read-only from now on (its files stay)."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)

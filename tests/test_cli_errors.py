@@ -74,6 +74,8 @@ def bad_files(tmp_path_factory, tiny_data):
     torch.save(state, files["run_folder"] / "weights" / "best.pt")
     files["truncated"] = root / "truncated.pt"
     files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
+    files["nul_cfg"] = root / "nul.yaml"
+    files["nul_cfg"].write_text('name: "a\\0b"\n')  # YAML's escape: a NUL character inside the name
     files["no_images"] = root / "notes"
     files["no_images"].mkdir()
     (files["no_images"] / "readme.txt").write_text("no images here\n")
@@ -130,6 +132,13 @@ CASES = {
     "train --weights foreign": ("train", lambda f: train_flags(f, "--weights", str(f["foreign"])), "foreign.pt"),
     "train --weights truncated": ("train", lambda f: train_flags(f, "--weights", str(f["truncated"])), "truncated.pt"),
     "train --resume missing.pt": ("train", lambda f: train_flags(f, "--resume", str(f["root"] / "x.pt")), "x.pt"),
+    "train --name of 300 characters": ("train", lambda f: train_flags(f, "--name", "n" * 300), "at most 128 bytes"),
+    "train --cfg with a NUL in name": ("train", lambda f: train_flags(f, "--cfg", str(f["nul_cfg"])), "NUL"),
+    "train --resume a checkpoint without ema or optimizer": (
+        "train",
+        lambda f: train_flags(f, "--resume", str(f["checkpoint"])),
+        "not the training state a run continues from (no ema, ema_updates, optimizer",
+    ),
     "train --resume nothing": ("train", lambda f: train_flags(f, "--resume", "--name", "never"), "never"),
     "train --ray-workers 1, missing --data": (
         "train",
@@ -145,7 +154,11 @@ CASES = {
     ),
     "val --weights missing": ("val", lambda f: ["--weights", str(f["root"] / "none.pt")], "none.pt"),
     "val --weights foreign": ("val", lambda f: ["--weights", str(f["foreign"])], "foreign.pt"),
-    "val --weights text": ("val", lambda f: ["--weights", str(f["not_torch"])], "notes.pt is not a readable pyseg"),
+    "val --weights text": (
+        "val",
+        lambda f: ["--weights", str(f["not_torch"])],
+        "notes.pt is not a pyseg checkpoint: not a file torch.save wrote",
+    ),
     "val --weights a run folder": ("val", lambda f: ["--weights", str(f["run_folder"])], "did you mean"),
     "val --split nope": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--split", "nope"], "nope"),
     "val --name ../x": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--name", "../x"], "--name"),
@@ -268,3 +281,73 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_code_130(capsys):
     assert run_command("pyseg.val", interrupted, []) == 130
     err = capsys.readouterr().err
     assert err.strip() == "pyseg.val: interrupted" and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ the machine's faults: read-only and full disks
+
+
+def messy_copy(tiny_data, root):
+    """tiny_data copied under root with one bad label row (so that train has data problems to write)."""
+    shutil.copytree(tiny_data.parent / "shapes", root / "shapes")
+    (root / "shapes.yaml").write_text(tiny_data.read_text())
+    label = sorted((root / "shapes" / "labels" / "train").glob("*.txt"))[0]
+    label.write_text(label.read_text() + "0 nan 0.5 0.6 0.5 0.6 0.7\n")
+    return root / "shapes.yaml"
+
+
+def tiny_train(data, project, *extra) -> list[str]:
+    return [
+        *("--data", str(data), "--imgsz", "64", "--batch", "4", "--epochs", "1", "--workers", "0", "--device", "cpu"),
+        *("--threads", "1", "--project", str(project), "--no-mlflow", *extra),
+    ]
+
+
+def test_a_read_only_project_is_one_line_even_with_data_problems(tiny_data, tmp_path, capsys, monkeypatch):
+    """data_problems.txt was written before the project's writability was checked: a traceback (exit 1)."""
+    from conftest import small_filesystem
+
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+    data = messy_copy(tiny_data, tmp_path / "data")
+    with small_filesystem("1m", read_only=True) as project:
+        code = run_main("train", tiny_train(data, project))
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "read-only file system; pick a writable --project" in err and str(project) in err
+
+
+def test_resume_in_a_read_only_project_is_one_line(tiny_data, tmp_path, capsys, monkeypatch):
+    from conftest import remount_read_only, small_filesystem
+
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+    with small_filesystem("200m") as project:
+        assert run_main("train", tiny_train(tiny_data, project, "--name", "ro", "--epochs", "2")) == 0
+        checkpoint = torch.load(project / "ro" / "weights" / "last.pt", weights_only=True)
+        checkpoint["epoch"] = 0  # as if interrupted after epoch 1 of 2
+        torch.save(checkpoint, project / "ro" / "weights" / "last.pt")
+        capsys.readouterr()
+        remount_read_only(project)
+        code = run_main("train", ["--resume", "--name", "ro", "--project", str(project), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "read-only file system" in err
+
+
+def test_a_full_disk_stops_training_in_one_line_and_keeps_last_pt(tiny_data, tmp_path, capsys, monkeypatch):
+    """A project on a disk with room for the first epoch's checkpoints only: train stops with one line saying the
+    disk is full, exit 2, and weights/last.pt is the complete file of the last epoch that fit."""
+    from conftest import small_filesystem
+
+    monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
+    assert run_main("train", tiny_train(tiny_data, tmp_path / "probe", "--name", "probe")) == 0
+    size = (tmp_path / "probe" / "probe" / "weights" / "last.pt").stat().st_size
+    capsys.readouterr()
+    # last.pt + best.pt of epoch 1 and a little more: the first write of epoch 2 (a temporary beside last.pt) fails
+    with small_filesystem(f"{int(size * 2.5 / 2**20) + 1}m") as project:
+        code = run_main("train", tiny_train(tiny_data, project, "--name", "full", "--epochs", "3"))
+        err = capsys.readouterr().err
+        last = project / "full" / "weights" / "last.pt"
+        state = torch.load(last, weights_only=True)
+        leftovers = [p.name for p in last.parent.iterdir() if p.name.startswith(".")]
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "no space left on device (the disk is full)" in err and "--resume" in err
+    assert state["epoch"] >= 0 and not leftovers

@@ -235,6 +235,30 @@ def test_broken_files_are_skipped_or_read_as_far_as_they_go_each_named(tmp_path)
     assert dataset.load(cut_item)[0].shape == (32, 64, 3)  # read at 1/2 size (128 wide for 64), as far as it goes
 
 
+def test_a_fifo_among_the_images_is_named_and_skipped_not_waited_on(tmp_path):
+    """A FIFO named f.jpg: reading it would block forever (no writer). Only regular files are read."""
+    import os
+    import threading
+
+    dataset_with(tmp_path / "d", {"good.png": _write_pil(halves())})
+    images = tmp_path / "d" / "images"
+    os.mkfifo(images / "f.jpg")
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(split=load_split([images], 1, "train")), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    if worker.is_alive():  # unblock the reader so that the test process can end
+        with open(images / "f.jpg", "wb"):
+            pass
+        pytest.fail("load_split waited on the FIFO")
+    split = result["split"]
+    problems = {Path(p.file).name: p for p in split.problems}
+    assert "not a regular file" in problems["f.jpg"].message and problems["f.jpg"].action == "image skipped"
+    assert [Path(item.image).name for item in split.images] == ["good.png"]
+    with pytest.raises(ImageReadError, match="f.jpg: not a regular file"):
+        read_image(images / "f.jpg")
+
+
 def test_read_image_names_the_file_it_cannot_read(tmp_path):
     (tmp_path / "broken.jpg").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")

@@ -193,6 +193,41 @@ def test_missing_labels_folder_makes_backgrounds(tmp_path):
     assert split.num_backgrounds == 2 and split.num_instances == 0
 
 
+def folder_dataset(root: Path, labels: dict[str, bytes]) -> Path:
+    """A bare dataset folder (no YAML): images/train/<name>.jpg with label files of the given bytes."""
+    make_dataset(root, {name: None for name in labels})
+    (root / "data.yaml").unlink()
+    for name, content in labels.items():
+        label = root / "labels" / "train" / f"{name}.txt"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_bytes(content)
+    return root
+
+
+def test_a_label_file_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    row = "1 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    root = folder_dataset(tmp_path / "d", {"a": b"\xef\xbb\xbf" + (row * 2).encode()})
+    config = resolve_dataset(root)
+    assert config.nc == 2  # the class of the first row counts
+    split = load_split(config.splits["train"], config.nc, "train")
+    assert split.num_instances == 2 and not split.problems
+
+
+def test_a_folder_datasets_class_ids_are_ascii_digits_and_sparse_ids_are_named(tmp_path, capsys):
+    """A row starting with '²' ('²'.isdigit() is True, int('²') fails) is a bad row, not a traceback; ids 0 and 99
+    imply 100 classes of which 2 are used: said, with the file and line."""
+    row = " 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    labels = {"a": ("²" + row + "0" + row).encode(), "b": ("0" + row + "99" + row).encode()}
+    root = folder_dataset(tmp_path / "d", labels)
+    config = resolve_dataset(root)
+    assert config.nc == 100
+    warning = capsys.readouterr().err
+    assert "uses 2 of the 100 class ids" in warning or "use 2 of the 100 class ids" in warning
+    assert f"{root / 'labels' / 'train' / 'b.txt'}:2" in warning and "names:" in warning
+    split = load_split(config.splits["train"], config.nc, "train")
+    assert split.dropped_rows == 1 and any("a.txt" in p.file and p.line == 1 for p in split.problems)
+
+
 def test_split_without_usable_images_says_why(tmp_path):
     yaml_path = make_dataset(tmp_path / "d", {})
     (tmp_path / "d" / "images" / "train").mkdir(parents=True)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pyseg.errors import ConfigError
-from pyseg.files import TEMP_MARKER, atomic_write_text, read_yaml_mapping, remove_stale_temporaries
+from pyseg.files import TEMP_MARKER, WriteError, atomic_write_text, read_yaml_mapping, remove_stale_temporaries
 
 
 def test_an_atomic_write_has_the_mode_of_an_ordinary_file(tmp_path):
@@ -67,3 +67,31 @@ def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(tmp_path):
         signal.signal(signal.SIGINT, previous)
     assert torch.equal(torch.load(path)["weights"], state["weights"])
     assert not list(tmp_path.glob(f"*{TEMP_MARKER}"))
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_old_file_stays(tmp_path):
+    """torch.save on a full disk raises a RuntimeError whose context is ENOSPC: pyseg says the disk is full, names
+    the file, and the checkpoint there keeps its previous, loadable version."""
+    import torch
+    from conftest import small_filesystem
+
+    from pyseg.engine.checkpoint import save_checkpoint
+
+    with small_filesystem("6m") as disk:
+        path = disk / "weights" / "last.pt"
+        save_checkpoint(path, {"w": torch.ones(1_000_000)})  # 4 MB of 6
+        with pytest.raises(WriteError) as error:
+            save_checkpoint(path, {"w": torch.full((1_000_000,), 2.0)})
+        message = str(error.value)
+        assert message.startswith(f"cannot write {path}: no space left on device (the disk is full)")
+        assert "\n" not in message and "--resume" in message
+        assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(1_000_000))
+        assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left
+
+
+def test_a_read_only_folder_is_one_line_naming_the_file(tmp_path):
+    from conftest import small_filesystem
+
+    with small_filesystem("1m", read_only=True) as disk:
+        with pytest.raises(WriteError, match=r"cannot write .*results.csv: read-only file system; pick a writable"):
+            atomic_write_text(disk / "run" / "results.csv", "epoch\n")

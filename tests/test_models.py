@@ -156,3 +156,36 @@ def test_traces_without_graph_breaks():
         out, reference = compiled(images), model(images)
     torch.testing.assert_close(out.class_logits, reference.class_logits)
     assert out.feature_shapes == [(8, 8), (4, 4), (2, 2)]
+
+
+def test_every_model_name_builds_and_is_selectable_in_configs_and_search_spaces(tmp_path):
+    from pyseg.config import MODEL_NAMES, make_config
+    from pyseg.errors import ConfigError
+    from pyseg.tuning import SearchSpaceError, load_search_space
+
+    assert len(MODEL_NAMES) == 13 and {"yolo11x-seg", "yolov8m-seg", "pyseg-s"} <= set(MODEL_NAMES)
+    assert type(build_model("yolo11n-seg.yaml", 2)).__name__ == "YoloSegModel"  # Ultralytics users' spelling
+    assert make_config({"model": "YOLOv8s-seg"}).model == "YOLOv8s-seg"
+    with pytest.raises(ConfigError, match="yolo11"):
+        make_config({"model": "yolo12n-seg"})
+    space = tmp_path / "space.yaml"
+    space.write_text("model: {choice: [pyseg-n, yolo11n-seg, yolov8n-seg]}\n")
+    assert load_search_space(space)["model"] == ("choice", ["pyseg-n", "yolo11n-seg", "yolov8n-seg"])
+    space.write_text("model: {choice: [pyseg-n, yolo11q-seg]}\n")
+    with pytest.raises(SearchSpaceError, match="yolo11q-seg"):
+        load_search_space(space)
+
+
+@pytest.mark.parametrize("name", ["yolo11n-seg", "yolov8n-seg"])
+def test_yolo_models_give_seg_outputs_with_gradients(name):
+    """The YOLO families give the same SegOutputs as pyseg-n, so pyseg's loss, NMS and masks apply (a training run
+    from an imported checkpoint: test_seed_recipe.py)."""
+    torch.manual_seed(0)
+    model = build_model(name, 3)
+    out = model(torch.rand(2, 3, 64, 96))
+    assert out.box_distribution.shape == (2, 8 * 12 + 4 * 6 + 2 * 3, 64)
+    assert out.class_logits.shape[-1] == 3 and out.mask_coeffs.shape[-1] == 32
+    assert out.protos.shape == (2, 32, 16, 24)
+    assert model.strides == (8, 16, 32) and model.reg_max == 16
+    out.class_logits.sum().backward()
+    assert all(p.grad is not None for p in model.head.class_branches.parameters())

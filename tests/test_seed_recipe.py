@@ -41,8 +41,19 @@ def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_from_an_ultralytics_checkpoint_of_another_class_count(tiny_data, imported, tmp_path):
     result = run(
-        "pyseg.train", "--data", str(tiny_data), "--weights", str(imported["coco"]), "--epochs", "1", *TINY,
-        "--project", str(tmp_path / "runs"), "--name", "seed", cwd=tmp_path,
+        "pyseg.train",
+        "--data",
+        str(tiny_data),
+        "--weights",
+        str(imported["coco"]),
+        "--epochs",
+        "1",
+        *TINY,
+        "--project",
+        str(tmp_path / "runs"),
+        "--name",
+        "seed",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
     assert "yolo11n-seg, transferred" in result.stdout
@@ -63,8 +74,20 @@ def test_train_from_an_ultralytics_checkpoint_of_another_class_count(tiny_data, 
 def test_val_and_predict_of_an_imported_model(tiny_data, imported, tmp_path):
     metrics_file = tmp_path / "metrics_val.json"
     result = run(
-        "pyseg.val", "--weights", str(imported["shapes"]), "--data", str(tiny_data), "--imgsz", "64", "--device",
-        "cpu", "--workers", "0", "--out", str(metrics_file), cwd=tmp_path,
+        "pyseg.val",
+        "--weights",
+        str(imported["shapes"]),
+        "--data",
+        str(tiny_data),
+        "--imgsz",
+        "64",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--out",
+        str(metrics_file),
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(metrics_file.read_text())
@@ -72,8 +95,22 @@ def test_val_and_predict_of_an_imported_model(tiny_data, imported, tmp_path):
         assert 0.0 <= metrics[kind]["map50"] <= 1.0 and 0.0 <= metrics[kind]["map"] <= metrics[kind]["map50"]
     images = tiny_data.parent / "shapes" / "images" / "val"
     result = run(
-        "pyseg.predict", "--weights", str(imported["shapes"]), "--source", str(images), "--imgsz", "64", "--conf",
-        "0.01", "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "predict", cwd=tmp_path,
+        "pyseg.predict",
+        "--weights",
+        str(imported["shapes"]),
+        "--source",
+        str(images),
+        "--imgsz",
+        "64",
+        "--conf",
+        "0.01",
+        "--device",
+        "cpu",
+        "--project",
+        str(tmp_path / "runs"),
+        "--name",
+        "predict",
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads((tmp_path / "runs" / "predict" / "predictions.json").read_text())

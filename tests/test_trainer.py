@@ -287,7 +287,8 @@ def test_a_kill_at_any_moment_resumes_to_one_validated_row_per_epoch(moment, tin
     rows = results_rows(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert all(r["mask/map"] != "" and r["box/map50"] != "" for r in rows), "every epoch is validated"
-    assert [p.name for p in (run_dir / "weights").iterdir() if p.name.startswith(".")] == []
+    for folder in (run_dir, run_dir / "weights"):  # no temporary of a killed write is left, results.csv's included
+        assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [], folder
     last = load_checkpoint(run_dir / "weights" / "last.pt")
     reference = load_checkpoint(straight_run / "weights" / "last.pt")
     assert last["epoch"] == 2 and last["phase"] == "finished" and last["iteration"] == reference["iteration"]
@@ -297,6 +298,30 @@ def test_a_kill_at_any_moment_resumes_to_one_validated_row_per_epoch(moment, tin
     for row, straight in zip(rows, straight_rows, strict=True):
         for key in ("train/box", "train/mask", "mask/map", "val/detections", "lr"):
             assert float(row[key]) == pytest.approx(float(straight[key]), abs=1e-4), (row["epoch"], key)
+
+
+def test_a_checkpoint_outside_its_run_folder_continues_in_a_new_run_folder(tiny_data, tmp_path):
+    """`--resume /elsewhere/last.pt` (not NAME/weights/last.pt beside NAME/args.yaml) wrote args.yaml, results and
+    weights/ into /elsewhere's parent, recording `project: /`; it now continues in a new run folder under --project
+    and says so, writing nothing beside the file."""
+    import shutil
+
+    env = {"PYSEG_CACHE_DIR": str(tmp_path / "cache")}
+    killed = train_cli(tiny_flags(tiny_data, tmp_path, epochs=2), env={**env, "PYSEG_TEST_KILL_AT": "epoch-end:1"})
+    assert killed.returncode in (-9, 9), killed.stderr[-2000:]
+    elsewhere = tmp_path / "x"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "tiny" / "weights" / "last.pt", elsewhere / "last.pt")
+    resumed = train_cli(["--resume", str(elsewhere / "last.pt"), "--project", str(tmp_path / "P")], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    new_run = tmp_path / "P" / "train"
+    said = f"is not inside its run folder (NAME/weights/last.pt beside NAME/args.yaml): continuing it in a new run "
+    assert said + f"folder, {new_run}" in resumed.stdout
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["last.pt"]
+    assert not (tmp_path / "args.yaml").exists() and not (tmp_path / "weights").exists()
+    assert [int(r["epoch"]) for r in results_rows(new_run)] == [2]
+    assert load_checkpoint(new_run / "weights" / "last.pt")["epoch"] == 1
+    assert f"project: {tmp_path / 'P'}" in (new_run / "args.yaml").read_text()
 
 
 class ScriptedFitness:

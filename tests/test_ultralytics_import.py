@@ -118,6 +118,22 @@ def test_final_predictions_equal_ultralytics(checkpoints, model_name):
     assert total >= 20, "too few detections to compare"
 
 
+@pytest.mark.parametrize("model_name", [f"{family}{scale}-seg" for family in ("yolo11", "yolov8") for scale in "nsmlx"])
+def test_every_scale_has_ultralytics_tensor_shapes(model_name):
+    """Every size of both families, built by pyseg and by Ultralytics from its own config (nc=80): each pyseg tensor
+    has the shape of its Ultralytics twin, and the parameter counts agree (depth, width and max-channel scaling)."""
+    ultralytics_or_skip()
+    from ultralytics.nn.tasks import SegmentationModel
+
+    theirs = SegmentationModel(f"{model_name}.yaml", nc=80, verbose=False).state_dict()
+    model = build_model(model_name, 80)
+    ours = model.state_dict()
+    names = foreign_names(model)
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(theirs[names[k]].shape) for k in ours}
+    assert set(theirs) - set(names.values()) == {f"model.{len(model.layers) - 1}.dfl.conv.weight"}
+    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for k, v in theirs.items() if "dfl" not in k)
+
+
 def test_every_tensor_is_placed_and_named_by_structure(checkpoints):
     """Every pyseg tensor has one Ultralytics tensor, no two share one, and the DFL bins are the only leftover."""
     record_state = torch.load(checkpoints["yolo11n-seg"], weights_only=False)["model"].state_dict()
@@ -222,7 +238,9 @@ def test_pyseg_and_ultralytics_checkpoints_are_told_apart(checkpoints, tmp_path)
     save_checkpoint(pyseg_file, {"model": model.state_dict(), "config": {"model": "pyseg-n"}, "names": ["a", "b"]})
     with pytest.raises(CheckpointError, match="is a pyseg checkpoint, not an Ultralytics one"):
         read_ultralytics_checkpoint(pyseg_file)
-    with pytest.raises(CheckpointError, match="is an Ultralytics checkpoint, not a pyseg one: start from it with --weights"):
+    with pytest.raises(
+        CheckpointError, match="is an Ultralytics checkpoint, not a pyseg one: start from it with --weights"
+    ):
         load_checkpoint(checkpoints["yolov8n-seg"])
     assert load_weights(pyseg_file).kind == "pyseg" and load_weights(checkpoints["yolov8n-seg"]).kind == "ultralytics"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -154,13 +155,25 @@ def _folder_config(folder: Path) -> DatasetConfig:
         splits = {"train": [images], "val": [images]}
     splits.setdefault("val", splits["train"])
     splits.setdefault("train", splits["val"])
-    highest = -1
-    for label in (folder / "labels").rglob("*.txt"):
-        for line in label.read_text(errors="replace").splitlines():
+    highest, where, used = -1, "", set()
+    for label in sorted((folder / "labels").rglob("*.txt")):
+        if not label.is_file():
+            continue  # a FIFO or device named *.txt is never read (it could block); verification names it
+        for number, line in enumerate(label.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
             head = line.split(maxsplit=1)
-            if head and head[0].isdigit():
-                highest = max(highest, int(head[0]))
+            if head and head[0].isascii() and head[0].isdigit():  # ASCII digits only: '²'.isdigit() is True
+                class_id = int(head[0])
+                used.add(class_id)
+                if class_id > highest:
+                    highest, where = class_id, f"{label}:{number}"
     names = [f"class{i}" for i in range(max(highest + 1, 1))]
+    if highest >= 0 and len(used) < len(names):
+        print(
+            f"dataset {folder}: the labels use {len(used)} of the {len(names)} class ids their largest one implies "
+            f"(class {highest} at {where}); the model gets {len(names)} classes. Give a dataset YAML with `names:` "
+            "to set the classes",
+            file=sys.stderr,
+        )
     return DatasetConfig(folder.resolve(), splits, names, None, {})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,17 @@ class ImageReadError(UserError, OSError):
 
     def __reduce__(self):  # picklable (a loader worker's exception travels to the main process)
         return type(self), (self.path, self.reason)
+
+
+def check_regular_file(path: str | Path) -> None:
+    """ImageReadError unless path is a regular file (or a link to one): reading a FIFO would wait forever for a
+    writer, and a device or socket is no image."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ImageReadError(path, error.strerror or str(error)) from error
+    if not stat.S_ISREG(mode):
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device); only regular files are read")
 
 
 def image_header(data: bytes | np.ndarray) -> tuple[str, int, int] | None:
@@ -85,6 +97,7 @@ def read_image(path: str | Path, fit_px: int | None = None, known_size: tuple[in
     Raises:
         ImageReadError: the file is missing, unreadable, or not an image OpenCV can decode.
     """
+    check_regular_file(path)
     try:
         data = np.fromfile(path, np.uint8)  # decoding from bytes skips imread's per-call file handling (~15%)
     except OSError as error:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, image_header, read_image
+from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, check_regular_file, image_header, read_image
 from pyseg.errors import UserError
 from pyseg.files import atomic_write_text
 
@@ -163,6 +163,7 @@ def verify_image(path: Path) -> tuple[int, int, list[Problem]]:
     decoded once to see how much of it reads. Other formats are decoded once. Raises ImageReadError when the
     image cannot be read (the caller skips it).
     """
+    check_regular_file(path)
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -189,7 +190,7 @@ def parse_label_file(path: Path, nc: int) -> tuple[ImageLabels | None, list[Prob
     seen: set[tuple] = set()
     dropped = 0
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row
     except (OSError, UnicodeDecodeError) as error:
         return None, [Problem(str(path), None, f"unreadable label file ({error})", "image read as background")], 0
     for number, line in enumerate(text.splitlines(), start=1):

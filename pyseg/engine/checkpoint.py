@@ -40,7 +40,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Reads a pyseg checkpoint (no code is executed: weights_only=True); CheckpointError says what is wrong."""
+    """Reads a pyseg checkpoint (no code is executed: weights_only=True) after checking the CRC32 of every member
+    of its zip archive; CheckpointError says what is wrong and what to use instead."""
+    from pyseg.models.pickle_records import check_torch_zip, refused_globals
+
     path = Path(path)
     if path.is_dir():
         inside = next((p for p in (path / "weights" / "best.pt", path / "best.pt") if p.is_file()), None)
@@ -50,9 +53,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(
             f"checkpoint {path} does not exist; give a pyseg .pt file (runs/NAME/weights/best.pt or last.pt)"
         )
+    check_torch_zip(path, "a pyseg checkpoint", instead=instead_of(path))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, not a zip, not torch, unsafe pickle: one answer
+    except Exception as error:  # noqa: BLE001 - classes it names, an unsupported pickle: said below, in pyseg's words
         from pyseg.models.ultralytics_import import is_ultralytics_file
 
         if is_ultralytics_file(path):
@@ -60,9 +64,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                 f"{path} is an Ultralytics checkpoint, not a pyseg one: start from it with --weights {path} "
                 "(--resume continues only the last.pt of a pyseg run)"
             ) from error
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - a pickle torch cannot even scan
+            names = []
+        refused = refused_globals(names)
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: its pickle calls {', '.join(sorted(refused)[:4])}, which would run code when "
+                "unpickled; nothing was run. Use a checkpoint that pyseg.train wrote"
+            ) from error
+        what = f"it names {', '.join(sorted(names)[:3])}" if names else str(error).splitlines()[0][:120]
         raise CheckpointError(
-            f"{path} is not a readable pyseg checkpoint ({_load_problem(path, error)}): use "
-            "runs/NAME/weights/best.pt or last.pt"
+            f"{path} is a torch file but not a pyseg checkpoint ({what}); pyseg reads the weights/best.pt and "
+            "last.pt that pyseg.train writes, and Ultralytics YOLO11/YOLOv8-seg files given to --weights"
         ) from error
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
@@ -73,16 +88,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-
-
-def _load_problem(path: Path, error: Exception) -> str:
-    """Why torch.load failed, in words: torch's own message for a damaged torch file is often a bare number."""
-    with open(path, "rb") as file:
-        head = file.read(len(ZIP_MAGIC))
-    if not head:
-        return "an empty file"
-    if head != ZIP_MAGIC:
-        return "not a file torch.save wrote"
-    first_line = (str(error).splitlines() or [""])[0][:200]
-    return f"a damaged or truncated torch file: {first_line or type(error).__name__}"
+def instead_of(path: Path) -> str:
+    """What to use instead of a damaged checkpoint file, by its name."""
+    if path.name == "last.pt":
+        return (
+            "pyseg keeps no earlier copy of last.pt: start a new run from this run's weights/best.pt with --weights, "
+            "or from a weights/epochN.pt (kept with --save-period N)"
+        )
+    return "copy it again, or use another checkpoint (runs/NAME/weights/best.pt or last.pt)"

@@ -199,6 +199,10 @@ def flat_metrics(metrics: dict) -> dict:
 # ------------------------------------------------------------------ hooks
 
 
+# what --resume needs from a checkpoint besides CHECKPOINT_KEYS (a pyseg last.pt holds all of it)
+RESUME_KEYS = ("model", "ema", "ema_updates", "optimizer", "epoch", "iteration", "best_fitness", "best_epoch", "rng")
+
+
 class Hook:
     """Extras plugged into Trainer.fit; each event runs the hooks in list order."""
 
@@ -463,9 +467,16 @@ class Trainer:
                 "--resume) or give the run's folder with --project/--name, or --resume PATH/TO/last.pt"
             )
         if self.is_main:
-            for stale in remove_stale_temporaries(self.weights_dir):
-                print(f"removed {stale}, left by an interrupted checkpoint write")
+            for folder in (self.run_dir, self.weights_dir):  # checkpoints, and results.csv, args.yaml, ...
+                for stale in remove_stale_temporaries(folder):
+                    print(f"removed {stale}, left by an interrupted write")
         state = load_checkpoint(last)
+        missing = [key for key in RESUME_KEYS if key not in state]
+        if missing:
+            raise ConfigError(
+                f"--resume: {last} holds weights but not the training state a run continues from (no "
+                f"{', '.join(missing)}); start a new run from it with --weights {last}"
+            )
         saved = dict(state["config"])
         saved.update(self.config_overrides)
         saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)

@@ -221,7 +221,9 @@ class PSABlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, key_ratio: float = 0.5):
         super().__init__()
         self.attention = Attention(channels, num_heads, key_ratio)
-        self.feed_forward = nn.Sequential(Conv(channels, 2 * channels, 1), Conv(2 * channels, channels, 1, activation=False))
+        self.feed_forward = nn.Sequential(
+            Conv(channels, 2 * channels, 1), Conv(2 * channels, channels, 1, activation=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention(x)

@@ -9,6 +9,7 @@ pickle meant to run code would use (os.system, builtins.eval, subprocess.*, ...)
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,17 +117,27 @@ def load_as_records(path: Path, what: str) -> Any:
         ) from error
 
 
-def check_torch_zip(path: Path, what: str) -> None:
-    """A CheckpointError unless path is a zip archive whose members' CRC32s all match (torch.save writes one)."""
+def check_torch_zip(path: Path, what: str, instead: str = "download or copy it again") -> None:
+    """A CheckpointError unless path is a zip archive whose members' CRC32s all match (torch.save writes one).
+
+    what names the expected kind of file ('a pyseg checkpoint'); instead says what to do about a bad one.
+    """
+    head = b""
     try:
+        with open(path, "rb") as file:
+            head = file.read(4)
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        size = path.stat().st_size if path.exists() else 0
-        kind = "an empty file" if size == 0 else "truncated or not a file torch.save wrote"
-        raise CheckpointError(f"{path} is not {what}: {kind} ({error}); download or copy it again") from error
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as error:
+        if not head:
+            kind = "an empty file"
+        elif head != b"PK\x03\x04":
+            kind = "not a file torch.save wrote"
+        else:
+            kind = f"a truncated or damaged torch file ({str(error).splitlines()[0][:120]})"
+        raise CheckpointError(f"{path} is not {what}: {kind}; {instead}") from error
     if damaged is not None:
-        raise CheckpointError(f"{path} is damaged: its member {damaged} fails its CRC check; download or copy it again")
+        raise CheckpointError(f"{path} is damaged: its member {damaged} fails its CRC check; {instead}")
 
 
 def module_tensors(record: Any, prefix: str = "") -> Iterator[tuple[str, Tensor, PickledRecord]]:
@@ -151,4 +162,3 @@ def module_records(record: Any, prefix: str = "") -> Iterator[tuple[str, Pickled
     yield prefix.rstrip("."), record
     for name, child in (record.attribute("_modules") or {}).items():
         yield from module_records(child, f"{prefix}{name}.")
-

@@ -84,7 +84,9 @@ class UltralyticsCheckpoint:
 def is_ultralytics_file(path: Path) -> bool:
     """Whether a torch file's pickle names Ultralytics classes (read without unpickling anything)."""
     try:
-        return any(n.startswith("ultralytics.") for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        return any(
+            n.startswith("ultralytics.") for n in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        )
     except Exception:  # noqa: BLE001 - not a torch file at all: not an Ultralytics one either
         return False
 
@@ -150,7 +152,7 @@ def match_tensors(model: nn.Module, record: PickledRecord, tensors: dict[str, Te
             raise CheckpointError(f"it lacks {theirs} (pyseg's {ours})")
         if tuple(tensor.shape) != tuple(own[ours].shape):
             raise CheckpointError(f"{theirs} has shape {tuple(tensor.shape)}, pyseg expects {tuple(own[ours].shape)}")
-        state[ours] = tensor.to(own[ours].dtype) if tensor.is_floating_point() else tensor.to(own[ours].dtype)
+        state[ours] = tensor.to(own[ours].dtype)  # float16 files become float32, counters stay int64
     placed = set(names.values())
     for theirs, tensor in tensors.items():
         if theirs in placed:

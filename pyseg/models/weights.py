@@ -58,7 +58,9 @@ def load_weights(path: str | Path) -> Weights:
         key.removeprefix("module.").removeprefix("_orig_mod."): value
         for key, value in (state.get("ema") or state["model"]).items()
     }
-    return Weights(path, "pyseg", name, list(state["names"]), tensors, config, imgsz if isinstance(imgsz, int) else None)
+    return Weights(
+        path, "pyseg", name, list(state["names"]), tensors, config, imgsz if isinstance(imgsz, int) else None
+    )
 
 
 def build_from_weights(weights: Weights, nc: int | None = None) -> tuple[nn.Module, str]:

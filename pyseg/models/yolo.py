@@ -140,18 +140,24 @@ class YoloSegmentHead(nn.Module):
         class_hidden = max(in_channels[0], min(nc, 100))
         mask_hidden = max(in_channels[0] // 4, num_protos)
         self.box_branches = nn.ModuleList(
-            nn.Sequential(Conv(c, box_hidden, 3), Conv(box_hidden, box_hidden, 3), nn.Conv2d(box_hidden, 4 * reg_max, 1))
+            nn.Sequential(
+                Conv(c, box_hidden, 3), Conv(box_hidden, box_hidden, 3), nn.Conv2d(box_hidden, 4 * reg_max, 1)
+            )
             for c in in_channels
         )
         self.class_branches = nn.ModuleList(
             _depthwise_class_branch(c, class_hidden, nc)
             if depthwise_classes
-            else nn.Sequential(Conv(c, class_hidden, 3), Conv(class_hidden, class_hidden, 3), nn.Conv2d(class_hidden, nc, 1))
+            else nn.Sequential(
+                Conv(c, class_hidden, 3), Conv(class_hidden, class_hidden, 3), nn.Conv2d(class_hidden, nc, 1)
+            )
             for c in in_channels
         )
         self.prototypes = ProtoBranch(in_channels[0], proto_channels, num_protos)
         self.mask_branches = nn.ModuleList(
-            nn.Sequential(Conv(c, mask_hidden, 3), Conv(mask_hidden, mask_hidden, 3), nn.Conv2d(mask_hidden, num_protos, 1))
+            nn.Sequential(
+                Conv(c, mask_hidden, 3), Conv(mask_hidden, mask_hidden, 3), nn.Conv2d(mask_hidden, num_protos, 1)
+            )
             for c in in_channels
         )
         self.reset_biases()
