@@ -214,8 +214,9 @@ def run_ultralytics(settings: dict, out: Path) -> dict:
 def ultralytics_yaml(config, out: Path) -> Path:
     """A dataset YAML Ultralytics reads: the same image folders (YOLO layout) and names as pyseg resolved.
 
-    Each image folder is reached through a symlinked mirror under out (images/X and labels/X linked), so that
-    the label cache Ultralytics writes beside labels/X lands in out, never in the dataset's own folder.
+    Each image folder is reached through a mirror under out: real folders images/X and labels/X holding a link
+    to each file (Ultralytics resolves folder paths, so linked folders would lead it back), so that the label cache
+    Ultralytics writes beside labels/X lands in out, never in the dataset's own folder.
     """
     import yaml
 
@@ -227,10 +228,12 @@ def ultralytics_yaml(config, out: Path) -> Path:
                 continue
             mirror = out / "ultralytics-data" / f"{split}{index}"
             for kind in ("images", "labels"):
-                link = mirror / kind / source.name
-                link.parent.mkdir(parents=True, exist_ok=True)
-                if not link.is_symlink():
-                    link.symlink_to(source.parent.parent / kind / source.name, target_is_directory=True)
+                real = source.parent.parent / kind / source.name
+                for file in real.rglob("*") if real.is_dir() else []:
+                    link = mirror / kind / source.name / file.relative_to(real)
+                    if file.is_file() and not link.is_symlink():
+                        link.parent.mkdir(parents=True, exist_ok=True)
+                        link.symlink_to(file)
             mirrored.append(str(mirror / "images" / source.name))
         return mirrored
 
