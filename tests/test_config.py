@@ -102,8 +102,17 @@ def test_resume_takes_a_checkpoint_path_or_a_bool(tmp_path):
     last = tmp_path / "runs" / "exp3" / "weights" / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"x")
+    (last.parent.parent / "args.yaml").write_text("epochs: 3\n")  # inside its run folder
     cfg = parse(["--resume", str(last)])
     assert cfg.resume and cfg.name == "exp3" and cfg.project == str((tmp_path / "runs").resolve())
+    outside = tmp_path / "elsewhere" / "last.pt"  # not NAME/weights/last.pt beside NAME/args.yaml
+    outside.parent.mkdir()
+    outside.write_bytes(b"x")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--resume", str(outside), "--project", str(tmp_path / "p")])
+    cfg = config_from_args(args)
+    assert cfg.resume and args.resume_elsewhere and cfg.project == str(tmp_path / "p") and cfg.name == "train"
     assert parse(["--resume"]).resume and not parse(["--resume", "false"]).resume
     with pytest.raises(ConfigError, match="no such checkpoint"):
         parse(["--resume", str(tmp_path / "missing.pt")])

@@ -205,8 +205,8 @@ def folder_dataset(root: Path, labels: dict[str, bytes]) -> Path:
 
 
 def test_a_label_file_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
-    row = "1 0.1 0.1 0.5 0.1 0.5 0.5\n"
-    root = folder_dataset(tmp_path / "d", {"a": b"\xef\xbb\xbf" + (row * 2).encode()})
+    rows = "1 0.1 0.1 0.5 0.1 0.5 0.5\n0 0.6 0.6 0.9 0.6 0.9 0.9\n"
+    root = folder_dataset(tmp_path / "d", {"a": b"\xef\xbb\xbf" + rows.encode()})
     config = resolve_dataset(root)
     assert config.nc == 2  # the class of the first row counts
     split = load_split(config.splits["train"], config.nc, "train")

@@ -3,6 +3,7 @@ every tensor placed, and the files pyseg must refuse (code in the pickle, trunca
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
@@ -14,10 +15,11 @@ import pytest
 import torch
 from conftest import COCO128_SEG
 from ultralytics_peer import (
-    load_ultralytics_model,
+    rewrite_ultralytics_checkpoint,
     save_ultralytics_checkpoint,
     ultralytics_or_skip,
-    ultralytics_raw_outputs,
+    ultralytics_reference,
+    ultralytics_state_shapes,
 )
 
 from pyseg.errors import CheckpointError
@@ -30,44 +32,67 @@ EQUALITY_MODELS = ["yolo11n-seg", "yolo11m-seg", "yolov8n-seg", "yolov8s-seg"]
 IMGSZ = 256
 
 
+class SavedCheckpoints(dict):
+    """Ultralytics checkpoints saved on first use (each costs a subprocess): checkpoints['yolov8n-seg'] -> Path."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, name: str) -> Path:
+        self[name] = save_ultralytics_checkpoint(name, self.folder / f"{name}.pt")
+        return self[name]
+
+
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(tmp_path_factory) -> SavedCheckpoints:
     ultralytics_or_skip()
-    folder = tmp_path_factory.mktemp("ultralytics")
-    return {name: save_ultralytics_checkpoint(name, folder / f"{name}.pt") for name in EQUALITY_MODELS}
+    return SavedCheckpoints(tmp_path_factory.mktemp("ultralytics"))
 
 
 def real_images(count: int = 2) -> torch.Tensor:
     """(count, 3, IMGSZ, IMGSZ) float RGB in [0, 1]: COCO128-Seg images where present, else shapes-seg images."""
+    import tempfile
+
     folder = COCO128_SEG / "images" / "train2017"
     paths = sorted(folder.glob("*.jpg"))[:count] if folder.is_dir() else []
-    if len(paths) < count:
+    if len(paths) == count:
+        images = [cv2.imread(str(p)) for p in paths]
+    else:
         from pyseg.data.synthetic import generate_shapes_seg
 
-        root = Path(os.environ.get("TMPDIR", "/tmp"))
-        import tempfile
-
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
+        with tempfile.TemporaryDirectory(prefix="pyseg-test-") as tmp:
             generate_shapes_seg(Path(tmp) / "shapes", train=count, val=1, imgsz=IMGSZ, seed=3)
             paths = sorted((Path(tmp) / "shapes" / "images" / "train").glob("*"))[:count]
             images = [cv2.imread(str(p)) for p in paths]
-    else:
-        images = [cv2.imread(str(p)) for p in paths]
     resized = [cv2.resize(image, (IMGSZ, IMGSZ), interpolation=cv2.INTER_LINEAR)[:, :, ::-1] for image in images]
     return torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).copy()).float() / 255.0
 
 
+CONF, IOU = 0.25, 0.7
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints, tmp_path_factory) -> dict[str, dict]:
+    """Ultralytics' own raw outputs, detections and masks for the same real images, per model."""
+    folder = tmp_path_factory.mktemp("references")
+    images = real_images()
+    return {
+        name: {"images": images, **ultralytics_reference(checkpoints[name], images, folder / f"{name}.pt", CONF, IOU)}
+        for name in EQUALITY_MODELS
+    }
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", EQUALITY_MODELS)
-def test_raw_outputs_equal_ultralytics(checkpoints, model_name):
+def test_raw_outputs_equal_ultralytics(checkpoints, references, model_name):
     """Box distributions, class logits, mask coefficients and prototypes within 1e-4 in float32."""
     imported = read_ultralytics_checkpoint(checkpoints[model_name])
     assert imported.model_name == model_name and imported.nc == 80
     model, _ = build_from_weights(load_weights(checkpoints[model_name]))
-    peer = load_ultralytics_model(checkpoints[model_name])
-    images = real_images()
-    expected = ultralytics_raw_outputs(peer, images)
+    expected = references[model_name]
     with torch.no_grad():
-        got = model.eval()(images)
+        got = model.eval()(expected["images"])
     for name, ours, theirs in (
         ("box distribution", got.box_distribution, expected["box"]),
         ("class logits", got.class_logits, expected["cls"]),
@@ -79,30 +104,25 @@ def test_raw_outputs_equal_ultralytics(checkpoints, model_name):
     assert expected["cls"].abs().max() > 1.0, "the outputs vary: the comparison is not of constants"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", EQUALITY_MODELS)
-def test_final_predictions_equal_ultralytics(checkpoints, model_name):
+def test_final_predictions_equal_ultralytics(checkpoints, references, model_name):
     """pyseg's NMS and mask assembly against Ultralytics' NMS and process_mask on the same input, conf and iou: the
     same boxes (1e-3 px), classes, scores (1e-4) and masks (IoU >= 0.999)."""
-    from ultralytics.utils.nms import non_max_suppression
-    from ultralytics.utils.ops import process_mask
-
     from pyseg.engine.predict import detect, masks_in_input
 
-    conf, iou = 0.25, 0.7
     model, _ = build_from_weights(load_weights(checkpoints[model_name]))
-    peer = load_ultralytics_model(checkpoints[model_name])
-    images = real_images()
-    expected = ultralytics_raw_outputs(peer, images)
-    theirs = non_max_suppression(expected["predictions"], conf, iou, nc=80, max_det=300)
+    expected = references[model_name]
     with torch.no_grad():
-        outputs = model.eval()(images)
-    ours = detect(outputs, model.strides, model.reg_max, conf, iou, 300)
+        outputs = model.eval()(expected["images"])
+    ours = detect(outputs, model.strides, model.reg_max, CONF, IOU, 300)
     our_masks = masks_in_input(outputs.protos, ours, (IMGSZ, IMGSZ))
+    theirs = [expected[f"det{b}"] for b in range(len(ours))]
     total = 0
     for b, (det, their_det) in enumerate(zip(ours, theirs, strict=True)):
         assert det.boxes.shape[0] == their_det.shape[0], f"image {b}: {det.boxes.shape[0]} vs {their_det.shape[0]}"
         total += det.boxes.shape[0]
-        their_masks = process_mask(expected["eval_protos"][b], their_det[:, 6:], their_det[:, :4], (IMGSZ, IMGSZ), True)
+        their_masks = expected[f"masks{b}"]
         # pair each detection with Ultralytics' one of the same box (equal scores may come in either order)
         distance = (det.boxes[:, None, :] - their_det[None, :, :4]).abs().amax(-1)  # (n, n) px
         pairs = distance.argmin(1)
@@ -118,30 +138,37 @@ def test_final_predictions_equal_ultralytics(checkpoints, model_name):
     assert total >= 20, "too few detections to compare"
 
 
-@pytest.mark.parametrize("model_name", [f"{family}{scale}-seg" for family in ("yolo11", "yolov8") for scale in "nsmlx"])
-def test_every_scale_has_ultralytics_tensor_shapes(model_name):
+ALL_YOLO_MODELS = [f"{family}{scale}-seg" for family in ("yolo11", "yolov8") for scale in "nsmlx"]
+
+
+@pytest.fixture(scope="module")
+def ultralytics_shapes() -> dict[str, dict[str, list[int]]]:
+    return ultralytics_state_shapes(ALL_YOLO_MODELS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ALL_YOLO_MODELS)
+def test_every_scale_has_ultralytics_tensor_shapes(ultralytics_shapes, model_name):
     """Every size of both families, built by pyseg and by Ultralytics from its own config (nc=80): each pyseg tensor
     has the shape of its Ultralytics twin, and the parameter counts agree (depth, width and max-channel scaling)."""
-    ultralytics_or_skip()
-    from ultralytics.nn.tasks import SegmentationModel
-
-    theirs = SegmentationModel(f"{model_name}.yaml", nc=80, verbose=False).state_dict()
+    theirs = {key: tuple(shape) for key, shape in ultralytics_shapes[model_name].items()}
     model = build_model(model_name, 80)
     ours = model.state_dict()
     names = foreign_names(model)
-    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(theirs[names[k]].shape) for k in ours}
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: theirs[names[k]] for k in ours}
     assert set(theirs) - set(names.values()) == {f"model.{len(model.layers) - 1}.dfl.conv.weight"}
-    assert sum(v.numel() for v in ours.values()) == sum(v.numel() for k, v in theirs.items() if "dfl" not in k)
+    count = sum(math.prod(shape) for key, shape in theirs.items() if "dfl" not in key)
+    assert sum(v.numel() for v in ours.values()) == count
 
 
-def test_every_tensor_is_placed_and_named_by_structure(checkpoints):
+def test_every_tensor_is_placed_and_named_by_structure():
     """Every pyseg tensor has one Ultralytics tensor, no two share one, and the DFL bins are the only leftover."""
-    record_state = torch.load(checkpoints["yolo11n-seg"], weights_only=False)["model"].state_dict()
     model = build_model("yolo11n-seg", 80)
     names = foreign_names(model)
     assert set(names) == set(model.state_dict())
     assert len(set(names.values())) == len(names)
-    assert set(record_state) - set(names.values()) == {"model.23.dfl.conv.weight"}
+    theirs = ultralytics_state_shapes(["yolo11n-seg"])["yolo11n-seg"]
+    assert set(theirs) - set(names.values()) == {"model.23.dfl.conv.weight"}
     assert names["layers.10.blocks.0.attention.position_conv.conv.weight"] == "model.10.m.0.attn.pe.conv.weight"
 
 
@@ -163,16 +190,7 @@ def test_other_class_count_transfers_all_but_the_class_layers(checkpoints):
 
 def test_named_scale_or_found_by_shapes(checkpoints, tmp_path):
     """A checkpoint whose description has no 'scale' (older files) is matched by its tensors' shapes."""
-    import io
-
-    import torch.serialization
-
-    content = torch.load(checkpoints["yolov8s-seg"], weights_only=False)
-    content["model"].yaml = {k: v for k, v in content["model"].yaml.items() if k not in ("scale", "yaml_file")}
-    buffer = io.BytesIO()
-    torch.save(content, buffer)
-    path = tmp_path / "old.pt"
-    path.write_bytes(buffer.getvalue())
+    path = rewrite_ultralytics_checkpoint(checkpoints["yolov8s-seg"], tmp_path / "old.pt", "no-scale")
     assert read_ultralytics_checkpoint(path).model_name == "yolov8s-seg"
 
 
@@ -202,10 +220,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
 
 def test_a_payload_inside_an_ultralytics_checkpoint_is_refused(checkpoints, tmp_path):
     marker = tmp_path / "MARK"
-    content = torch.load(checkpoints["yolov8n-seg"], weights_only=False)
-    content["train_args"] = Payload(marker)
-    path = tmp_path / "tampered.pt"
-    torch.save(content, path)
+    path = rewrite_ultralytics_checkpoint(checkpoints["yolov8n-seg"], tmp_path / "tampered.pt", "payload", marker)
     with pytest.raises(CheckpointError, match="would run code"):
         load_weights(path)
     assert not marker.exists()
@@ -246,11 +261,7 @@ def test_pyseg_and_ultralytics_checkpoints_are_told_apart(checkpoints, tmp_path)
 
 
 def test_an_architecture_pyseg_does_not_have_is_one_line(tmp_path):
-    ultralytics_or_skip()
-    from ultralytics import YOLO
-
-    path = tmp_path / "detect.pt"
-    YOLO("yolo11n.yaml").save(str(path))  # a detection model: no segment head
+    path = save_ultralytics_checkpoint("yolo11n", tmp_path / "detect.pt")  # a detection model: no segment head
     with pytest.raises(CheckpointError, match="an architecture pyseg does not have"):
         load_weights(path)
 
@@ -272,3 +283,13 @@ def test_records_never_call_anything(tmp_path):
     assert layer.source == "torch.nn.modules.conv.Conv2d"
     assert layer.attribute("_parameters")["weight"].shape == (3, 2, 1, 1)
     assert pickle.dumps(1)  # (pickle untouched by the load)
+
+
+def test_ultralytics_is_never_imported_into_the_test_process(checkpoints):
+    """Importing Ultralytics patches PIL.Image.open, cv2.imread and torch.save for the whole process; every use of
+    it above ran in a subprocess (ultralytics_peer.py), so the pyseg tests run unpatched."""
+    import sys
+
+    assert checkpoints["yolov8n-seg"].is_file()
+
+    assert "ultralytics" not in sys.modules
