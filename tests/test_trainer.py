@@ -315,7 +315,7 @@ def test_a_checkpoint_outside_its_run_folder_continues_in_a_new_run_folder(tiny_
     resumed = train_cli(["--resume", str(elsewhere / "last.pt"), "--project", str(tmp_path / "P")], env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     new_run = tmp_path / "P" / "train"
-    said = f"is not inside its run folder (NAME/weights/last.pt beside NAME/args.yaml): continuing it in a new run "
+    said = "is not inside its run folder (NAME/weights/last.pt beside NAME/args.yaml): continuing it in a new run "
     assert said + f"folder, {new_run}" in resumed.stdout
     assert sorted(p.name for p in elsewhere.iterdir()) == ["last.pt"]
     assert not (tmp_path / "args.yaml").exists() and not (tmp_path / "weights").exists()

@@ -165,10 +165,10 @@ def _reference(checkpoint: str, images_file: str, out: str, conf: float, iou: fl
 def _shapes(out: str, model_names: list[str]) -> None:
     from ultralytics.nn.tasks import SegmentationModel
 
-    shapes = {
-        name: {k: list(v.shape) for k, v in SegmentationModel(f"{name}.yaml", nc=80, verbose=False).state_dict().items()}
-        for name in model_names
-    }
+    shapes = {}
+    for name in model_names:
+        state = SegmentationModel(f"{name}.yaml", nc=80, verbose=False).state_dict()
+        shapes[name] = {key: list(value.shape) for key, value in state.items()}
     Path(out).write_text(json.dumps(shapes))
 
 
