@@ -41,9 +41,7 @@ def run_peer(*args: str) -> None:
     ultralytics_or_skip()
     with tempfile.TemporaryDirectory(prefix="pyseg-ultralytics-") as settings:
         env = {**os.environ, "YOLO_CONFIG_DIR": settings, "YOLO_OFFLINE": "1"}
-        done = subprocess.run(
-            [sys.executable, str(HERE), *args], capture_output=True, text=True, env=env, timeout=600
-        )
+        done = subprocess.run([sys.executable, str(HERE), *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, f"ultralytics_peer {' '.join(args)} failed:\n{done.stderr[-4000:]}"
 
 
