@@ -113,7 +113,11 @@ def train_command(argv: list[str] | None) -> int:
     cfg = config_from_args(args)
     if args.resume_elsewhere:
         cfg = continue_elsewhere(cfg, args)
-    ignored = [flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None]
+    # --data with --resume points the run at its data's new place (the same classes, checked when the data is read)
+    moved_data = args.data if cfg.resume and args.data is not None and not args.ray_workers else None
+    ignored = [
+        flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None and not (key == "data" and moved_data)
+    ]
     if cfg.resume and (ignored or args.cfg):
         print(
             f"pyseg.train: --resume continues with the settings the run was started with; ignored: "
@@ -152,7 +156,12 @@ def train_command(argv: list[str] | None) -> int:
         else:
             from pyseg.engine.trainer import Trainer, default_hooks
 
-            trainer = Trainer(cfg, default_hooks() + [MlflowHook(tracking)], resume_from=args.resume_from)
+            trainer = Trainer(
+                cfg,
+                default_hooks() + [MlflowHook(tracking)],
+                resume_from=args.resume_from,
+                config_overrides={"data": moved_data} if moved_data else None,
+            )
             run_dir = trainer.fit()
     except KeyboardInterrupt as interrupt:
         if storage:

@@ -324,6 +324,32 @@ def test_a_checkpoint_outside_its_run_folder_continues_in_a_new_run_folder(tiny_
     assert f"project: {tmp_path / 'P'}" in (new_run / "args.yaml").read_text()
 
 
+def test_a_moved_dataset_is_found_again_by_data_on_resume(tiny_data, tmp_path):
+    """`--resume --name N --data NEW` said --data was ignored, then failed on the old path; now --data points a
+    resumed run at its data's new place (same classes), and args.yaml records it. Without it, the error says how."""
+    import shutil
+
+    env = {"PYSEG_CACHE_DIR": str(tmp_path / "cache")}
+    shutil.copytree(tiny_data.parent, tmp_path / "old")
+    data = tmp_path / "old" / tiny_data.name
+    killed = train_cli(tiny_flags(data, tmp_path, epochs=2), env={**env, "PYSEG_TEST_KILL_AT": "epoch-end:1"})
+    assert killed.returncode in (-9, 9), killed.stderr[-2000:]
+    (tmp_path / "old").rename(tmp_path / "new")
+    resume = ["--resume", "--name", "tiny", "--project", str(tmp_path)]
+    lost = train_cli(resume, env=env)
+    assert lost.returncode == 2 and "if the data moved, point the run at its new place" in lost.stderr, lost.stderr
+    other = tmp_path / "other.yaml"
+    other.write_text((tmp_path / "new" / tiny_data.name).read_text().replace("path: shapes", "path: new/shapes"))
+    other.write_text(other.read_text().split("names:")[0] + "names:\n  0: cat\n  1: dog\n")
+    wrong = train_cli([*resume, "--data", str(other)], env=env)
+    assert wrong.returncode == 2 and "not the 6 classes the run was trained on" in wrong.stderr, wrong.stderr
+    moved = train_cli([*resume, "--data", str(tmp_path / "new" / tiny_data.name)], env=env)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "ignored" not in moved.stdout
+    assert [int(r["epoch"]) for r in results_rows(tmp_path / "tiny")] == [1, 2]
+    assert f"data: {tmp_path / 'new' / tiny_data.name}" in (tmp_path / "tiny" / "args.yaml").read_text()
+
+
 class ScriptedFitness:
     """Replaces evaluate: returns the next mask mAP50-95 of a script, and records the epochs it was called in."""
 

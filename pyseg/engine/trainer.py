@@ -40,7 +40,7 @@ from pyseg.engine.loss import SegLoss
 from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
 from pyseg.engine.plots import plot_results
 from pyseg.engine.predict import detect, masks_in_input, to_original
-from pyseg.errors import ConfigError
+from pyseg.errors import ConfigError, UserError
 from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
 from pyseg.ops import device_errors
 from pyseg.ops.device_errors import deferred_device_checks
@@ -435,7 +435,7 @@ class Trainer:
         """Every build step, in order; a user error in any of them raises before any training."""
         resume_state = self.build_run_dir()
         self.build_runtime()
-        self.build_data()
+        self.build_data(resume_state["names"] if resume_state is not None else None)
         self.build_model()
         self.build_optimizer()
         if resume_state is not None:
@@ -497,16 +497,32 @@ class Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-    def build_data(self) -> None:
-        """Dataset, verified labels of both splits, loaders and the evaluator (ground truth built once per run)."""
+    def build_data(self, trained_names: list[str] | None = None) -> None:
+        """Dataset, verified labels of both splits, loaders and the evaluator (ground truth built once per run).
+
+        trained_names: on resume, the classes the run was trained on; the data must have the same ones.
+        """
         cfg = self.cfg
-        self.dataset_config = resolve_dataset(cfg.data)
-        names = self.dataset_config.names
-        for split in ("train", "val"):
-            if split not in self.dataset_config.splits:
-                raise ConfigError(f"dataset {cfg.data} has no {split!r} split: add `{split}:` to its YAML")
-        self.train_split = load_split(self.dataset_config.splits["train"], len(names), "train")
-        self.val_split = load_split(self.dataset_config.splits["val"], len(names), "val")
+        try:
+            self.dataset_config = resolve_dataset(cfg.data)
+            names = self.dataset_config.names
+            if trained_names is not None and list(names) != list(trained_names):
+                raise ConfigError(
+                    f"--data {cfg.data}: its {len(names)} classes ({', '.join(names[:4])}, ...) are not the "
+                    f"{len(trained_names)} classes the run was trained on ({', '.join(trained_names[:4])}, ...); a "
+                    "resumed run continues on the same classes: give its data, or start a new run with --weights"
+                )
+            for split in ("train", "val"):
+                if split not in self.dataset_config.splits:
+                    raise ConfigError(f"dataset {cfg.data} has no {split!r} split: add `{split}:` to its YAML")
+            self.train_split = load_split(self.dataset_config.splits["train"], len(names), "train")
+            self.val_split = load_split(self.dataset_config.splits["val"], len(names), "val")
+        except UserError as error:
+            if not cfg.resume or trained_names is not None and "classes the run was trained on" in str(error):
+                raise
+            raise ConfigError(
+                f"{error}; if the data moved, point the run at its new place: --resume --name {cfg.name} --data NEW"
+            ) from error
         if self.is_main:
             print(self.train_split.summary())
             print(self.val_split.summary())
