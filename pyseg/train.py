@@ -115,9 +115,8 @@ def train_command(argv: list[str] | None) -> int:
         cfg = continue_elsewhere(cfg, args)
     # --data with --resume points the run at its data's new place (the same classes, checked when the data is read)
     moved_data = args.data if cfg.resume and args.data is not None and not args.ray_workers else None
-    ignored = [
-        flag(key) for key in RESUME_IGNORES if getattr(args, key, None) is not None and not (key == "data" and moved_data)
-    ]
+    given = [key for key in RESUME_IGNORES if getattr(args, key, None) is not None]
+    ignored = [flag(key) for key in given if not (key == "data" and moved_data)]
     if cfg.resume and (ignored or args.cfg):
         print(
             f"pyseg.train: --resume continues with the settings the run was started with; ignored: "
