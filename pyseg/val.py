@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pyseg.config import TrainConfig, check_value, make_config
-from pyseg.errors import CommandParser, ConfigError, run_command
+from pyseg.errors import CheckpointError, CommandParser, ConfigError, run_command
 from pyseg.files import atomic_write_text
 
 
@@ -28,7 +28,11 @@ def load_model(weights: str | Path, device: torch.device):
 
     loaded = load_weights(weights)
     if loaded.config is not None:
-        cfg = make_config(loaded.config)
+        try:
+            cfg = make_config(loaded.config)
+        except ConfigError as error:  # a value stored in the file, not a flag the user gave
+            stored = str(error).removeprefix("--")  # it names a key of the file, not a flag
+            raise CheckpointError(f"{weights}: the training config stored in it is invalid ({stored})") from error
     else:
         cfg = make_config({"model": loaded.model_name, **({"imgsz": loaded.imgsz} if loaded.imgsz else {})})
     model, _ = build_from_weights(loaded)

@@ -72,6 +72,8 @@ def bad_files(tmp_path_factory, tiny_data):
     files["run_folder"] = root / "a_run"
     (files["run_folder"] / "weights").mkdir(parents=True)
     torch.save(state, files["run_folder"] / "weights" / "best.pt")
+    files["bad_config"] = root / "bad_config.pt"
+    torch.save({**state, "config": {**state["config"], "epochs": 0}}, files["bad_config"])
     files["truncated"] = root / "truncated.pt"
     files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
     files["nul_cfg"] = root / "nul.yaml"
@@ -158,6 +160,11 @@ CASES = {
         "val",
         lambda f: ["--weights", str(f["not_torch"])],
         "notes.pt is not a pyseg checkpoint: not a file torch.save wrote",
+    ),
+    "val --weights with an invalid stored config": (
+        "val",
+        lambda f: ["--weights", str(f["bad_config"])],
+        "bad_config.pt: the training config stored in it is invalid (epochs must be",
     ),
     "val --weights a run folder": ("val", lambda f: ["--weights", str(f["run_folder"])], "did you mean"),
     "val --split nope": ("val", lambda f: ["--weights", str(f["checkpoint"]), "--split", "nope"], "nope"),

@@ -259,6 +259,24 @@ def test_a_fifo_among_the_images_is_named_and_skipped_not_waited_on(tmp_path):
         read_image(images / "f.jpg")
 
 
+def test_a_dangling_symlink_is_named_by_itself_and_keeps_its_label(tmp_path):
+    """A link to a missing file was named by its target, and its label file then reported as "without image"."""
+    dataset_with(tmp_path / "d", {"good.png": _write_pil(halves())})
+    images = tmp_path / "d" / "images"
+    (images / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    labels = images.parent / "labels"
+    labels.mkdir(exist_ok=True)
+    (labels / "gone.txt").write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n")
+    split = load_split([images], 1, "train")
+    problems = {Path(p.file).name: p for p in split.problems}
+    assert "nowhere.jpg" not in problems and "gone.txt" not in problems, problems
+    assert (
+        "a symbolic link to" in problems["gone.jpg"].message
+        and str(tmp_path / "nowhere.jpg") in problems["gone.jpg"].message
+    )
+    assert problems["gone.jpg"].action == "image skipped"
+
+
 def test_read_image_names_the_file_it_cannot_read(tmp_path):
     (tmp_path / "broken.jpg").write_text("not an image")
     (tmp_path / "empty.png").write_bytes(b"")

@@ -246,6 +246,9 @@ def test_wrong_yaml_keys_unknown_builtin_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(DatasetConfigError, match="not valid YAML"):
         resolve_dataset(bad)
+    bad.write_text("path: [a, b]\ntrain: images/train\nval: images/val\nnames: [a]\n")
+    with pytest.raises(DatasetConfigError, match=r"`path` must be one folder .* got \['a', 'b'\]; list several"):
+        resolve_dataset(bad)
     bad.write_text("train: a\nval: a\nnames: [a]\ndownload: |\n  import os\n  os.system('echo hi')\n")
     with pytest.raises(DatasetConfigError, match="never runs code"):
         resolve_dataset(bad)

@@ -133,6 +133,11 @@ def load_dataset_yaml(yaml_path: Path) -> DatasetConfig:
     source = str(yaml_path)
     raw = read_yaml_mapping(yaml_path, "dataset YAML", DatasetConfigError)
     _check_keys(raw, source)
+    if raw.get("path") is not None and not isinstance(raw.get("path"), str | int | float):
+        raise DatasetConfigError(
+            f"{yaml_path}: `path` must be one folder (the dataset root), got {raw.get('path')!r}; list several image "
+            "folders under `train:` / `val:` instead"
+        )
     root = _resolve_root(raw.get("path"), yaml_path.parent)
     splits = {s: _split_sources(raw[s], root, s, source) for s in SPLITS if raw.get(s) is not None}
     extras = {k: raw[k] for k in ("download", "sha256", "generate") if raw.get(k) is not None}

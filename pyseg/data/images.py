@@ -49,6 +49,9 @@ def check_regular_file(path: str | Path) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as error:
+        if os.path.islink(path):
+            reason = f"a symbolic link to {os.readlink(path)}, which cannot be read ({error.strerror or error})"
+            raise ImageReadError(path, reason) from error
         raise ImageReadError(path, error.strerror or str(error)) from error
     if not stat.S_ISREG(mode):
         raise ImageReadError(path, "not a regular file (a FIFO, socket or device); only regular files are read")

@@ -138,7 +138,10 @@ def image_files(sources: list[Path], split: str = "split") -> list[Path]:
 
 
 def _absolute(path: Path) -> Path:
-    """path resolved; a looping symlink stays as it is (absolute), to be reported as an unreadable image."""
+    """path resolved; a looping or dangling symlink stays as it is (absolute), to be reported by its own name as an
+    unreadable image (its label file is the one beside the link)."""
+    if path.is_symlink() and not path.exists():
+        return Path(os.path.abspath(path))
     try:
         return path.resolve()
     except (RuntimeError, OSError):  # "Symlink loop" (RuntimeError before Python 3.13, OSError since)
