@@ -94,6 +94,7 @@ class TrainConfig:
             if isinstance(value, str) and value.startswith("~"):
                 setattr(self, key, os.path.expanduser(value))
         check_config(self)
+        self.model = canonical_model_name(self.model)  # as recorded: "YOLO11n-seg.yaml" -> "yolo11n-seg"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,7 +171,8 @@ RULES: dict[str, tuple] = {
     "data": (lambda v: v.strip() != "", "a dataset YAML, a built-in name or a dataset folder"),
     "model": (
         lambda v: canonical_model_name(v) is not None,
-        "one of pyseg-n, pyseg-s, pyseg-m, yolo11{n,s,m,l,x}-seg, yolov8{n,s,m,l,x}-seg",
+        "one of pyseg-n, pyseg-s, pyseg-m, yolo11{n,s,m,l,x}-seg, yolov8{n,s,m,l,x}-seg (a .pt file of weights goes "
+        "to --weights)",
     ),
     "epochs": _at_least(1),
     "imgsz": (_multiple_of_stride, f"a multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640"),

@@ -185,13 +185,16 @@ def check_checkpoint_flags(args: argparse.Namespace) -> None:
     file is one line naming it, not a failure after the dataset was loaded (or on every Ray worker)."""
     resume = args.resume if isinstance(args.resume, str) else None
     if resume and Path(resume).expanduser().is_file():
-        from pyseg.models.ultralytics_import import is_ultralytics_file
+        from pyseg.engine.checkpoint import load_checkpoint
+        from pyseg.models.ultralytics_import import is_ultralytics_file, read_ultralytics_checkpoint
 
         if is_ultralytics_file(Path(resume).expanduser()):
+            read_ultralytics_checkpoint(Path(resume).expanduser())  # a bad one is refused, not recommended
             raise ConfigError(
                 f"--resume {resume} is an Ultralytics checkpoint, not the last.pt of a pyseg run: start from it with "
                 f"--weights {resume}"
             )
+        load_checkpoint(Path(resume).expanduser())  # damaged, foreign, unsafe: one line before anything is said
     resuming = args.resume not in (None, False) and str(args.resume).strip().lower() not in ("0", "false", "no", "off")
     if args.weights and not resuming:  # (a resumed run takes its weights from its own last.pt)
         from pyseg.models.weights import load_weights

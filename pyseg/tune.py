@@ -111,9 +111,17 @@ def tune_command(argv: list[str] | None) -> int:
     dataset = resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
     val_images = next((source for source in dataset.splits.get("val", []) if source.is_dir()), None)
     if base.weights:  # a bad --weights too (a pyseg or an Ultralytics checkpoint)
-        from pyseg.models.weights import load_weights
+        from pyseg.models.weights import build_from_weights, load_weights
+        from pyseg.tuning import SearchSpaceError
 
-        load_weights(base.weights)
+        weights = load_weights(base.weights)
+        if "model" in space:
+            raise SearchSpaceError(
+                f"search space {space.path}: `model` is searched, but --weights {base.weights} fixes the model "
+                f"({weights.model_name}); remove `model` from the space, or leave out --weights"
+            )
+        base = dataclasses.replace(base, model=weights.model_name)  # as the trials record it, so best.yaml too
+        print(f"pyseg.tune: every trial starts from {build_from_weights(weights, dataset.nc)[1]}")
     if base.device not in ("", "cpu") and not (args.address or os.environ.get("RAY_ADDRESS")):
         from pyseg.engine.device import select_device
 

@@ -34,7 +34,8 @@ def load_model(weights: str | Path, device: torch.device):
             stored = str(error).removeprefix("--")  # it names a key of the file, not a flag
             raise CheckpointError(f"{weights}: the training config stored in it is invalid ({stored})") from error
     else:
-        cfg = make_config({"model": loaded.model_name, **({"imgsz": loaded.imgsz} if loaded.imgsz else {})})
+        recorded = {"imgsz": loaded.imgsz, "data": loaded.data}  # what the Ultralytics file says, where it does
+        cfg = make_config({"model": loaded.model_name, **{k: v for k, v in recorded.items() if v}})
     model, _ = build_from_weights(loaded)
     return model.to(device).eval(), cfg, loaded.names
 
@@ -77,6 +78,11 @@ def validate(
         raise ConfigError(
             f"{weights} has {len(names)} classes but {cfg.data} has {dataset_config.nc}: pass the --data it was "
             "trained on"
+        )
+    if list(dataset_config.names) != list(names):
+        print(
+            f"note: {weights} names its classes {', '.join(names[:4])}, ...; {cfg.data} names them "
+            f"{', '.join(dataset_config.names[:4])}, ...: the table uses the checkpoint's names"
         )
     labels = load_split(dataset_config.splits[split], len(names), split)
     print(labels.summary())

@@ -78,6 +78,8 @@ def bad_files(tmp_path_factory, tiny_data):
     files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
     files["nul_cfg"] = root / "nul.yaml"
     files["nul_cfg"].write_text('name: "a\\0b"\n')  # YAML's escape: a NUL character inside the name
+    files["model_space"] = root / "model_space.yaml"
+    files["model_space"].write_text("lr0: {loguniform: [1.0e-4, 1.0e-2]}\nmodel: {choice: [pyseg-n, yolo11n-seg]}\n")
     files["no_images"] = root / "notes"
     files["no_images"].mkdir()
     (files["no_images"] / "readme.txt").write_text("no images here\n")
@@ -159,7 +161,7 @@ CASES = {
     "val --weights text": (
         "val",
         lambda f: ["--weights", str(f["not_torch"])],
-        "notes.pt is not a pyseg checkpoint: not a file torch.save wrote",
+        "notes.pt is not a checkpoint: not a file torch.save wrote",
     ),
     "val --weights with an invalid stored config": (
         "val",
@@ -218,6 +220,16 @@ CASES = {
         lambda f: ["--data", str(f["tiny_data"]), "--weights", str(f["not_torch"]), "--no-mlflow"],
         "notes.pt",
     ),
+    "tune --weights with the model searched": (
+        "tune",
+        lambda f: [
+            *("--data", str(f["tiny_data"]), "--weights", str(f["checkpoint"]), "--space", str(f["model_space"])),
+            "--no-mlflow",
+        ],
+        "`model` is searched, but --weights",
+    ),
+    "train --model a .pt file": ("train", lambda f: train_flags(f, "--model", "yolo11n-seg.pt"), "goes to --weights"),
+    "train --weights a model name": ("train", lambda f: train_flags(f, "--weights", "yolo11n-seg"), "--model yolo11n"),
     "tune --max-concurrent -1": ("tune", lambda f: ["--max-concurrent", "-1", "--no-mlflow"], "--max-concurrent"),
     "train --val maybe": ("train", lambda f: train_flags(f, "--val", "maybe"), "invalid true/false value"),
     "train --ray-workers at an address nothing answers": (
@@ -358,3 +370,14 @@ def test_a_full_disk_stops_training_in_one_line_and_keeps_last_pt(tiny_data, tmp
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "no space left on device (the disk is full)" in err and "--resume" in err
     assert state["epoch"] >= 0 and not leftovers
+
+
+def test_a_bad_resume_file_is_refused_before_anything_is_printed(bad_files, capsys, tmp_path, monkeypatch):
+    """--resume FILE outside its run folder: the file is read before the run folder or ignored flags are talked
+    about, so a bad file is the only line."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("not_torch", "truncated", "foreign"):
+        code = run_main("train", train_flags(bad_files, "--resume", str(bad_files[name])))
+        captured = capsys.readouterr()
+        assert code == 2 and captured.out == "", captured.out
+        assert len(captured.err.strip().splitlines()) == 1 and bad_files[name].name in captured.err

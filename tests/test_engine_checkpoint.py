@@ -86,3 +86,20 @@ def test_an_intact_checkpoint_loads(tmp_path):
     path = a_checkpoint(tmp_path / "last.pt")
     state = load_checkpoint(path)
     assert torch.equal(state["ema"]["w"], torch.arange(20000, dtype=torch.float32))
+
+
+def test_a_damaged_zip_index_is_one_line(tmp_path):
+    """A damaged central directory can claim an unknown compression method (zipfile raises NotImplementedError) or
+    encryption (RuntimeError): both are a damaged file, not a traceback."""
+    import struct
+
+    for field, value in (("method", 99), ("flags", 0x1)):
+        path = a_checkpoint(tmp_path / f"{field}.pt")
+        data = bytearray(path.read_bytes())
+        entry = data.rfind(b"PK\x01\x02")  # the last central-directory entry
+        offset = entry + (10 if field == "method" else 8)
+        data[offset : offset + 2] = struct.pack("<H", value)
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(path)
+        assert "\n" not in str(error.value) and str(path) in str(error.value), error.value

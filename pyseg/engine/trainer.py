@@ -583,6 +583,11 @@ class Trainer:
             self.model = self.model.to(self.device)
             if self.is_main:
                 print(loaded)
+                if weights.nc == len(names) and list(weights.names) != list(names):
+                    print(
+                        f"note: the weights' classes ({', '.join(weights.names[:4])}, ...) are not the data's "
+                        f"({', '.join(names[:4])}, ...); class k of the data starts from the weights' class k"
+                    )
         else:
             self.model = build_model(cfg.model, len(names)).to(self.device)
         if cfg.channels_last:

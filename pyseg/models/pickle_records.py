@@ -128,7 +128,8 @@ def check_torch_zip(path: Path, what: str, instead: str = "download or copy it a
             head = file.read(4)
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error, NotImplementedError, RuntimeError) as error:
+        # (a damaged central directory can claim an unknown compression method or encryption)
         if not head:
             kind = "an empty file"
         elif head != b"PK\x03\x04":

@@ -75,6 +75,7 @@ class UltralyticsCheckpoint:
     state_dict: dict[str, Tensor]
     imgsz: int | None  # the image size it was trained at, when the file says
     version: str | None  # the Ultralytics version that wrote it
+    data: str | None = None  # the dataset YAML it was trained on, when the file says
 
     @property
     def nc(self) -> int:
@@ -125,6 +126,7 @@ def read_ultralytics_checkpoint(path: str | Path) -> UltralyticsCheckpoint:
             names=_class_names(model, nc),
             state_dict=state,
             imgsz=_train_imgsz(content),
+            data=_train_arg(content, "data", str),
             version=content.get("version") if isinstance(content.get("version"), str) else None,
         )
     raise CheckpointError(f"{path}: its tensors fit no {family.name}-seg scale pyseg has ({problems[0]})")
@@ -255,9 +257,15 @@ def _class_names(model: PickledRecord, nc: int) -> list[str]:
     return [f"class{i}" for i in range(nc)]
 
 
-def _train_imgsz(content: dict) -> int | None:
+def _train_arg(content: dict, key: str, kind: type):
+    """A training argument the file records (train_args), when it is of the kind given."""
     args = content.get("train_args")
     if isinstance(args, PickledRecord):
         args = args.state if isinstance(args.state, dict) else None
-    value = args.get("imgsz") if isinstance(args, dict) else None
-    return value if isinstance(value, int) and value > 0 else None
+    value = args.get(key) if isinstance(args, dict) else None
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _train_imgsz(content: dict) -> int | None:
+    value = _train_arg(content, "imgsz", int)
+    return value if value and value > 0 else None

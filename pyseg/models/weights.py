@@ -26,6 +26,7 @@ class Weights:
     state_dict: dict[str, Tensor]
     config: dict | None  # the pyseg TrainConfig it was trained with (pyseg checkpoints only)
     imgsz: int | None  # the image size it was trained at, when the file says
+    data: str | None = None  # the dataset it was trained on, when the file says and it is still there
 
     @property
     def nc(self) -> int:
@@ -37,18 +38,24 @@ def load_weights(path: str | Path) -> Weights:
 
     CheckpointError (one line: which file, what is wrong, what to do) for a missing, damaged, foreign or unsafe file.
     """
-    from pyseg.engine.checkpoint import load_checkpoint
+    from pyseg.engine.checkpoint import ANY_WEIGHTS, load_checkpoint
     from pyseg.models.ultralytics_import import WHERE_FROM, is_ultralytics_file, read_ultralytics_checkpoint
 
     path = Path(path).expanduser()
+    if not path.exists() and path.suffix != ".pt" and canonical_model_name(path.name):
+        raise CheckpointError(
+            f"--weights {path}: no such file; {path.name} is a model name: train it from scratch with --model "
+            f"{canonical_model_name(path.name)}, or give its weights file"
+        )
     if not path.exists() and (canonical_model_name(path.stem) or "").startswith("yolo"):
         raise CheckpointError(f"{path}: no such file. {WHERE_FROM}")
     if path.is_file() and is_ultralytics_file(path):
         imported = read_ultralytics_checkpoint(path)
+        data = imported.data if imported.data and Path(imported.data).expanduser().is_file() else None
         return Weights(
-            path, "ultralytics", imported.model_name, imported.names, imported.state_dict, None, imported.imgsz
+            path, "ultralytics", imported.model_name, imported.names, imported.state_dict, None, imported.imgsz, data
         )
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, wanted=ANY_WEIGHTS)
     config = dict(state["config"])
     name = canonical_model_name(str(state.get("model_name") or config.get("model") or "pyseg-n"))
     if name is None:
