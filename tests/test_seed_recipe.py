@@ -129,6 +129,8 @@ def test_tune_from_an_ultralytics_checkpoint(tiny_data, imported, tmp_path, shor
     args += ["--weights", str(imported["coco"])]
     code, output = run_tune_command(args, env, tmp_path / "tune.log", timeout=400)
     assert code == 0, output[-4000:]
+    assert "every trial starts from weights" in output and "class layers new for nc=6 (the file has nc=80)" in output
+    assert "model: yolo11n-seg" in (tmp_path / "runs" / "seed" / "best.yaml").read_text()
     trial_args = sorted((tmp_path / "runs" / "seed" / "trials").glob("*/args.yaml"))
     assert len(trial_args) == 2
     for path in trial_args:
