@@ -301,8 +301,22 @@ def load_config_file(path: str | Path) -> dict:
     return read_yaml_mapping(path, "config file", ConfigError)
 
 
+def field_comments() -> dict[str, str]:
+    """{key: the comment at its default in TrainConfig's source}: each flag's help."""
+    import inspect
+
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+= .*?  # (.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).replace("%", "%%")
+    return comments
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per TrainConfig key (defaults left unset so that --cfg values are not overridden)."""
+    """One --flag per TrainConfig key, its help the comment at its default (defaults left unset so that --cfg
+    values are not overridden)."""
+    comments = field_comments()
     parser.add_argument("--cfg", default=None, help="a YAML config (e.g. runs/NAME/args.yaml); flags override it")
     for field in fields(TrainConfig):
         kind = _field_type(field)
@@ -324,11 +338,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 const=True,
                 default=None,
                 type=_true_or_false,
-                help=f"(default {field.default})",
+                help=f"{comments.get(field.name, '')} (default {field.default})".strip(),
             )
         else:
             parser.add_argument(
-                flag(field.name), dest=field.name, type=kind, default=None, help=f"(default {field.default!r})"
+                flag(field.name),
+                dest=field.name,
+                type=kind,
+                default=None,
+                help=f"{comments.get(field.name, '')} (default {field.default!r})".strip(),
             )
 
 

@@ -89,11 +89,13 @@ def draw(image: np.ndarray, prediction: Prediction, names: list[str]) -> np.ndar
     return draw_instances(image, prediction.boxes, prediction.classes, prediction.masks, names, prediction.scores)
 
 
-def coco_results(image_id: str, prediction: Prediction) -> list[dict]:
+def coco_results(image_id: str, prediction: Prediction, names: list[str] | None = None) -> list[dict]:
+    """COCO results rows of one image (category_id = class index + 1), with the class's name as category_name
+    when names are given."""
     from pyseg.engine.coco_eval import encode_masks
 
     rles = encode_masks(prediction.masks) if len(prediction.masks) else []
-    return [
+    rows = [
         {
             "image_id": image_id,
             "category_id": int(c) + 1,
@@ -103,6 +105,10 @@ def coco_results(image_id: str, prediction: Prediction) -> list[dict]:
         }
         for b, s, c, rle in zip(prediction.boxes, prediction.scores, prediction.classes, rles, strict=True)
     ]
+    if names is not None:
+        for row in rows:
+            row["category_name"] = names[row["category_id"] - 1]
+    return rows
 
 
 def _read_or_none(path: Path) -> np.ndarray | None:
@@ -192,7 +198,7 @@ def predict_command(argv: list[str] | None) -> int:
             drawn = out / name
             drawn.parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(drawn), draw(frame, prediction, predictor.names))
-            results += coco_results(name, prediction)
+            results += coco_results(name, prediction, predictor.names)
             count += 1
         if count == 0:
             raise UserError(f"--source {source}: no image could be read ({unreadable} unreadable); nothing written")

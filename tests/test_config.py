@@ -131,3 +131,15 @@ def test_a_tilde_means_the_home_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     cfg = make_config({"project": "~/runs", "weights": "~/w/best.pt"})
     assert cfg.project == str(tmp_path / "runs") and cfg.weights == str(tmp_path / "w" / "best.pt")
+
+
+def test_each_flags_help_is_the_comment_at_its_default():
+    import io
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = io.StringIO()
+    parser.print_help(text)
+    help_text = " ".join(text.getvalue().split())
+    assert "--weights WEIGHTS a pyseg or Ultralytics checkpoint to start from" in help_text
+    assert "--lr0 LR0 initial learning rate" in help_text and "(default 0.01)" in help_text

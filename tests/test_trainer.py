@@ -198,6 +198,7 @@ def test_predict_api_and_cli_write_drawings_and_coco_json(tiny_data, tmp_path):
     assert len(list(out.glob("*.jpg"))) == 4
     results = json.loads((out / "predictions.json").read_text())
     assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    assert all(r["category_name"] == SHAPES_CLASSES[r["category_id"] - 1] for r in results)  # the names it has
     assert main(["--weights", str(weights), "--source", str(tmp_path / "missing.jpg"), "--out", str(out)]) == 2
 
     # Same-named images in two subfolders keep their own drawings and ids (the path inside the source folder).
