@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ultralytics_peer import Payload  # (the module never imports Ultralytics itself)
 
 from pyseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from pyseg.errors import CheckpointError
@@ -60,14 +61,6 @@ def test_a_truncated_last_pt_does_not_advise_using_last_pt(tmp_path):
     message = str(error.value)
     assert "truncated or damaged" in message and "use runs/NAME/weights/best.pt or last.pt" not in message
     assert "keeps no earlier copy of last.pt" in message
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_an_unsafe_pickle_is_refused_as_such_without_torchs_advice(tmp_path):

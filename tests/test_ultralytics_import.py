@@ -4,7 +4,6 @@ every tensor placed, and the files pyseg must refuse (code in the pickle, trunca
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from conftest import COCO128_SEG
 from ultralytics_peer import (
+    Payload,
     rewrite_ultralytics_checkpoint,
     save_ultralytics_checkpoint,
     ultralytics_or_skip,
@@ -195,14 +195,6 @@ def test_named_scale_or_found_by_shapes(checkpoints, tmp_path):
 
 
 # ------------------------------------------------------------------ files pyseg refuses
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):

@@ -126,7 +126,36 @@ class PrototypeBranch(nn.Module):
         return self.conv3(self.conv2(x))
 
 
-class SegHead(nn.Module):
+class DecoupledHead(nn.Module):
+    """What every segment head shares: per level a box, a class and a mask-coefficient branch (box_branches,
+    class_branches, mask_branches; each ends in a 1x1 Conv2d with bias) and prototypes from level 0 (prototypes).
+    Subclasses build those in __init__ and set nc, reg_max and strides.
+    """
+
+    def reset_biases(self) -> None:
+        """Box-distribution biases 1.0; class biases log(5 / nc / (640 / stride)^2), i.e. ~5 objects per 640 image."""
+        for box_branch, class_branch, stride in zip(self.box_branches, self.class_branches, self.strides, strict=True):
+            nn.init.constant_(box_branch[-1].bias, 1.0)
+            nn.init.constant_(class_branch[-1].bias, math.log(5 / self.nc / (640 / stride) ** 2))
+
+    def forward(self, features: Sequence[Tensor]) -> SegOutputs:
+        boxes, classes, coeffs = [], [], []
+        for x, box_branch, class_branch, mask_branch in zip(
+            features, self.box_branches, self.class_branches, self.mask_branches, strict=True
+        ):
+            boxes.append(flatten_level(box_branch(x)))  # (B, h * w, 4 * reg_max)
+            classes.append(flatten_level(class_branch(x)))  # (B, h * w, nc)
+            coeffs.append(flatten_level(mask_branch(x)))  # (B, h * w, num_protos)
+        return SegOutputs(
+            box_distribution=torch.cat(boxes, dim=1),
+            class_logits=torch.cat(classes, dim=1),
+            mask_coeffs=torch.cat(coeffs, dim=1),
+            protos=self.prototypes(features[0]),
+            feature_shapes=[(x.shape[2], x.shape[3]) for x in features],
+        )
+
+
+class SegHead(DecoupledHead):
     """Decoupled anchor-free head: per level a box, a class and a mask-coefficient branch; prototypes on level 0.
 
     The class branch's hidden width does not depend on nc, so only its final 1x1 layers change with the class count.
@@ -151,28 +180,6 @@ class SegHead(nn.Module):
         self.mask_branches = nn.ModuleList(_branch(c, mask_hidden, num_protos) for c in in_channels)
         self.prototypes = PrototypeBranch(in_channels[0], proto_channels, num_protos)
         self.reset_biases()
-
-    def reset_biases(self) -> None:
-        """Box-distribution biases 1.0; class biases log(5 / nc / (640 / stride)^2), i.e. ~5 objects per 640 image."""
-        for box_branch, class_branch, stride in zip(self.box_branches, self.class_branches, self.strides, strict=True):
-            nn.init.constant_(box_branch[-1].bias, 1.0)
-            nn.init.constant_(class_branch[-1].bias, math.log(5 / self.nc / (640 / stride) ** 2))
-
-    def forward(self, features: Sequence[Tensor]) -> SegOutputs:
-        boxes, classes, coeffs = [], [], []
-        for x, box_branch, class_branch, mask_branch in zip(
-            features, self.box_branches, self.class_branches, self.mask_branches, strict=True
-        ):
-            boxes.append(flatten_level(box_branch(x)))  # (B, h * w, 4 * reg_max)
-            classes.append(flatten_level(class_branch(x)))  # (B, h * w, nc)
-            coeffs.append(flatten_level(mask_branch(x)))  # (B, h * w, num_protos)
-        return SegOutputs(
-            box_distribution=torch.cat(boxes, dim=1),
-            class_logits=torch.cat(classes, dim=1),
-            mask_coeffs=torch.cat(coeffs, dim=1),
-            protos=self.prototypes(features[0]),
-            feature_shapes=[(x.shape[2], x.shape[3]) for x in features],
-        )
 
 
 class SegModel(nn.Module):

@@ -9,11 +9,9 @@ Shapes follow pyseg.models.seg_model: B images of H x W pixels (multiples of 32)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from pyseg.models.blocks import (
@@ -26,7 +24,7 @@ from pyseg.models.blocks import (
     DepthwiseConv,
     ProtoBranch,
 )
-from pyseg.models.seg_model import SegOutputs, flatten_level, scale_depth, scale_width
+from pyseg.models.seg_model import DecoupledHead, SegOutputs, scale_depth, scale_width
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,7 @@ YOLOV8_SEG = Family(
 FAMILIES: dict[str, Family] = {family.name: family for family in (YOLO11_SEG, YOLOV8_SEG)}
 
 
-class YoloSegmentHead(nn.Module):
+class YoloSegmentHead(DecoupledHead):
     """The segment head: per level a box branch (two 3x3 Convs, 1x1 to 4 * reg_max), a class branch and a
     mask-coefficient branch (two 3x3 Convs, 1x1 to num_protos); prototypes from level 0 (ProtoBranch).
 
@@ -161,28 +159,6 @@ class YoloSegmentHead(nn.Module):
             for c in in_channels
         )
         self.reset_biases()
-
-    def reset_biases(self) -> None:
-        """Box-distribution biases 1.0; class biases log(5 / nc / (640 / stride)^2), i.e. ~5 objects per 640 image."""
-        for box_branch, class_branch, stride in zip(self.box_branches, self.class_branches, self.strides, strict=True):
-            nn.init.constant_(box_branch[-1].bias, 1.0)
-            nn.init.constant_(class_branch[-1].bias, math.log(5 / self.nc / (640 / stride) ** 2))
-
-    def forward(self, features: Sequence[Tensor]) -> SegOutputs:
-        boxes, classes, coeffs = [], [], []
-        for x, box_branch, class_branch, mask_branch in zip(
-            features, self.box_branches, self.class_branches, self.mask_branches, strict=True
-        ):
-            boxes.append(flatten_level(box_branch(x)))  # (B, h * w, 4 * reg_max)
-            classes.append(flatten_level(class_branch(x)))  # (B, h * w, nc)
-            coeffs.append(flatten_level(mask_branch(x)))  # (B, h * w, num_protos)
-        return SegOutputs(
-            box_distribution=torch.cat(boxes, dim=1),
-            class_logits=torch.cat(classes, dim=1),
-            mask_coeffs=torch.cat(coeffs, dim=1),
-            protos=self.prototypes(features[0]),
-            feature_shapes=[(x.shape[2], x.shape[3]) for x in features],
-        )
 
 
 def _depthwise_class_branch(in_channels: int, hidden: int, nc: int) -> nn.Sequential:
