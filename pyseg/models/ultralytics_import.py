@@ -199,15 +199,6 @@ def _expected_blocks(model: nn.Module) -> list[tuple[str, str]]:
     return expected
 
 
-def transfer(model: nn.Module, state: dict[str, Tensor]) -> tuple[int, int, list[str]]:
-    """Loads every tensor of state whose name and shape match model: (tensors loaded, tensors in state, names of
-    the model's tensors that stayed new)."""
-    own = model.state_dict()
-    loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(loaded, strict=False)
-    return len(loaded), len(state), [k for k in own if k not in loaded]
-
-
 def _normalised(layers) -> list:
     """A layer list with 'None' and None alike, tuples as lists (YAML and Python spell them differently)."""
 
