@@ -170,17 +170,17 @@ def tune_command(argv: list[str] | None) -> int:
         command = f"python -m pyseg.tune {shlex.join(again)}"
         if interrupted:
             print(
-                f"pyseg.tune: interrupted with {summary.unfinished} of {settings.samples} trials unfinished; "
+                f"pyseg.tune: interrupted with {summary.unfinished} of {summary.samples} trials unfinished; "
                 f"continue the search with:\n  {command}"
             )
         else:  # a restored search keeps its spent budget: no command to print, a new search runs more
             flag = "--time-budget" if summary.budget_spent == "time" else "--epoch-budget"
             print(
                 f"pyseg.tune: the {summary.budget_spent} budget ended the search before {summary.unfinished} of "
-                f"{settings.samples} trials ran (a larger {flag} in a new search runs more)"
+                f"{summary.samples} trials ran (a larger {flag} in a new search runs more)"
             )
     if summary.best_config:
-        print(next_steps(summary, base.epochs, val_images))
+        print(next_steps(summary, summary.epochs, val_images))
     if interrupted:  # Ctrl-C (or SIGTERM): the search stopped with trials unfinished
         return 130
     return 0 if summary.best_config else 1

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from pyseg.config import TrainConfig
+from pyseg.config import TrainConfig, make_config
 from pyseg.distributed.ray_train import (
     CHECKPOINT_FILE,
     RayScaling,
@@ -32,6 +32,19 @@ from pyseg.distributed.ray_train import (
     fit_with_ray,
     init_ray,
     remove_staged_on_every_node,
+)
+from pyseg.distributed.search_state import (
+    ENDED,
+    FAILED,
+    SEARCH_FILE,
+    RecordKeeper,
+    SearchRecord,
+    SearchRecordError,
+    TrialRecord,
+    ray_state_files,
+    read_record,
+    sampled_values,
+    trial_folder,
 )
 from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
 from pyseg.distributed.trial_process import train_in_trial
@@ -81,7 +94,11 @@ def load_search_space(path: str | Path, base: TrainConfig | None = None) -> Sear
     base when it is given (run_tune checks again on top of its base), so that no trial starts with an invalid value.
     """
     path = Path(path)
-    raw = read_yaml_mapping(path, "search space", SearchSpaceError)
+    return parse_search_space(read_yaml_mapping(path, "search space", SearchSpaceError), path, base)
+
+
+def parse_search_space(raw: dict, path: Path | str, base: TrainConfig | None = None) -> SearchSpace:
+    """The checked SearchSpace of raw, a space YAML's mapping (read from path, which messages name)."""
     if not raw:
         raise SearchSpaceError(f"search space {path} must map TrainConfig keys to distributions (see tune/full.yaml)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -118,6 +135,11 @@ def load_search_space(path: str | Path, base: TrainConfig | None = None) -> Sear
         space[key] = (kind, args)
     check_search_space(space, base)
     return space
+
+
+def space_as_yaml(space: dict[str, tuple[str, object]]) -> dict:
+    """The space as its YAML file writes it ({key: {distribution: args}}, fixed values as they are)."""
+    return {key: args if kind == "fixed" else {kind: args} for key, (kind, args) in space.items()}
 
 
 def extremes(kind: str, args) -> list[tuple[str, object]]:
@@ -202,7 +224,9 @@ def run_trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     context = ray.tune.get_context()
-    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
+    # the trial's folder: its own id, or the folder of the trial it continues (search_state.trial_folder)
+    trial_id, tune_trial_id = context.get_trial_name(), context.get_trial_id()
+    config = sampled_values(config)
     run_dir = Path(trials_dir) / trial_id
     kept = Storage(storage).child(trial_id) if storage else None
     given = ray.tune.get_checkpoint()
@@ -211,7 +235,7 @@ def run_trial(
     last = ("weights", CHECKPOINT_FILE)
     resume = kept.exists(*last) if kept else run_dir.joinpath(*last).is_file()
     cfg = trial_config(base, config, trials_dir, trial_id, resume=resume)
-    tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.trial_name": trial_name}
+    tags = {**tracking.get("tags", {}), "pyseg.trial_id": trial_id, "pyseg.tune_trial_id": tune_trial_id}
     trial_tracking = TrackingConfig(**{**tracking, "run_name": f"trial {trial_id}", "tags": tags})
 
     if in_process:
@@ -373,6 +397,8 @@ class TuneSummary:
     tracking_uri: str | None = None  # the MLflow store the trials were logged to
     mlflow_experiment_id: str | None = None
     budget_spent: str | None = None  # "time" or "epoch" when that budget ended the search (else None)
+    samples: int = 0  # trials the search samples in all
+    epochs: int = 0  # epochs per trial
 
 
 def check_creatable(folder: Path) -> None:
@@ -383,11 +409,6 @@ def check_creatable(folder: Path) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "not a folder" if not existing.is_dir() else "not writable"
         raise ConfigError(f"--project/--name: cannot create {folder} ({existing} is {what}); pick a writable folder")
-
-
-def ray_trial_folder(trial) -> str:
-    """The folder Tune keeps a trial's own records in: its id (Tune's default name lists every sampled value)."""
-    return trial.trial_id
 
 
 # ray.init arguments that keep Ray's own messages out of the search's output (--verbose shows them): the workers'
@@ -448,33 +469,50 @@ def tpe_startup_trials(samples: int) -> int:
     return min(10, max(2, samples // 4))
 
 
-def _search_algorithm(settings: TuneSettings, max_concurrent: int):
+def _search_algorithm(settings: TuneSettings, max_concurrent: int, resumed: SearchPlan | None = None):
     """Tune's search algorithm, running at most max_concurrent trials at once: Tune's own random sampler, or a
-    seeded multivariate TPE of Optuna (Tune ignores max_concurrent_trials once a search algorithm is given)."""
-    if settings.search == "random":
-        from ray.tune.search import BasicVariantGenerator
+    seeded multivariate TPE of Optuna (Tune ignores max_concurrent_trials once a search algorithm is given).
 
-        return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
-    try:
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError as error:
-        raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
-    sampler = optuna.samplers.TPESampler(
-        n_startup_trials=tpe_startup_trials(settings.samples), multivariate=True, seed=settings.seed
-    )
+    A resumed search first continues the trials of resumed.to_continue; its new samples come from a sampler seeded
+    anew (the seed plus the trials started so far: not the first trials' values again), TPE's told the finished
+    trials' results."""
     from ray.tune.search import ConcurrencyLimiter
 
-    return ConcurrencyLimiter(OptunaSearch(metric=METRIC, mode="max", sampler=sampler), max_concurrent=max_concurrent)
+    seed = settings.seed + (len(resumed.finished) + len(resumed.to_continue) if resumed else 0)
+    if settings.search == "random":
+        if resumed is None:
+            from ray.tune.search import BasicVariantGenerator
+
+            return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
+        from pyseg.distributed.searchers import RandomSearch
+
+        inner = RandomSearch(seed, metric=METRIC, mode="max")
+    else:
+        try:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as error:
+            raise ValueError(f"--search optuna needs optuna: pip install optuna ({error})") from error
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
+        sampler = optuna.samplers.TPESampler(
+            n_startup_trials=tpe_startup_trials(settings.samples), multivariate=True, seed=seed
+        )
+        inner = OptunaSearch(metric=METRIC, mode="max", sampler=sampler)
+    if resumed is not None:
+        from pyseg.distributed.searchers import ContinuedSearch
+
+        continued = {name: trial.config for name, trial in resumed.to_continue.items()}
+        inner = ContinuedSearch(inner, continued, resumed.finished_points)
+    return ConcurrencyLimiter(inner, max_concurrent=max_concurrent)
 
 
-def _stopper(settings: TuneSettings):
+def _stopper(settings: TuneSettings, epochs_trained: int = 0):
+    """The epoch budget's stopper (None without one), counting the epochs the trials trained before."""
     if not settings.epoch_budget:
         return None
     from pyseg.distributed.stoppers import TrialEpochBudget  # imports Ray
 
-    return TrialEpochBudget(settings.epoch_budget)
+    return TrialEpochBudget(settings.epoch_budget, used=epochs_trained)
 
 
 def _scheduler(settings: TuneSettings, space: dict, epochs: int):
@@ -580,31 +618,38 @@ def run_tune(
     *,
     hooks=(),
 ) -> TuneSummary:
-    """Runs (or with settings.resume continues) a search; returns where everything landed."""
+    """Runs a search, or with settings.resume continues the one in project/name from its record (search.json):
+    with that search's own config, space and settings. Returns where everything landed."""
     from ray import tune
 
-    check_search_space(space, base)  # before Ray starts or any trial runs
-    if settings.scheduler == "pbt":
-        pbt_mutations(space)  # a space PBT cannot evolve is one line, before Ray starts
     base = absolute_paths(base)
     tracking = tracking or TrackingConfig()
     experiment_dir = Path(base.project) / settings.name  # with a remote storage: this machine's copy of its outputs
     trials_dir = experiment_dir / TRIALS
     kept = Storage.open(settings.storage).child(settings.name) if is_remote(settings.storage) else None
-    location = kept.uri if kept else str(experiment_dir)  # where Tune keeps the experiment's state
     shown = kept.display if kept else experiment_dir
-    if settings.resume and not tune.Tuner.can_restore(location):
-        where = "--storage" if kept else "--project"
-        raise FileNotFoundError(f"--resume: no Tune experiment to continue in {shown}; check {where} and --name")
-    if not settings.resume and not (kept.is_empty_or_missing() if kept else is_empty_or_missing(experiment_dir)):
-        raise FileExistsError(f"{shown} already holds an experiment: pass --resume to continue it or another --name")
+    if settings.resume:
+        record = read_search_record(experiment_dir, kept)
+        base, space, settings = resumed_search(record, base, settings, experiment_dir / SEARCH_FILE)
+    else:
+        check_search_space(space, base)  # before Ray starts or any trial runs
+        if settings.scheduler == "pbt":
+            pbt_mutations(space)  # a space PBT cannot evolve is one line, before Ray starts
+        if not (kept.is_empty_or_missing() if kept else is_empty_or_missing(experiment_dir)):
+            raise FileExistsError(
+                f"{shown} already holds an experiment: pass --resume to continue it or another --name"
+            )
+        record = SearchRecord(base.to_dict(), space_as_yaml(space), search_defining_settings(settings))
     if kept and tracking.enabled:
         check_tracking_reachable_from_every_node(resolve_tracking_uri(tracking.uri, base.project), kept)
     if not settings.resume:
         check_creatable(experiment_dir)  # before Ray starts
-    if kept and settings.resume and kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
-        kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
+    if kept and settings.resume:
+        if kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
+            kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
+        kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))  # the trials' results.csv files
     searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
+    plan = SearchPlan.of(record, trials_dir, base, space, settings)
     # Tune's own per-trial log files (result.json, progress.csv, params.json/.pkl, TensorBoard events) repeat what
     # each trial's results.csv and MLflow hold, and the driver uploads them again at every experiment checkpoint:
     # on S3, 62 requests per trial in a 64-trial search and growing with the trial count (bench_cluster.py).
@@ -612,14 +657,16 @@ def run_tune(
     # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
     # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
     os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
-    check_local_resources(settings)
-    if not settings.verbose:
-        quiet_ray()
-    init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
-    if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
-        gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
-        settings = dataclasses.replace(settings, gpus_per_trial=gpus)
-    trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
+    runs_trials = bool(plan.trials_to_run and not plan.budget_spent)  # else a resumed search only sums up
+    if runs_trials:
+        check_local_resources(settings)
+        if not settings.verbose:
+            quiet_ray()
+        init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
+        if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
+            gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
+            settings = dataclasses.replace(settings, gpus_per_trial=gpus)
+        trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
 
     parent = None
     if tracking.enabled:
@@ -627,29 +674,35 @@ def run_tune(
         parent = _start_parent_run(base, space, settings, tracking, experiment_dir)
         tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
 
-    trainable = _trainable(base, settings, tracking, trials_dir, hooks)
-    view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
-    callback = activate(view)
-    stopper = None  # a restored search keeps the stopper it was started with
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    keeper = RecordKeeper(record, experiment_dir / SEARCH_FILE, kept)
     if settings.resume:
-        tuner = tune.Tuner.restore(location, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        print(f"resuming {shown}: finished trials are kept, unfinished ones continue from their checkpoints")
-    else:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        scheduler = _scheduler(settings, space, base.epochs)
+        remove_ray_state(experiment_dir, kept, list(record.trials))
+        print(
+            f"resuming {shown} with its own settings ({SEARCH_FILE}): {len(plan.finished)} trials kept, "
+            f"{len(plan.to_continue)} continue from their checkpoints, {plan.new_samples} new"
+        )
+    keeper.save()  # before any trial starts: a search killed at once can be resumed
+    view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
+    stopper = None
+    started = time.monotonic()
+    if runs_trials:
+        from pyseg.distributed.record_callback import RecordCallback  # imports Ray
+
         max_concurrent = settings.max_concurrent or trials_that_fit
-        stopper = _stopper(settings)
+        stopper = _stopper(settings, plan.epochs_trained)
         tuner = tune.Tuner(
-            trainable,
+            _trainable(base, settings, tracking, trials_dir, hooks),
             param_space=to_tune_space(space),
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
-                scheduler=scheduler,
-                search_alg=_search_algorithm(settings, max_concurrent),
-                num_samples=settings.samples,
-                time_budget_s=settings.time_budget or None,
-                trial_dirname_creator=ray_trial_folder,
+                scheduler=_scheduler(settings, space, base.epochs),
+                search_alg=_search_algorithm(settings, max_concurrent, plan if settings.resume else None),
+                num_samples=plan.trials_to_run,
+                time_budget_s=plan.time_left_s,
+                trial_name_creator=trial_folder,
+                trial_dirname_creator=trial_folder,
             ),
             run_config=tune.RunConfig(
                 name=settings.name,
@@ -660,83 +713,213 @@ def run_tune(
                 # PBT's checkpoints, one per perturbation step: each trial's last four (the Ray Train ones stay in
                 # the trial folders)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                callbacks=[callback],
+                callbacks=[activate(view), RecordCallback(keeper)],
                 verbose=2 if settings.verbose else 0,
             ),
         )
-        print(
-            f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to {max_concurrent} at "
-            f"a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values searched"
-        )
-    view.start()
-    started = time.monotonic()
-    try:
-        with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
-            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
-            results = tuner.fit()
-    finally:
-        view.close()
+        if not settings.resume:
+            print(
+                f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to "
+                f"{max_concurrent} at a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values "
+                "searched"
+            )
+        view.start()
+        for name, trial in plan.finished.items():
+            view.trial_kept(name, trial.config, read_results(trials_dir / name / "results.csv"))
+        try:
+            with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
+                warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+                tuner.fit()
+        finally:
+            view.close()
+    if plan.budget_spent:
+        record.budget_spent = plan.budget_spent
+    elif settings.time_budget and time.monotonic() - started >= (plan.time_left_s or 0):
+        record.budget_spent = "time"
+    elif stopper is not None and stopper.stop_all():
+        record.budget_spent = "epoch"
+    keeper.save()
     if kept:  # this machine's copy of every trial's results (not their weights) for the summary
         kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
-        # the trials are over: what they staged on the nodes is in the storage
-        stored = (
-            sorted(folder.name for folder in trials_dir.iterdir() if folder.is_dir()) if trials_dir.is_dir() else []
-        )
+    if kept and runs_trials:  # the trials are over: what they staged on the nodes is in the storage
         trials_kept = Storage(trials_storage_uri(settings))  # as run_trial names each trial's storage
-        remove_staged_on_every_node([trials_kept.child(trial).uri for trial in stored])
-    summary = summarize(results, base, searched, experiment_dir, trials_dir, settings.samples, kept)
+        remove_staged_on_every_node([trials_kept.child(trial).uri for trial in sorted(record.trials)])
+    summary = summarize(record, base, searched, experiment_dir, trials_dir, settings.samples, kept, view.legend_shown)
     if kept:
         for output in (summary.results_csv, summary.best_config, *summary.pictures, experiment_dir / PARENT_RUN_FILE):
             if output is not None and output.is_file():
                 kept.write_file(output, output.name)
-    if settings.time_budget and time.monotonic() - started >= settings.time_budget:
-        summary.budget_spent = "time"
-    elif stopper is not None and stopper.stop_all():
-        summary.budget_spent = "epoch"
+    summary.budget_spent = record.budget_spent
     if parent is not None:
         _finish_parent_run(parent, summary)
         summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id
     return summary
 
 
+# ------------------------------------------------------------------ resume
+
+
+# TuneSettings that define a search: a resumed search takes them from its record; the others (where Ray runs, the
+# storage, the name, the output) come from the command that resumes it.
+SEARCH_DEFINING = (
+    "samples", "scheduler", "search", "workers_per_trial", "gpus_per_trial", "cpus_per_worker", "max_concurrent",
+    "time_budget", "grace_period", "epoch_budget", "seed", "max_failures", "perturbation_interval",
+    "torch_trainer_per_trial",
+)  # fmt: skip
+
+
+def search_defining_settings(settings: TuneSettings) -> dict:
+    return {key: getattr(settings, key) for key in SEARCH_DEFINING}
+
+
+def read_search_record(experiment_dir: Path, kept: Storage | None) -> SearchRecord:
+    """The record of the search to continue (from the storage, when the search is kept on one); SearchRecordError
+    (a ConfigError) when there is none, naming what to do. Ray's own state in the folder is never read."""
+    path = experiment_dir / SEARCH_FILE
+    shown = kept.display if kept else experiment_dir
+    if kept:
+        if kept.exists(SEARCH_FILE):
+            kept.download_file(path, SEARCH_FILE)
+        else:
+            path.unlink(missing_ok=True)  # an old copy here is not the search's
+    if not path.is_file():
+        if kept:
+            names = sorted({name.split("/", 1)[0] for name in kept.files()})
+        else:
+            names = [p.name for p in experiment_dir.iterdir()] if experiment_dir.is_dir() else []
+        if ray_state_files(names):
+            raise SearchRecordError(
+                f"--resume: {shown} holds a Ray Tune experiment without pyseg's record ({SEARCH_FILE}): an older "
+                "pyseg started it, and only Ray's pickled state could continue it. pyseg does not read pickles from "
+                "a search folder (they can run code); start a new search with another --name"
+            )
+        where = "--storage" if kept else "--project"
+        raise SearchRecordError(f"--resume: no search to continue in {shown}; check {where} and --name")
+    return read_record(path)
+
+
+def resumed_search(
+    record: SearchRecord, given: TrainConfig, settings: TuneSettings, path: Path
+) -> tuple[TrainConfig, SearchSpace, TuneSettings]:
+    """The base config, space and settings of the search a record describes: its own, checked as a new search's
+    are, with this command's project (where the search is now), place to run and output."""
+    try:
+        base = make_config({**record.base, "project": given.project})
+        space = parse_search_space(record.space, f"{path} (space)", base)
+        unknown = sorted(set(record.settings) - set(SEARCH_DEFINING))
+        if unknown:
+            raise ConfigError(f"unknown settings {', '.join(unknown)}")
+        settings = dataclasses.replace(settings, **record.settings)  # __post_init__ checks the values
+    except (ConfigError, ValueError, TypeError) as error:
+        raise SearchRecordError(f"{path}: {error}; start a new search with another --name") from None
+    if settings.scheduler == "pbt":
+        pbt_mutations(space)
+    for name, trial in record.trials.items():
+        extra = sorted(set(trial.config) - set(space))
+        try:
+            if extra:
+                raise ConfigError(f"values of keys the space does not search: {', '.join(extra)}")
+            base.updated(**trial.config)
+        except (ConfigError, ValueError) as error:
+            raise SearchRecordError(f"{path}: trial {name}: {error}; start a new search with another --name") from None
+    return base, space, settings
+
+
+def remove_ray_state(experiment_dir: Path, kept: Storage | None, trials: list[str]) -> None:
+    """Deletes Ray Tune's state of an earlier run of the search (its pickles, and its folder of each trial): the
+    resumed run writes its own, and no Ray code path reads the old copies."""
+    if experiment_dir.is_dir():
+        for name in ray_state_files([p.name for p in experiment_dir.iterdir()]):
+            (experiment_dir / name).unlink(missing_ok=True)
+    for trial in trials:
+        shutil.rmtree(experiment_dir / trial, ignore_errors=True)
+    if kept is not None:
+        top = {path.split("/", 1)[0] for path in kept.files()}
+        for name in ray_state_files(sorted(top)):
+            kept.delete(name)
+        for trial in trials:
+            if trial in top:
+                kept.delete(trial)
+
+
+@dataclass
+class SearchPlan:
+    """What a run of a search does: the trials of its record that are finished (done, stopped by the scheduler)
+    and those to continue (interrupted, or failed), the new samples still to draw, and what is left of its
+    budgets."""
+
+    finished: dict[str, TrialRecord]
+    to_continue: dict[str, TrialRecord]
+    finished_points: list[tuple[dict, float]]  # (values, last metric) of the finished trials, for TPE
+    new_samples: int
+    epochs_trained: int  # by all trials so far (the epoch budget counts them)
+    time_left_s: float | None  # of the time budget (None: no budget)
+    budget_spent: str | None
+
+    @property
+    def trials_to_run(self) -> int:
+        return len(self.to_continue) + self.new_samples
+
+    @classmethod
+    def of(cls, record: SearchRecord, trials_dir: Path, base: TrainConfig, space, settings: TuneSettings):
+        finished, to_continue, points, trained = {}, {}, [], 0
+        for name, trial in record.trials.items():
+            history = read_results(trials_dir / name / "results.csv")
+            trained += len(history)
+            done = len(history) >= base.epochs
+            if trial.status == ENDED or done:
+                finished[name] = TrialRecord(ENDED, trial.config)
+                last = parse_number(history[-1].get(METRIC)) if history else None
+                if last is not None and math.isfinite(last):
+                    points.append((trial.config, last))
+            else:
+                to_continue[name] = trial
+        time_left = None
+        spent = record.budget_spent
+        if settings.time_budget:
+            time_left = settings.time_budget - record.elapsed_s
+            if time_left <= 0:
+                spent = spent or "time"
+        if settings.epoch_budget and trained >= settings.epoch_budget:
+            spent = spent or "epoch"
+        new = max(settings.samples - len(record.trials), 0)
+        return cls(finished, to_continue, points, new, trained, time_left, spent)
+
+
 # ------------------------------------------------------------------ results
 
 
 def summarize(
-    results,
+    record: SearchRecord,
     base: TrainConfig,
     searched: list[str],
     experiment_dir: Path,
     trials_dir: Path,
     samples: int,
     kept: Storage | None = None,
+    legend_shown: bool = False,
 ) -> TuneSummary:
-    """tune_results.csv (best epoch of every trial, sorted by mask mAP50-95), best.yaml and the best checkpoint
-    (with kept, the storage of the search: copied from there, its URI printed)."""
-    rows = []
-    for result in results:
-        config = result.config or {}
-        trial_id = (result.metrics or {}).get("trial_id")
-        epochs = (result.metrics or {}).get("epoch")
-        # the trial's own results.csv, not Tune's copy of its reports (Tune's per-trial log files are off: see
-        # run_tune); a trial ended right after an epoch's row, before Tune got its report, trained that epoch
-        history = read_results(trials_dir / trial_id / "results.csv") if trial_id else []
+    """tune_results.csv (best epoch of every trial of the record, sorted by mask mAP50-95), best.yaml and the best
+    checkpoint (with kept, the storage of the search: copied from there, its URI printed)."""
+    rows, ended = [], 0
+    for trial_id, trial in record.trials.items():
+        history = read_results(trials_dir / trial_id / "results.csv")  # the trial's own rows, one per epoch
         best = best_epoch(history)
-        if history:
-            epochs = max(epochs or 0, len(history)) or epochs
+        epochs = len(history)
+        ended += trial.status in (ENDED, FAILED) or epochs >= base.epochs
         row = {
             "trial": trial_id,
             # STOPPED: fewer epochs than asked, stopped early by the scheduler or by an interruption
-            "status": "ERROR" if result.error else "TERMINATED" if epochs == base.epochs else "STOPPED",
+            "status": "ERROR" if trial.status == FAILED else "TERMINATED" if epochs == base.epochs else "STOPPED",
             "epochs": epochs,
             METRIC: best.get(METRIC),
             "mask/map50": best.get("mask/map50"),
             "box/map": best.get("box/map"),
             "best_epoch": best.get("epoch"),
         }
-        row.update({key: config.get(key) for key in searched})
-        row["run_dir"] = str(trials_dir / trial_id) if trial_id else None
-        row["_config"] = config
+        row.update({key: trial.config.get(key) for key in searched})
+        row["run_dir"] = str(trials_dir / trial_id)
+        row["_config"] = trial.config
         rows.append(row)
     rows.sort(key=lambda r: -1.0 if r[METRIC] is None or math.isnan(r[METRIC]) else r[METRIC], reverse=True)
     columns = [c for c in (rows[0] if rows else {"trial": None}) if not c.startswith("_")]
@@ -746,7 +929,8 @@ def summarize(
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(results_csv, table.getvalue())
-    print(legend(abbreviate(searched)))
+    if not legend_shown:  # the live view printed it when it started
+        print(legend(abbreviate(searched)))
     print(ranked_table(rows, searched))
 
     best_config = best_checkpoint = best_trial = best_metric = None
@@ -779,11 +963,11 @@ def summarize(
     pictures = search_pictures(rows, searched, base.epochs, experiment_dir)
     if pictures:
         print(f"pictures: {', '.join(str(p) for p in pictures)}")
-    state = kept.uri if kept else str(experiment_dir)
-    unfinished = max(samples - finished_trials(state, results), 0)  # interrupted, or never started
+    unfinished = max(samples - ended, 0)  # interrupted, or never started
     return TuneSummary(
-        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures
-    )
+        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures,
+        samples=samples, epochs=base.epochs,
+    )  # fmt: skip
 
 
 def best_epoch(history: list[dict]) -> dict:
@@ -810,21 +994,6 @@ def search_pictures(rows: list[dict], searched: list[str], epochs: int, experime
             shutil.copyfile(predictions, copy)
             pictures.append(copy)
     return pictures
-
-
-def finished_trials(experiment_dir: str, results) -> int:
-    """Trials that ended (done, stopped by the scheduler or the time budget, or failed): those --resume keeps.
-
-    Read from the experiment state Tune saved last, not from results: on Ctrl-C Tune saves the state (the running
-    trials as RUNNING, which --resume continues) and only then ends those trials, marking them TERMINATED in results.
-    """
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        trials = ExperimentAnalysis(experiment_dir).trials
-    except (ValueError, OSError):  # no saved state (nothing ran)
-        return results.num_terminated + results.num_errors
-    return sum(trial.status in ("TERMINATED", "ERROR") for trial in trials)
 
 
 def is_empty_or_missing(folder: Path) -> bool:

@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -164,6 +165,16 @@ def bucket_files(prefix: str) -> dict[str, int]:
     return Storage(f"s3://{BUCKET}/{prefix}").files()
 
 
+class RunsCode:
+    """Unpickling it runs a shell command."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def results_epochs(storage: Storage, *parts: str) -> list[int]:
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(*parts).decode())))
     return [int(row["epoch"]) for row in rows]
@@ -214,6 +225,15 @@ def test_a_search_kept_on_s3_resumes_from_the_bucket_after_its_driver_is_killed(
                     kill_process_group(first, grace_s=0)
             assert staged_on == {"head", "worker"}, "each node stages its trial in its own temp folder"
             shutil.rmtree(project)  # the driver's machine keeps nothing
+            # a pickle that runs code, in Ray's state files in the bucket: --resume must not read any of them
+            marker = tmp_path / "MARK"
+            payload = tmp_path / "payload.pkl"
+            payload.write_bytes(pickle.dumps(RunsCode(f"touch {marker}")))
+            search_kept = Storage(f"s3://{BUCKET}/runs/s3search")
+            ray_files = [name for name in search_kept.files() if name.endswith(".pkl") and "/" not in name]
+            assert "tuner.pkl" in ray_files
+            for name in [*ray_files, "searcher-state-9999-12-31_23-59-59.pkl"]:
+                search_kept.write_file(payload, name)
 
             with open(tmp_path / "second.log", "w") as log:
                 code = subprocess.run(
@@ -222,6 +242,8 @@ def test_a_search_kept_on_s3_resumes_from_the_bucket_after_its_driver_is_killed(
                 ).returncode  # fmt: skip
             output = (tmp_path / "second.log").read_text()
             assert code == 0, output[-4000:]
+            assert not marker.exists(), "a pickle in the bucket ran"
+            assert not search_kept.exists("searcher-state-9999-12-31_23-59-59.pkl")
 
         # every trial's outputs are in the bucket, each epoch once
         stored = trials.files()

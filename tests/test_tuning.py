@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from conftest import RayHead, free_port, kill_process_group, python_env, tiny_co
 
 from pyseg import tune as tune_cli
 from pyseg.config import config_from_args, make_config
+from pyseg.distributed.search_state import SearchRecordError
 from pyseg.tracking import TrackingConfig
 from pyseg.train import parse_args as train_args
 from pyseg.tuning import (
@@ -217,7 +220,7 @@ def test_an_existing_experiment_needs_resume_or_a_new_name(tiny_data, tmp_path):
     space = {"lr0": ("uniform", [0.001, 0.01])}
     with pytest.raises(FileExistsError, match="--resume"):
         run_tune(base, space, TuneSettings(name="taken"), TrackingConfig(enabled=False))
-    with pytest.raises(FileNotFoundError, match="no Tune experiment to continue"):
+    with pytest.raises(SearchRecordError, match="no search to continue"):
         run_tune(base, space, TuneSettings(name="missing", resume=True), TrackingConfig(enabled=False))
 
 
@@ -560,3 +563,78 @@ def test_a_trial_that_cannot_fit_the_local_ray_is_one_line_naming_tunes_flags(mo
     with pytest.raises(ConfigError, match=r"needs 3 CPUs .*lower --workers-per-trial or --cpus-per-worker"):
         default_concurrency(TuneSettings(workers_per_trial=3))
     assert default_concurrency(TuneSettings(cpus_per_worker=0.5)) == 4
+
+
+def plant_payloads(folder: Path, marker: Path) -> list[Path]:
+    """A pickle that runs `touch marker` when loaded, in every file Ray Tune reads to restore a search in folder
+    (its pickles, its experiment state with a cloudpickled field, its trial folders' pickles), and in new ones
+    named as Ray names its newest state. Returns the files written."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    blob = pickle.dumps(Payload())
+    state = json_state = {"_type": "CLOUDPICKLE_FALLBACK", "value": blob.hex()}
+    experiment_state = {"trial_data": [[json.dumps({"config": json_state}), "{}"]], "runner_data": state}
+    planted = []
+    targets = [p for p in folder.rglob("*") if p.is_file() and "trials" not in p.relative_to(folder).parts]
+    names = ["tuner.pkl", "trainable.pkl", "searcher-state-9999-12-31_23-59-59.pkl", "basic-variant-state-9999.json"]
+    names += ["search_gen_state-9999-12-31_23-59-59.json"]
+    targets += [folder / name for name in names] + [folder / "experiment_state-9999-12-31_23-59-59.json"]
+    tune_trials = [trial for trial in folder.iterdir() if trial.is_dir() and trial.name != "trials"]
+    targets += [trial / name for trial in tune_trials for name in ("error.pkl", "params.pkl")]
+    for path in targets:
+        if path.suffix == ".json" and path.name != "search.json":
+            path.write_text(json.dumps(experiment_state))
+        elif path.suffix == ".pkl":
+            path.write_bytes(blob)
+        else:
+            continue
+        planted.append(path)
+    return planted
+
+
+@pytest.mark.slow
+def test_a_resumed_search_runs_no_code_from_its_folder_and_resumes_where_it_was_moved(tiny_data, tmp_path, short_tmp):
+    """Both trials die after their first epoch (no restarts): the search ends with them failed. Its folder is moved
+    to another project and a pickle that runs code is planted in every file Ray would read to restore it. --resume
+    continues both failed trials from their last.pt in the moved folder to the end, and the payload never runs."""
+    env = command_env(tmp_path, short_tmp)
+    space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    first = tmp_path / "first"
+    given = tune_command(tiny_data, first, space, "--samples", "2", "--epochs", "2", "--max-concurrent", "2")
+    given += ["--max-failures", "0", "--name", "moved"]
+    code, output = run_tune_command(
+        given, {**env, "PYSEG_TEST_KILL_AT": "epoch-end:1"}, tmp_path / "first.log", timeout=300
+    )
+    assert "2 of 2 trials failed" in output, output[-4000:]
+    record = json.loads((first / "moved" / "search.json").read_text())
+    assert [trial["status"] for trial in record["trials"].values()] == ["failed", "failed"], record
+
+    project = tmp_path / "elsewhere"
+    project.mkdir()
+    shutil.move(first / "moved", project / "moved")
+    marker = tmp_path / "MARK"
+    planted = plant_payloads(project / "moved", marker)
+    assert {p.name for p in planted} >= {"tuner.pkl", "experiment_state-9999-12-31_23-59-59.json"}
+
+    again = tune_command(tiny_data, project, space, "--name", "moved", "--resume")
+    code, resumed = run_tune_command(again, env, tmp_path / "resumed.log", timeout=300)
+    assert code == 0, resumed[-4000:]
+    assert not marker.exists(), "a pickle in the search folder ran"
+    assert "0 trials kept, 2 continue from their checkpoints, 0 new" in resumed, resumed[-4000:]
+    for trial in record["trials"]:
+        with open(project / "moved" / "trials" / trial / "results.csv", newline="") as f:
+            assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2], trial
+    with open(project / "moved" / "tune_results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["trial"] for r in table) == sorted(record["trials"]) and {r["status"] for r in table} == {
+        "TERMINATED"
+    }
+    assert all(Path(r["run_dir"]).parent == project / "moved" / "trials" for r in table)
+    # the planted state is gone: nothing reads it later (Ray's ExperimentAnalysis takes the newest name)
+    assert not [p for p in planted if p.exists() and "9999" in p.name]
+    assert not [p for p in planted if p.exists() and p.name in ("error.pkl", "params.pkl", "trainable.pkl")]

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from ray.tune import Callback
 
+from pyseg.distributed.search_state import trial_folder
+
 METRIC, METRIC50 = "mask/map", "mask/map50"
 FIXED_COLUMNS = (  # (title, width)
     ("trial", 11),
@@ -252,10 +254,12 @@ class SearchView:
         self.last_status = self.started_at
         self.live = None
         self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.legend_shown = False
 
     def start(self) -> None:
         """Prints the legend of the searched values' short names (once, before the first table)."""
         self.print(legend(self.names, self.width()))
+        self.legend_shown = True
 
     def width(self) -> int:
         return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns if self.terminal else DEFAULT_WIDTH
@@ -279,6 +283,13 @@ class SearchView:
         state.status = "RUNNING"
         state.record(result, time.monotonic())
         self.refresh()
+
+    def trial_kept(self, trial_id: str, values: dict, rows: list[dict]) -> None:
+        """A trial an earlier run of a resumed search finished: its results.csv rows, as if reported."""
+        state = self.state(trial_id, values)
+        for row in rows:
+            state.record(row, time.monotonic())
+        state.status = "STOPPED" if (state.epoch or 0) < self.epochs else "TERMINATED"
 
     def trial_ended(self, trial_id: str, values: dict, status: str, error: str | None = None, error_file=None):
         state = self.state(trial_id, values)
@@ -370,20 +381,20 @@ class SearchViewCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if _active_view is not None:
-            _active_view.trial_started(trial.trial_id, trial.config)
+            _active_view.trial_started(trial_folder(trial), trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if _active_view is not None:
-            _active_view.trial_result(trial.trial_id, trial.config, result)
+            _active_view.trial_result(trial_folder(trial), trial.config, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if _active_view is not None:
-            _active_view.trial_ended(trial.trial_id, trial.config, "TERMINATED")
+            _active_view.trial_ended(trial_folder(trial), trial.config, "TERMINATED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if _active_view is not None:
             text, path = _last_error_line(trial)
-            _active_view.trial_ended(trial.trial_id, trial.config, "ERROR", text, path)
+            _active_view.trial_ended(trial_folder(trial), trial.config, "ERROR", text, path)
 
     def on_experiment_end(self, trials, **info):
         if _active_view is not None:

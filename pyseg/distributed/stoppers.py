@@ -7,11 +7,11 @@ from ray.tune import Stopper
 
 class TrialEpochBudget(Stopper):
     """Ends the whole search once its trials have reported `budget` epochs in all (each report is one trained
-    epoch), so that searches of different kinds can be compared at the same compute. Counted from the start of
-    this process: a resumed search gets the budget again."""
+    epoch), so that searches of different kinds can be compared at the same compute. used: the epochs trained
+    before (a resumed search's)."""
 
-    def __init__(self, budget: int):
-        self.budget, self.used = budget, 0
+    def __init__(self, budget: int, used: int = 0):
+        self.budget, self.used = budget, used
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         self.used += 1
