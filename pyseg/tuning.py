@@ -1,8 +1,9 @@
 """Hyperparameter search with Ray Tune: search spaces from YAML, one TorchTrainer per trial, ASHA early stopping,
 MLflow parent and child runs, and the results (table, tune_results.csv, best config, best checkpoint).
 
-Layout of an experiment <project>/<name>/: the Tune experiment state (what --resume restores), trials/<trial>/
-(each trial's run folder: args.yaml, results.csv, weights/, ray_train/), tune_results.csv, best.yaml.
+Layout of an experiment <project>/<name>/: search.json (pyseg's record of the search: what --resume continues
+from; Ray's own state beside it is never read), trials/<trial>/ (each trial's run folder: args.yaml, results.csv,
+weights/, ray_train/), tune_results.csv, best.yaml.
 """
 
 from __future__ import annotations

@@ -78,6 +78,11 @@ def bad_files(tmp_path_factory, tiny_data):
     files["truncated"].write_bytes(files["checkpoint"].read_bytes()[:5000])
     files["nul_cfg"] = root / "nul.yaml"
     files["nul_cfg"].write_text('name: "a\\0b"\n')  # YAML's escape: a NUL character inside the name
+    old_search = root / "searches" / "old"  # a search an older pyseg started: Ray's pickle, no search.json
+    old_search.mkdir(parents=True)
+    (old_search / "tuner.pkl").write_bytes(b"\x80\x04K\x01.")
+    (root / "searches" / "damaged").mkdir()
+    (root / "searches" / "damaged" / "search.json").write_text('{"pyseg_search": 1, "trials": ')
     files["model_space"] = root / "model_space.yaml"
     files["model_space"].write_text("lr0: {loguniform: [1.0e-4, 1.0e-2]}\nmodel: {choice: [pyseg-n, yolo11n-seg]}\n")
     files["no_images"] = root / "notes"
@@ -197,6 +202,16 @@ CASES = {
     "tune --name ../x": ("tune", lambda f: ["--name", "../x", "--no-mlflow"], "--name"),
     "tune --space broken": ("tune", lambda f: ["--space", str(f["not_yaml"]), "--no-mlflow"], "broken.yaml"),
     "tune --resume PATH": ("tune", lambda f: ["--resume", str(f["checkpoint"])], "--resume"),
+    "tune --resume a search only Ray's pickles describe": (
+        "tune",
+        lambda f: ["--resume", "--name", "old", "--project", str(f["root"] / "searches"), "--no-mlflow"],
+        "does not read pickles",
+    ),
+    "tune --resume a damaged search.json": (
+        "tune",
+        lambda f: ["--resume", "--name", "damaged", "--project", str(f["root"] / "searches"), "--no-mlflow"],
+        "search.json: is not valid JSON",
+    ),
     "tune --grace-period -1": ("tune", lambda f: ["--grace-period", "-1", "--no-mlflow"], "--grace-period"),
     "tune --cpus-per-worker 0": ("tune", lambda f: ["--cpus-per-worker", "0", "--no-mlflow"], "--cpus-per-worker"),
     "tune unwritable --project": ("tune", lambda f: ["--project", "/dev/null/x", "--no-mlflow"], "/dev/null"),

@@ -8,6 +8,7 @@ Which Ray: --address (or RAY_ADDRESS) when given, else a new local Ray of this p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -177,8 +178,13 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         # address="local", not None: None also means "the cluster in /tmp/ray/ray_current_cluster", which a
         # stopped or killed `ray start --head` leaves behind, and ray.init waits forever for that dead head.
         kwargs = local_ray_state_api(kwargs, runtime_env["env_vars"])
+        own_dir = "_temp_dir" not in kwargs and not os.environ.get("RAY_TMPDIR")
+        if own_dir:
+            kwargs["_temp_dir"] = private_ray_dir(runtime_env["env_vars"])
         try:
-            ray.init(address="local", runtime_env=runtime_env, **kwargs)
+            # Ray's head processes (dashboard, log monitor) inherit TMPDIR at start: their temporaries go there too
+            with environment(TMPDIR=kwargs["_temp_dir"] if own_dir else os.environ.get("TMPDIR")):
+                ray.init(address="local", runtime_env=runtime_env, **kwargs)
         except Exception as error:  # Ray raises a bare Exception when its processes do not come up in time
             if "timed out during startup" not in str(error):
                 raise
@@ -203,6 +209,51 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         raise RayClusterUnreachableError(
             f"cannot reach the Ray cluster at {target} ({source}): {error}. {hint}"
         ) from error
+
+
+@contextlib.contextmanager
+def environment(**values: str | None):
+    """os.environ with values set (None: unset) inside the block, as it was after it."""
+    saved = {key: os.environ.get(key) for key in values}
+
+    def apply(changes: dict) -> None:
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+RAY_DIR_PREFIX = "ray-"  # a local Ray's own folder under the temp dir, removed when the command ends
+# characters of the temp dir that may hold it: Ray's unix sockets live 70 characters below it (session_<time>/
+# sockets/<name>), and a socket's path must stay under 107 bytes; a longer temp dir gives /tmp instead
+MAX_RAY_DIR_PARENT = 24
+
+
+def private_ray_dir(env_vars: dict[str, str]) -> str:
+    """A new folder for a local Ray that this process starts: its session (logs, sockets) and, through TMPDIR in
+    env_vars (the job's runtime_env), its workers' temporaries (multiprocessing's pymp-* folders, which a killed
+    worker leaves). Removed, after ray.shutdown, when this process exits; nothing is left in /tmp/ray."""
+    import atexit
+
+    parent = tempfile.gettempdir()
+    folder = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=parent if len(parent) <= MAX_RAY_DIR_PARENT else "/tmp")
+    env_vars["TMPDIR"] = folder
+
+    def remove() -> None:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(remove)
+    return folder
 
 
 # The raylet's "N PYTHON worker processes have been started on node ..." warns about Ray's own worker pool: every

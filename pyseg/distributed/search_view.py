@@ -349,8 +349,8 @@ _active_view: SearchView | None = None  # the view SearchViewCallback feeds (set
 
 def activate(view: SearchView) -> SearchViewCallback:
     """Makes view the one the callback feeds and returns the callback for Tune's RunConfig. The callback holds no
-    state: Tune pickles it into the experiment (tuner.pkl), and a restored search (--resume) feeds the view
-    activated then."""
+    state: Tune pickles its callbacks into the experiment (tuner.pkl), and a view with its stream cannot be
+    pickled."""
     global _active_view
     _active_view = view
     return SearchViewCallback()
