@@ -1,5 +1,5 @@
 # The quick start: `make run` and `make test` set up everything they need (scripts/with-env.sh).
-.PHONY: run test bench lint
+.PHONY: run test test-fast bench lint
 
 run:
 	scripts/with-env.sh python -m pyseg.tune --space tune/quick.yaml --samples 4 --epochs 50 --imgsz 160 \
@@ -7,6 +7,10 @@ run:
 
 test:
 	scripts/with-env.sh scripts/run-tests.sh -q --durations=30
+
+# the tier a developer runs all day: every module, without the tests marked slow (whole searches, clusters)
+test-fast:
+	scripts/with-env.sh scripts/run-tests.sh -q -m "not slow" --durations=15
 
 bench:
 	scripts/with-env.sh python benchmarks/bench_ops.py

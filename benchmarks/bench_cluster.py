@@ -194,9 +194,11 @@ def main() -> None:
 
     from pyseg.config import make_config
     from pyseg.data.synthetic import SHAPES_CLASSES, generate_shapes_seg
-    from pyseg.storage import Storage
-    from pyseg.tracking import TrackingConfig
-    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search_settings import TuneSettings
+    from pyseg.distributed.search_space import load_search_space
+    from pyseg.distributed.storage import Storage
+    from pyseg.distributed.tracking import TrackingConfig
 
     work = Path(tempfile.mkdtemp(prefix="pyseg-bench-cluster-", dir="/tmp"))
     s3 = CountingS3(work)

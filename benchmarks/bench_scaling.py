@@ -98,8 +98,8 @@ def run_plain(args, project: Path) -> dict:
 
 
 def run_ray(args, project: Path, workers: int) -> dict:
-    from pyseg.distributed import RayScaling, fit_with_ray
-    from pyseg.tracking import TrackingConfig
+    from pyseg.distributed.ray_train import RayScaling, fit_with_ray
+    from pyseg.distributed.tracking import TrackingConfig
 
     clock = project / f"ray{workers}.jsonl"
     wall = time.perf_counter()
@@ -113,8 +113,10 @@ def run_ray(args, project: Path, workers: int) -> dict:
 
 
 def run_tune_search(args, project: Path) -> dict:
-    from pyseg.tracking import TrackingConfig
-    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search_settings import TuneSettings
+    from pyseg.distributed.search_space import load_search_space
+    from pyseg.distributed.tracking import TrackingConfig
 
     values = {**base_config(args, project, "unused").to_dict(), "val": True}
     cfg = make_config({**values, "epochs": args.tune_epochs, "imgsz": args.tune_imgsz})
@@ -163,8 +165,10 @@ def run_startup(args, project: Path, torch_trainer: bool) -> list[dict]:
     """A search of args.startup_trials trials of 1 epoch, 2 at a time; per trial: its start-up in parts."""
     from ray.tune import ExperimentAnalysis
 
-    from pyseg.tracking import TrackingConfig
-    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search_settings import TuneSettings
+    from pyseg.distributed.search_space import load_search_space
+    from pyseg.distributed.tracking import TrackingConfig
 
     name = "startup-torchtrainer" if torch_trainer else "startup-in-process"
     clock = project / f"{name}.jsonl"

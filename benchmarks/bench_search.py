@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyseg.tuning import load_search_space  # noqa: E402
+from pyseg.distributed.search import load_search_space  # noqa: E402
 
 METRIC = "mask/map"
 RECIPE = ["--optimizer", "adamw", "--nbs", "16"]  # tune/quick.yaml's short-run recipe: trials that learn in minutes

@@ -3,7 +3,7 @@
     python benchmarks/bench_tracking.py                        # 1, 8 and 32 writers; 30 epochs of 40 metrics each
     python benchmarks/bench_tracking.py --writers 1 8 --epochs 10
 
-Each writer is a process that logs like a trial (pyseg.tracking.MlflowRun: create a run, 60 params, then one
+Each writer is a process that logs like a trial (pyseg.distributed.tracking.MlflowRun: create a run, 60 params, then one
 log_batch of --metrics metrics per epoch, then close it), all to one new sqlite:/// store, started together. Prints
 per writer count: metric points stored against points sent (lost = sent - stored), writes that failed and were
 retried, and the median and 95th-percentile seconds of one epoch's write, with the ratio to a single writer measured
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyseg.tracking import MlflowRun  # noqa: E402
+from pyseg.distributed.tracking import MlflowRun  # noqa: E402
 
 EXPERIMENT = "load"
 

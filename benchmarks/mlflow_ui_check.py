@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyseg.tracking import UI_WORKFLOW  # noqa: E402
-from pyseg.tracking import experiment_url as experiment_page_url  # noqa: E402
+from pyseg.distributed.tracking import UI_WORKFLOW  # noqa: E402
+from pyseg.distributed.tracking import experiment_url as experiment_page_url  # noqa: E402
 
 SEARCH_FLAGS = ["--samples", "3", "--epochs", "2", "--imgsz", "64", "--batch", "8", "--workers", "0"]
 SEARCH_FLAGS += ["--scheduler", "none", "--device", "cpu", "--threads", "1", "--close-mosaic", "1"]

@@ -21,9 +21,9 @@ import torch
 from pyseg.config import check_value
 from pyseg.data.augment import PAD_VALUE, letterbox, warp_into
 from pyseg.data.images import IMAGE_SUFFIXES, ImageReadError, read_image
+from pyseg.engine.output_folders import add_output_arguments, output_dir, output_folder
 from pyseg.errors import CommandParser, ConfigError, UserError, run_command
 from pyseg.files import atomic_write_text
-from pyseg.val import add_output_arguments, output_dir, output_folder
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
@@ -52,7 +52,7 @@ class Predictor:
         device: str = "",
     ):
         from pyseg.engine.device import select_device
-        from pyseg.val import load_model
+        from pyseg.models.weights import load_model
 
         for key, value in (("conf", conf), ("iou", iou), ("max_det", max_det), ("imgsz", imgsz)):
             if value is not None:

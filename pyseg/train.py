@@ -24,39 +24,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from pyseg.config import TrainConfig, add_config_arguments, config_from_args, flag
+from pyseg.distributed.flags import add_ray_resource_arguments, add_tracking_arguments, remote_storage
 from pyseg.errors import CommandParser, ConfigError, run_command
-
-
-def add_tracking_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("tracking (MLflow)")
-    group.add_argument(
-        "--mlflow-uri",
-        default="",
-        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db)",
-    )
-    group.add_argument("--mlflow-experiment", default="pyseg", help="MLflow experiment name (default pyseg)")
-    group.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-
-def add_storage_argument(group) -> None:
-    group.add_argument(
-        "--storage",
-        default=None,
-        help="where runs are kept when nodes share no disk: a URI pyarrow.fs opens (s3://BUCKET/PREFIX, "
-        "gs://..., abfs://...); a local folder means --project",
-    )
-
-
-def remote_storage(args: argparse.Namespace) -> str:
-    """--storage as a remote URI ("" when not given); a local folder (or file://) becomes --project."""
-    from pyseg.storage import is_remote
-
-    if not args.storage:
-        return ""
-    if is_remote(args.storage):
-        return args.storage
-    args.project = args.storage.removeprefix("file://")
-    return ""
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,12 +39,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="GPUs per worker (default: 1 if the cluster has GPUs, else 0)",
     )
-    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    group.add_argument(
-        "--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: $RAY_ADDRESS or a local Ray)"
-    )
-    group.add_argument(
-        "--max-failures", type=int, default=2, help="restarts from the last checkpoint after worker failures"
+    add_ray_resource_arguments(
+        group, "CPUs per worker (default 1)", "restarts from the last checkpoint after worker failures (default 2)"
     )
     group.add_argument(
         "--min-workers",
@@ -83,7 +48,6 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="elastic: when workers or nodes are lost, go on with as few as this (default: always --ray-workers)",
     )
-    add_storage_argument(group)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -125,14 +89,14 @@ def train_command(argv: list[str] | None) -> int:
         )
     if not args.ray_workers:  # `kill PID` (SIGTERM) ends a run as Ctrl-C does: the message and the continue command
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    from pyseg.tracking import MlflowHook, command_tracking
+    from pyseg.distributed.tracking import command_tracking
 
     tracking = command_tracking("pyseg.train", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
     trainer = None
     try:
         if args.ray_workers:
             from pyseg.data.dataset_config import resolve_dataset
-            from pyseg.distributed import RayScaling, fit_with_ray
+            from pyseg.distributed.ray_train import RayScaling, fit_with_ray
 
             resolve_dataset(cfg.data)  # a bad --data is one line here, not a traceback per Ray worker
             scaling = RayScaling(
@@ -153,11 +117,12 @@ def train_command(argv: list[str] | None) -> int:
                 print(f"pyseg.train: training failed: {result.error}", file=sys.stderr)
                 return 1
         else:
-            from pyseg.engine.trainer import Trainer, default_hooks
+            from pyseg.distributed.worker import build_hooks
+            from pyseg.engine.trainer import Trainer
 
             trainer = Trainer(
                 cfg,
-                default_hooks() + [MlflowHook(tracking)],
+                build_hooks(tracking),
                 resume_from=args.resume_from,
                 config_overrides={"data": moved_data} if moved_data else None,
             )
@@ -234,7 +199,7 @@ RESUME_IGNORES = tuple(f.name for f in fields(TrainConfig) if f.name not in ("re
 
 def stored_run(storage: str, cfg: TrainConfig):
     """The Storage of the run --name under the --storage URI; ConfigError when a new run would overwrite one."""
-    from pyseg.storage import Storage
+    from pyseg.distributed.storage import Storage
 
     kept = Storage.open(storage).child(cfg.name)
     if not cfg.resume and kept.exists("results.csv"):

@@ -23,9 +23,9 @@ import shlex
 import sys
 
 from pyseg.config import RULES, add_config_arguments, config_from_args, resume_target
+from pyseg.distributed.flags import add_ray_resource_arguments, add_tracking_arguments, remote_storage
+from pyseg.distributed.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
 from pyseg.errors import CommandParser, ConfigError, run_command
-from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
-from pyseg.train import add_storage_argument, add_tracking_arguments, remote_storage
 
 DEFAULT_SPACE = "tune/default.yaml"
 
@@ -58,17 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="GPUs per trial, split over its workers (default: 1 per worker when the cluster has GPUs, else 0)",
     )
-    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker (default 1)")
     group.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0 = what the cluster fits)")
     group.add_argument("--time-budget", type=float, default=0.0, help="stop the search after S seconds (0 = none)")
     group.add_argument(
-        "--max-failures", type=int, default=2, help="restarts of a trial's workers after a failure (default 2)"
-    )
-    group.add_argument(
         "--epoch-budget", type=int, default=0, help="stop the search after N trial-epochs in all (0 = none)"
     )
-    group.add_argument("--address", default=None, help="Ray cluster: auto, ray://HOST:10001 (default: local Ray)")
-    add_storage_argument(group)
+    add_ray_resource_arguments(
+        group, "CPUs per Train worker (default 1)", "restarts of a trial's workers after a failure (default 2)"
+    )
     group.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output")
     add_tracking_arguments(parser)
     add_config_arguments(parser)
@@ -95,7 +92,9 @@ def tune_command(argv: list[str] | None) -> int:
     if _ is not None:
         raise ConfigError("pyseg.tune --resume continues a search: give --resume --name NAME, not a checkpoint")
     args.resume = None
-    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search_settings import TuneSettings
+    from pyseg.distributed.search_space import load_search_space
 
     storage = remote_storage(args)
     args_name, name = args.name, args.name or "tune"
@@ -111,8 +110,8 @@ def tune_command(argv: list[str] | None) -> int:
     dataset = resolve_dataset(base.data)  # a bad --data is one line here, not a failed trial per sample
     val_images = next((source for source in dataset.splits.get("val", []) if source.is_dir()), None)
     if base.weights:  # a bad --weights too (a pyseg or an Ultralytics checkpoint)
+        from pyseg.distributed.search_space import SearchSpaceError
         from pyseg.models.weights import build_from_weights, load_weights
-        from pyseg.tuning import SearchSpaceError
 
         weights = load_weights(base.weights)
         if "model" in space:
@@ -130,36 +129,17 @@ def tune_command(argv: list[str] | None) -> int:
         # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
         # (README: the trials use AdamW)
         base = dataclasses.replace(base, optimizer="adamw")
-    try:
-        settings = TuneSettings(
-            samples=args.samples,
-            scheduler=args.scheduler,
-            search=args.search,
-            workers_per_trial=args.workers_per_trial,
-            gpus_per_trial=args.gpus_per_trial,
-            cpus_per_worker=args.cpus_per_worker,
-            max_concurrent=args.max_concurrent,
-            time_budget=args.time_budget,
-            address=args.address,
-            resume=tune_resume,
-            name=name,
-            grace_period=args.grace_period,
-            verbose=args.verbose,
-            epoch_budget=args.epoch_budget,
-            max_failures=args.max_failures,
-            perturbation_interval=args.perturbation_interval,
-            seed=base.seed,
-            storage=storage,
-        )
-    except ValueError as error:  # TuneSettings checks its values with plain ValueErrors
-        raise ConfigError(str(error)) from error
-    from pyseg.tracking import command_tracking
+    flags = (
+        "samples", "scheduler", "search", "workers_per_trial", "gpus_per_trial", "cpus_per_worker", "max_concurrent",
+        "time_budget", "address", "grace_period", "verbose", "epoch_budget", "max_failures", "perturbation_interval",
+    )  # fmt: skip
+    settings = TuneSettings(
+        **{key: getattr(args, key) for key in flags}, resume=tune_resume, name=name, seed=base.seed, storage=storage
+    )
+    from pyseg.distributed.tracking import command_tracking
 
     tracking = command_tracking("pyseg.tune", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
-    try:
-        summary = run_tune(base, space, settings, tracking)
-    except (FileNotFoundError, FileExistsError, ConnectionError) as error:  # a missing search, a taken name, no Ray
-        raise ConfigError(str(error)) from error
+    summary = run_tune(base, space, settings, tracking)
     errored = sum(row["status"] == "ERROR" for row in summary.rows)
     if errored:
         print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")
@@ -194,7 +174,7 @@ def next_steps(summary, epochs: int, images=None) -> str:
         f"  train the best config longer:  python -m pyseg.train --cfg {summary.best_config} --epochs {3 * epochs}",
     ]
     if summary.tracking_uri:
-        from pyseg.tracking import experiment_url
+        from pyseg.distributed.tracking import experiment_url
 
         remote = summary.tracking_uri.startswith(("http://", "https://"))
         page = experiment_url(

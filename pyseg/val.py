@@ -9,7 +9,6 @@ Prints a per-class table and writes metrics_<split>.json (and data_problems.txt 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,27 +16,10 @@ from pathlib import Path
 import torch
 
 from pyseg.config import TrainConfig, check_value, make_config
-from pyseg.errors import CheckpointError, CommandParser, ConfigError, run_command
+from pyseg.engine.output_folders import add_output_arguments, output_dir, output_folder
+from pyseg.errors import CommandParser, ConfigError, run_command
 from pyseg.files import atomic_write_text
-
-
-def load_model(weights: str | Path, device: torch.device):
-    """(model with the checkpoint's EMA weights, its TrainConfig, class names) from a pyseg checkpoint or an
-    Ultralytics one (whose config is pyseg's defaults with its model and image size)."""
-    from pyseg.models.weights import build_from_weights, load_weights
-
-    loaded = load_weights(weights)
-    if loaded.config is not None:
-        try:
-            cfg = make_config(loaded.config)
-        except ConfigError as error:  # a value stored in the file, not a flag the user gave
-            stored = str(error).removeprefix("--")  # it names a key of the file, not a flag
-            raise CheckpointError(f"{weights}: the training config stored in it is invalid ({stored})") from error
-    else:
-        recorded = {"imgsz": loaded.imgsz, "data": loaded.data}  # what the Ultralytics file says, where it does
-        cfg = make_config({"model": loaded.model_name, **{k: v for k, v in recorded.items() if v}})
-    model, _ = build_from_weights(loaded)
-    return model.to(device).eval(), cfg, loaded.names
+from pyseg.models.weights import load_model
 
 
 def validate(
@@ -103,43 +85,6 @@ def validate(
     evaluator = CocoEvaluator(labels.images, names)
     # a progress bar only where it redraws in place (a terminal), as in train
     return evaluate(model, loader, evaluator, cfg, torch_device, show_progress=sys.stderr.isatty()), names
-
-
-def add_output_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
-    """--project/--name, the output folder of every command (project/name, then name2, name3, ...)."""
-    parser.add_argument("--project", default="runs", help="parent folder of output folders (default runs)")
-    parser.add_argument("--name", default=default_name, help=f"output folder: project/name (default {default_name})")
-    parser.add_argument("--exist-ok", action="store_true", help="write into project/name even if it exists")
-
-
-def output_dir(args: argparse.Namespace) -> Path:
-    """The checked, not yet created output folder of --project/--name/--exist-ok."""
-    from pyseg.engine.trainer import unique_run_dir
-
-    check_value("name", args.name)
-    return unique_run_dir(args.project, args.name, args.exist_ok)
-
-
-def make_folder(folder: Path, flags: str) -> None:
-    """Creates an output folder; one that cannot be made is a user error naming the flags that chose it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ConfigError(f"{flags}: cannot create {folder} ({error.strerror}); pick a writable folder") from error
-
-
-@contextlib.contextmanager
-def output_folder(folder: Path, flags: str):
-    """Creates folder before the work (make_folder), and removes it again when the work fails and the folder was
-    created here and is still empty: a failed command leaves no empty output folder behind."""
-    existed = folder.exists()
-    make_folder(folder, flags)
-    try:
-        yield folder
-    except BaseException:
-        if not existed and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        raise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -396,3 +396,47 @@ def test_a_bad_resume_file_is_refused_before_anything_is_printed(bad_files, caps
         captured = capsys.readouterr()
         assert code == 2 and captured.out == "", captured.out
         assert len(captured.err.strip().splitlines()) == 1 and bad_files[name].name in captured.err
+
+
+ENTRY_POINTS = ("train", "val", "predict", "tune", "submit")
+
+
+def test_the_entry_points_import_no_other_entry_point_and_submit_loads_no_torch():
+    """Each python -m entry point parses, calls and maps errors; none imports another (shared flags and helpers
+    live in pyseg.distributed.flags and pyseg.engine.output_folders), and the job client runs without torch."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "pyseg"
+    for name in ENTRY_POINTS:
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {f"pyseg.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     if node.module == "pyseg" for alias in node.names}  # fmt: skip
+        others = {f"pyseg.{other}" for other in ENTRY_POINTS if other != name}
+        assert not imported & others, (name, imported & others)
+    code = "import sys, pyseg.submit, pyseg.distributed.jobs; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'torch'" not in loaded and "'ray'" not in loaded, loaded
+
+
+def test_a_bug_in_run_tune_or_in_submit_keeps_its_traceback(monkeypatch, tmp_path, tiny_data):
+    """Only user mistakes become one line and exit 2: an error of another kind (a bug) escapes main with its
+    traceback, from the search driver and from the job client alike."""
+    import pyseg.distributed.jobs as jobs
+    import pyseg.distributed.search as search
+
+    def broken_run_tune(*args, **kwargs):
+        raise FileNotFoundError("a bug: some internal file is missing")
+
+    monkeypatch.setattr(search, "run_tune", broken_run_tune)
+    with pytest.raises(FileNotFoundError, match="a bug"):
+        run_main("tune", ["--data", str(tiny_data), "--no-mlflow", "--project", str(tmp_path)])
+
+    def broken_submit(*args, **kwargs):
+        raise TypeError("a bug in the job client")
+
+    monkeypatch.setattr(jobs, "submit_job", broken_submit)
+    monkeypatch.setattr("ray.job_submission.JobSubmissionClient", lambda address: object())
+    with pytest.raises(TypeError, match="a bug in the job client"):
+        run_main("submit", ["--address", "http://127.0.0.1:9", "--no-wait", "--", "train"])

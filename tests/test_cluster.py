@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import ray_cluster, tiny_config
 
-from pyseg.distributed import RayScaling, fit_with_ray
+from pyseg.distributed.ray_train import RayScaling, fit_with_ray
+from pyseg.distributed.search import run_tune
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import load_search_space
+from pyseg.distributed.tracking import TrackingConfig
 from pyseg.engine.trainer import Hook
-from pyseg.tracking import TrackingConfig
-from pyseg.tuning import TuneSettings, load_search_space, run_tune
 
 ray = pytest.importorskip("ray")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks travel to the workers by value

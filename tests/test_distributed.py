@@ -17,11 +17,10 @@ import pytest
 from conftest import RayHead, free_port, kill_process_group, python_env, tiny_config
 
 from pyseg.config import make_config
-from pyseg.distributed import RayScaling, absolute_paths, fit_with_ray, init_ray
-from pyseg.distributed.ray_train import RayClusterUnreachableError
+from pyseg.distributed.ray_train import RayClusterUnreachableError, RayScaling, absolute_paths, fit_with_ray, init_ray
+from pyseg.distributed.tracking import TrackingConfig
 from pyseg.engine.trainer import Hook
 from pyseg.errors import UserError
-from pyseg.tracking import TrackingConfig
 
 ray = pytest.importorskip("ray")
 # The hooks below travel to the Ray workers by value (the workers cannot import this test module).

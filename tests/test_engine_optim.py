@@ -115,13 +115,13 @@ def test_every_momentum_the_config_accepts_builds_an_sgd_optimizer():
     from pyseg.config import make_config
     from pyseg.errors import ConfigError
 
-    for momentum in (0.0, 0.5, 0.937):
-        try:
-            cfg = make_config({"optimizer": "sgd", "momentum": momentum})
-        except ConfigError:
-            continue  # refused before any work starts: fine
+    for momentum in (0.0, 0.5, 0.937, 0.999):  # the config's range is [0, 1): each of these is accepted
+        cfg = make_config({"optimizer": "sgd", "momentum": momentum})
         optimizer = build_optimizer(EveryKindOfLayer(), "sgd", cfg.lr0, cfg.momentum, cfg.weight_decay)
         assert all(g["momentum"] == momentum for g in optimizer.param_groups)
+    for momentum in (-0.1, 1.0, float("nan")):  # and these are refused as a user error, naming the flag
+        with pytest.raises(ConfigError, match="--momentum"):
+            make_config({"optimizer": "sgd", "momentum": momentum})
 
 
 @pytest.mark.parametrize("name", ["auto", "adam", "SGD"])

@@ -192,3 +192,70 @@ def test_missing_extension_falls_back_to_reference_with_one_warning(monkeypatch)
         warnings.simplefilter("error")  # a second call must not warn again
         ops.rasterize_polygons(v, off, owner, 1, 8, 8)
     assert ops.build_info()["cpu"] is False and "pyseg._C" in ops.build_info()["error"]
+
+
+HIDDEN_EXTENSION_SCRIPT = """
+import sys, importlib.abc, warnings, torch
+
+class HideExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyseg._C":
+            raise ImportError("hidden by the test")
+
+sys.meta_path.insert(0, HideExtension())
+import pyseg.ops as ops
+assert not ops.has_ops()
+inputs = torch.load(sys.argv[1], weights_only=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    masks = ops.rasterize_polygons(*inputs["rasterize"])
+    assembled = ops.assemble_masks(*inputs["assemble"], out_size=(24, 20), threshold=0.5)
+    protos = inputs["loss"][0].clone().requires_grad_(True)
+    loss = ops.mask_loss(protos, *inputs["loss"][1:])
+    loss.sum().backward()
+assert any("pure-torch reference" in str(w.message) for w in caught)
+torch.save({"masks": masks, "assembled": assembled, "loss": loss.detach(), "grad": protos.grad}, sys.argv[2])
+"""
+
+
+def test_the_pure_torch_fallback_runs_when_the_extension_is_hidden_and_matches_the_kernels(tmp_path):
+    """With pyseg._C hidden, `import pyseg.ops` still works: each wrapper warns once and runs the reference, whose
+    results equal the native kernels' (run here, where _C is built)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from pyseg import ops
+
+    if not ops.has_ops():
+        pytest.skip("pyseg._C is not built: nothing to compare the fallback with")
+    generator = torch.Generator().manual_seed(0)
+    square = torch.tensor([[2.0, 2.0], [12.0, 2.0], [12.0, 10.0], [2.0, 10.0]])
+    triangle = torch.tensor([[1.0, 1.0], [7.0, 3.0], [3.0, 9.0]])
+    rasterize = (torch.cat([square, triangle]), torch.tensor([0, 4, 7]), torch.tensor([0, 1]), 2, 12, 14)
+    protos = torch.randn(2, 8, 12, 10, generator=generator)
+    coeffs = torch.randn(3, 8, generator=generator)
+    image_index = torch.tensor([0, 1, 1])
+    boxes = torch.tensor([[1.0, 1.0, 8.0, 9.0], [0.0, 2.0, 10.0, 12.0], [3.0, 3.0, 6.0, 7.0]])
+    gt_masks = (torch.rand(3, 12, 10, generator=generator) > 0.5).to(torch.uint8)
+    loss_inputs = (protos, coeffs, image_index, gt_masks, torch.tensor([0, 1, 2]), boxes)
+    inputs = {"rasterize": rasterize, "assemble": (protos, coeffs, image_index, boxes), "loss": loss_inputs}
+    torch.save(inputs, tmp_path / "inputs.pt")
+
+    script = tmp_path / "hidden.py"
+    script.write_text(HIDDEN_EXTENSION_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    fallback = torch.load(tmp_path / "outputs.pt", weights_only=True)
+
+    assert torch.equal(fallback["masks"], ops.rasterize_polygons(*rasterize))
+    assert torch.equal(fallback["assembled"], ops.assemble_masks(*inputs["assemble"], out_size=(24, 20), threshold=0.5))
+    native_protos = protos.clone().requires_grad_(True)
+    native = ops.mask_loss(native_protos, *loss_inputs[1:])
+    native.sum().backward()
+    torch.testing.assert_close(fallback["loss"], native.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fallback["grad"], native_protos.grad, rtol=1e-4, atol=1e-6)

@@ -384,7 +384,7 @@ def test_build_test_selects_every_test_pytest_marks_needs_cuda(tmp_path):
     with open(tmp_path / "collect.log", "w") as log:
         collection = gpu_check.needs_cuda_collection(log, 300, env, tmp_path / "collection.json")
     assert collection["problems"] == [], collection["problems"]
-    assert "tests/test_tuning.py" in collection["not_collected"]  # needs Ray; no needs_cuda test in it
+    assert "tests/test_search.py" in collection["not_collected"]  # needs Ray; no needs_cuda test in it
 
     # what pytest collects with -m needs_cuda from the op tests and the trainer's, each file on its own
     files = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_ops_*.py"))]

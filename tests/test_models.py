@@ -160,8 +160,8 @@ def test_traces_without_graph_breaks():
 
 def test_every_model_name_builds_and_is_selectable_in_configs_and_search_spaces(tmp_path):
     from pyseg.config import MODEL_NAMES, make_config
+    from pyseg.distributed.search_space import SearchSpaceError, load_search_space
     from pyseg.errors import ConfigError
-    from pyseg.tuning import SearchSpaceError, load_search_space
 
     assert len(MODEL_NAMES) == 13 and {"yolo11x-seg", "yolov8m-seg", "pyseg-s"} <= set(MODEL_NAMES)
     assert type(build_model("yolo11n-seg.yaml", 2)).__name__ == "YoloSegModel"  # Ultralytics users' spelling

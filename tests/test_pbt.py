@@ -12,16 +12,16 @@ import pytest
 import yaml
 from conftest import tiny_config
 
-from pyseg.tracking import TrackingConfig
-from pyseg.tuning import (
+from pyseg.distributed.search import run_tune
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import (
     SearchSpace,
     SearchSpaceError,
-    TuneSettings,
     clip_to_space,
     load_search_space,
     pbt_mutations,
-    run_tune,
 )
+from pyseg.distributed.tracking import TrackingConfig
 
 
 def test_pbt_keeps_perturbed_values_inside_the_space():

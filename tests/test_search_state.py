@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 
+from pyseg.distributed.search_resume import read_search_record
 from pyseg.distributed.search_state import (
     CONTINUES,
     ENDED,
@@ -20,7 +21,6 @@ from pyseg.distributed.search_state import (
     sampled_values,
     trial_folder,
 )
-from pyseg.tuning import read_search_record
 
 
 def a_record() -> SearchRecord:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from pyseg.distributed.search import METRIC, _search_algorithm
+from pyseg.distributed.search_resume import SearchPlan
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import to_tune_space
 from pyseg.distributed.search_state import CONTINUES, ENDED, RUNNING, TrialRecord
-from pyseg.tuning import METRIC, SearchPlan, TuneSettings, _search_algorithm, to_tune_space
 
 SPACE = {"lr0": ("loguniform", [1e-4, 1e-2]), "optimizer": ("fixed", "adamw")}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import python_env
-from test_tuning import command_env, run_tune_command, tune_command, write_space
+from test_search import command_env, run_tune_command, tune_command, write_space
 from ultralytics_peer import save_ultralytics_checkpoint
 
 from pyseg.data.synthetic import SHAPES_CLASSES

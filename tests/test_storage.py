@@ -1,6 +1,6 @@
 """No shared disk: runs kept on an S3-compatible server on 127.0.0.1 (moto), through pyarrow.fs.
 
-The fast tests check pyseg.storage against the server; the slow one runs a search on two Ray nodes whose processes
+The fast tests check pyseg.distributed.storage against the server; the slow one runs a search on two Ray nodes whose
 have different temp folders, kills its driver, deletes every local file of the driver, and resumes it from the bucket.
 """
 
@@ -21,8 +21,15 @@ from pathlib import Path
 import pytest
 from conftest import kill_process_group, python_env, ray_cluster, short_temp_dir
 
+from pyseg.distributed.storage import (
+    FolderUploader,
+    Storage,
+    is_remote,
+    remove_all_staged,
+    remove_staged,
+    staging_folder,
+)
 from pyseg.errors import ConfigError
-from pyseg.storage import FolderUploader, Storage, is_remote, remove_all_staged, remove_staged, staging_folder
 
 moto_server = pytest.importorskip("moto.server")
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +106,7 @@ def test_uploads_only_what_changed_and_downloads_it_back(s3_endpoint, tmp_path):
 
 def test_a_bucket_is_opened_once_per_process_and_endpoint(s3_endpoint, tmp_path, monkeypatch):
     # opening an S3 filesystem asks for the bucket's region: once per bucket, not once per file of every epoch
-    from pyseg.storage import _object_store
+    from pyseg.distributed.storage import _object_store
 
     _object_store.cache_clear()
     (tmp_path / "a.txt").write_text("a")
@@ -303,8 +310,10 @@ def test_a_ray_training_kept_on_s3_stores_its_run_folder_and_refuses_to_overwrit
 def test_a_search_kept_remotely_needs_a_tracking_store_every_node_reaches(s3_endpoint, tiny_data, tmp_path):
     from conftest import tiny_config
 
-    from pyseg.tracking import TrackingConfig
-    from pyseg.tuning import TuneSettings, load_search_space, run_tune
+    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search_settings import TuneSettings
+    from pyseg.distributed.search_space import load_search_space
+    from pyseg.distributed.tracking import TrackingConfig
 
     space = tmp_path / "space.yaml"
     space.write_text("lr0: {loguniform: [1.0e-4, 1.0e-2]}\n")

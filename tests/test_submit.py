@@ -11,6 +11,7 @@ import pytest
 from conftest import RayHead, free_port, python_env, short_temp_dir
 
 from pyseg import submit
+from pyseg.distributed import jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ def test_submit_needs_a_pyseg_command_and_an_address(capsys):
         submit.parse_args(["--address", "http://127.0.0.1:1", "--", "rm", "-rf"])
     assert "one of tune, train, val, predict" in capsys.readouterr().err
     args = submit.parse_args(["--address", "http://h:8265", "--", "tune", "--samples", "2", "--name", "a b"])
-    assert submit.entrypoint(args.command) == "python -m pyseg.tune --samples 2 --name 'a b'"
+    assert jobs.entrypoint(args.command) == "python -m pyseg.tune --samples 2 --name 'a b'"
 
 
 def test_unreachable_cluster_gets_a_next_step(capsys, monkeypatch):
@@ -31,13 +32,13 @@ def test_unreachable_cluster_gets_a_next_step(capsys, monkeypatch):
 
 
 def test_jobs_get_the_same_forwarded_environment_as_ray_train_workers(tmp_path, monkeypatch):
-    from pyseg.distributed import ray_train
+    import pyseg.distributed.ray_train as ray_train
 
-    assert submit.FORWARDED_ENV is ray_train.FORWARDED_ENV  # one list, not two that drift apart
+    assert jobs.FORWARDED_ENV is ray_train.FORWARDED_ENV  # one list, not two that drift apart
     for key in ray_train.FORWARDED_ENV:
         monkeypatch.setenv(key, f"value of {key}")
     monkeypatch.setenv("UNRELATED_SECRET", "x")
-    env = submit.runtime_env(str(tmp_path), "")["env_vars"]
+    env = jobs.runtime_env(str(tmp_path), "")["env_vars"]
     assert env == {key: f"value of {key}" for key in ray_train.FORWARDED_ENV}
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" in env  # was forwarded to Train workers but not to jobs
     assert {k: v for k, v in ray_train.forwarded_env().items() if k in env} == env

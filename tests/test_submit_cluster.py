@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_process_group, python_env, ray_cluster
 
-from pyseg import submit
+from pyseg.distributed import jobs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,9 @@ ray = pytest.importorskip("ray")
 
 
 def test_a_finished_job_gives_its_own_exit_code():
-    assert submit.job_exit_code("SUCCEEDED", 0) == 0
-    assert submit.job_exit_code("FAILED", 2) == 2  # the job's user error stays a user error
-    assert submit.job_exit_code("FAILED", None) == 1 and submit.job_exit_code("SUCCEEDED", None) == 0
+    assert jobs.job_exit_code("SUCCEEDED", 0) == 0
+    assert jobs.job_exit_code("FAILED", 2) == 2  # the job's user error stays a user error
+    assert jobs.job_exit_code("FAILED", None) == 1 and jobs.job_exit_code("SUCCEEDED", None) == 0
 
 
 def test_submitting_waits_for_a_new_clusters_job_agents_but_not_for_other_errors(monkeypatch):
@@ -40,27 +40,27 @@ def test_submitting_waits_for_a_new_clusters_job_agents_but_not_for_other_errors
     monkeypatch.setattr("time.sleep", lambda s: None)
     not_ready = RuntimeError("Request failed with status code 500: No available agent to submit job, please try again")
     starting = Cluster([not_ready, not_ready, "raysubmit_1"])
-    assert submit.submit_job(starting, "python -m pyseg.tune", {}, None) == "raysubmit_1" and starting.calls == 3
+    assert jobs.submit_job(starting, "python -m pyseg.tune", {}, None) == "raysubmit_1" and starting.calls == 3
     refused = Cluster([RuntimeError("Request failed with status code 401: Unauthorized"), "never"])
     with pytest.raises(RuntimeError, match="Unauthorized"):
-        submit.submit_job(refused, "python -m pyseg.tune", {}, None)
+        jobs.submit_job(refused, "python -m pyseg.tune", {}, None)
     assert refused.calls == 1
 
 
 def test_ctrl_c_asks_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     monkeypatch.setattr("builtins.input", lambda prompt: "y")
-    assert submit.ask_to_stop("raysubmit_1")
+    assert jobs.ask_to_stop("raysubmit_1")
     monkeypatch.setattr("builtins.input", lambda prompt: "")
-    assert not submit.ask_to_stop("raysubmit_1")  # no by default
+    assert not jobs.ask_to_stop("raysubmit_1")  # no by default
 
     def second_ctrl_c(prompt):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", second_ctrl_c)
-    assert not submit.ask_to_stop("raysubmit_1")
+    assert not jobs.ask_to_stop("raysubmit_1")
     monkeypatch.setattr(sys.stdin, "isatty", lambda: False)
-    assert not submit.ask_to_stop("raysubmit_1")  # no terminal: the job goes on
+    assert not jobs.ask_to_stop("raysubmit_1")  # no terminal: the job goes on
 
 
 @pytest.mark.slow
@@ -126,4 +126,4 @@ def test_submitted_jobs_train_on_both_nodes_stop_on_ctrl_c_and_exit_with_their_o
             else:
                 assert f"ray job stop {job_id} --address {dashboard}" in text
                 client.stop_job(job_id)
-                submit.wait_until_ended(client, job_id)
+                jobs.wait_until_ended(client, job_id)

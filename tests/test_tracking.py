@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from pyseg.engine.trainer import Hook, Trainer, default_hooks
-from pyseg.tracking import (
+from pyseg.distributed.tracking import (
     MlflowHook,
     MlflowRun,
     TrackingConfig,
@@ -18,6 +17,7 @@ from pyseg.tracking import (
     numeric_metrics,
     resolve_tracking_uri,
 )
+from pyseg.engine.trainer import Hook, Trainer, default_hooks
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -110,7 +110,7 @@ def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(tmp_path):
     """Without mlflow.experimentKind, MLflow 3's UI shows the experiment as GenAI (traces, "No data available")."""
     from mlflow import MlflowClient
 
-    from pyseg.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pyseg.distributed.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = MlflowRun(uri, "new-experiment")

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from pyseg.tracking import TrackingConfig, numeric_metrics, resolve_tracking_uri
-from pyseg.tuning import TuneSettings, load_search_space, run_tune
+from pyseg.distributed.search import run_tune
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import load_search_space
+from pyseg.distributed.tracking import TrackingConfig, numeric_metrics, resolve_tracking_uri
 
 
 @pytest.mark.slow

@@ -1,5 +1,2 @@
-"""Scale-out on Ray: data-parallel training with Ray Train (see ray_train.py)."""
-
-from pyseg.distributed.ray_train import RayScaling, absolute_paths, fit_with_ray, init_ray
-
-__all__ = ["RayScaling", "absolute_paths", "fit_with_ray", "init_ray"]
+"""Everything that talks to Ray or MLflow: Ray Train (ray_train.py), the Tune driver (search*.py), MLflow
+(tracking.py), storage URIs (storage.py), Ray Jobs (jobs.py). Importing the package imports none of them."""

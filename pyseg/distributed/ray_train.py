@@ -22,22 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyseg.config import TrainConfig
-from pyseg.engine.trainer import Hook, Trainer, default_hooks, parse_number, read_results, unique_run_dir
+from pyseg.distributed.jobs import FORWARDED_ENV  # the environment every Ray process of a run gets
+from pyseg.distributed.storage import remove_all_staged, remove_staged
+from pyseg.distributed.tracking import TrackingConfig
+from pyseg.distributed.worker import build_hooks, check_device_has_gpus, stage_run_folder, worker_device
+from pyseg.engine.run_files import LAST_CHECKPOINT
+from pyseg.engine.trainer import Hook, Trainer, parse_number, read_results, unique_run_dir
 from pyseg.errors import ConfigError, UserError
-from pyseg.storage import StorageSyncHook, remove_all_staged, remove_staged, stage, staging_folder
-from pyseg.tracking import MlflowHook, TrackingConfig
 
-# Environment that must reach every process pyseg starts on Ray: Train workers and Tune trials (they may start before
-# a test or a user sets it in this process) and Ray Jobs (pyseg.submit). The one list for both.
-FORWARDED_ENV = (
-    "PYSEG_CACHE_DIR",
-    "PYSEG_DATASETS_DIR",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT",
-)
-CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FILE = LAST_CHECKPOINT
 RESTORE_PREFIX = "pyseg-restore-"  # temporary folders of restored Ray checkpoints, removed once loaded
 CONNECT_TIMEOUT_S = 10.0  # seconds to wait for a cluster's address to accept a connection
 
@@ -371,26 +364,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """The function each Ray Train worker runs: a Trainer for this rank, restored from Ray's last checkpoint."""
     import ray.train
     import ray.train.torch
-    import torch
 
     _quiet_report_log()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    cfg: TrainConfig = loop_config["config"]
-    if cfg.threads == 0:
-        torch.set_num_threads(max(int(loop_config["cpus_per_worker"]), 1))
-    tracking = TrackingConfig(**loop_config["tracking"])
-    report = RayReportHook()
     storage = loop_config.get("storage")
-    if storage:  # kept on a storage: every rank stages its own copy of the run folder on its node
-        cfg = cfg.updated(project=str(staging_folder(storage, rank)))
-    sync = [StorageSyncHook(storage)] if storage else []
-    hooks = default_hooks() + [MlflowHook(tracking), *loop_config.get("hooks", ()), *sync, report]
+    cfg = stage_run_folder(loop_config["config"], storage, rank)  # every rank stages its own copy on its node
+    report = RayReportHook()
+    hooks = build_hooks(TrackingConfig(**loop_config["tracking"]), loop_config.get("hooks", ()), storage, report)
     restore_dir = resume_from = None
     fit_started_at = loop_config.get("fit_started_at", 0.0)
     run_dir = Path(cfg.project) / cfg.name
-    if storage:  # the storage holds the truth: a copy left on this node by a killed run may be stale
-        stage(storage, run_dir)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -414,7 +398,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             rank=rank,
             world_size=world_size,
             show_progress=False,
-            device=assigned_device(rank),
+            device=worker_device(cfg.device, f"rank {rank}", train_worker=True),
+            cpus=loop_config["cpus_per_worker"],
             wrap_model=lambda model: ray.train.torch.prepare_model(model, move_to_device=False),
             resume_from=resume_from,
             config_overrides=loop_config.get("config_overrides"),
@@ -427,47 +412,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     finally:
         if restore_dir is not None:
             shutil.rmtree(restore_dir, ignore_errors=True)
-
-
-def trial_device():
-    """The torch device for a Tune trial that trains in its own process: the GPU Ray assigned it (CUDA_VISIBLE_DEVICES
-    then shows only that one), else CPU; CPU, said once, when Ray assigned a GPU that torch cannot see."""
-    import ray
-    import torch
-
-    gpu_ids = ray.get_gpu_ids()
-    if not gpu_ids:
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    print(no_cuda_message("the trial", gpu_ids))
-    return torch.device("cpu")
-
-
-def no_cuda_message(who: str, gpu_ids) -> str:
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()[:8]
-    return (
-        f"{who}: Ray assigned GPU {', '.join(map(str, gpu_ids))} of node {node} but torch sees no CUDA device there "
-        "(torch.cuda.is_available() is False): training on CPU. Check the node's --num-gpus and that its torch is "
-        "a CUDA build."
-    )
-
-
-def assigned_device(rank: int):
-    """The torch device Ray assigned this worker; CPU, said once, when Ray assigned a GPU that torch cannot see
-    (a node that declares GPUs it lacks, `ray start --num-gpus`, or a CPU-only torch)."""
-    import ray
-    import ray.train.torch
-    import torch
-
-    device = ray.train.torch.get_device()
-    gpu_ids = ray.get_gpu_ids()
-    if gpu_ids and (device.type != "cuda" or not torch.cuda.is_available()):
-        print(no_cuda_message(f"rank {rank}", gpu_ids))
-        return torch.device("cpu")
-    return device
 
 
 class RestartMessageHook(Hook):
@@ -529,8 +473,8 @@ def fit_with_ray(
     The Ray checkpoints live in <run folder>/ray_train; running again with cfg.resume (same project and name)
     continues from the latest one. extra_hooks run on every worker after the default hooks. config_overrides
     replace the values a resumed run takes from its checkpoint. storage: the URI that keeps this run's folder when
-    nodes share no disk (pyseg.storage); the run then trains in cfg's folder as a local staging copy on each node,
-    and Ray's checkpoints go to storage/ray_train.
+    nodes share no disk (pyseg.distributed.storage); the run then trains in cfg's folder as a local staging copy on
+    each node, and Ray's checkpoints go to storage/ray_train.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -539,6 +483,7 @@ def fit_with_ray(
     cfg, run_dir = prepare_run(cfg, local=storage is None)
     tracking = tracking or TrackingConfig()
     scaling = scaling.resolved()
+    check_device_has_gpus(cfg.device, scaling.gpus_per_worker)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyseg.config import TrainConfig
-from pyseg.distributed.ray_train import CHECKPOINT_FILE, RayReportHook, RestartMessageHook, trial_device
-from pyseg.engine.trainer import Hook, Trainer, default_hooks
-from pyseg.storage import StorageSyncHook, remove_staged, stage, staging_folder
-from pyseg.tracking import MlflowHook, TrackingConfig
+from pyseg.distributed.ray_train import RayReportHook, RestartMessageHook
+from pyseg.distributed.storage import remove_staged
+from pyseg.distributed.tracking import TrackingConfig
+from pyseg.distributed.worker import build_hooks, checkpoint_due, stage_run_folder, worker_device
+from pyseg.engine.run_files import LAST_CHECKPOINT, WEIGHTS_DIR
+from pyseg.engine.trainer import Hook, Trainer
 
 
 class TuneReportHook(RayReportHook):
@@ -25,8 +27,7 @@ class TuneReportHook(RayReportHook):
         self.checkpoint_every, self.epochs = checkpoint_every, epochs
 
     def wants_checkpoint(self, trainer: Trainer, epoch: int) -> bool:
-        every = self.checkpoint_every
-        return bool(every) and (epoch % every == 0 or epoch >= self.epochs)
+        return checkpoint_due(epoch, self.checkpoint_every, self.epochs)
 
     def send(self, metrics: dict, checkpoint_folder: Path | None, epoch: int) -> None:
         import ray.tune
@@ -51,21 +52,14 @@ def train_in_trial(
     the run folder (nodes share no disk); the run then trains in a staging copy on this node. A run that continues
     a checkpoint written since search_started_at (Tune restarted the trial after a failure) says so, with the time
     lost."""
-    import torch
-
-    if cfg.threads == 0:
-        torch.set_num_threads(max(int(cpus), 1))
-    if storage:  # the storage holds the truth: a copy left on this node by a killed trial may be stale
-        cfg = cfg.updated(project=str(staging_folder(storage)))
-        stage(storage, Path(cfg.project) / cfg.name)
+    cfg = stage_run_folder(cfg, storage)
     run_dir = Path(cfg.project) / cfg.name
     report = TuneReportHook(checkpoint_every, cfg.epochs)
-    hooks = default_hooks() + [MlflowHook(tracking), *extra_hooks]
-    hooks += [StorageSyncHook(storage)] if storage else []
-    hooks.append(report)
+    hooks = build_hooks(tracking, extra_hooks, storage, report)
     if cfg.resume:
-        hooks.append(RestartMessageHook(str(run_dir / "weights" / CHECKPOINT_FILE), search_started_at))
-    trainer = Trainer(cfg, hooks, show_progress=False, device=trial_device(), config_overrides=config_overrides)
+        hooks.append(RestartMessageHook(str(run_dir / WEIGHTS_DIR / LAST_CHECKPOINT), search_started_at))
+    device = worker_device(cfg.device, "the trial", train_worker=False)
+    trainer = Trainer(cfg, hooks, show_progress=False, device=device, cpus=cpus, config_overrides=config_overrides)
     trainer.fit()
     if report.reports == 0:
         report.report_finished_run(trainer)

@@ -8,7 +8,7 @@ from ray.train import UserCallback
 
 class ForwardReports(UserCallback):
     """Runs in Ray Train's controller: puts (rank 0's metrics, the report's checkpoint or None) on a Ray queue,
-    which pyseg.tuning.report_with_checkpoints reads in the trial's driver and passes on to Tune."""
+    which pyseg.distributed.search.report_with_checkpoints reads in the trial's driver and passes on to Tune."""
 
     def __init__(self, queue):
         self.queue = queue

@@ -27,6 +27,14 @@ def select_device(device: str | None) -> torch.device:
         raise ConfigError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or N") from error
 
 
+def cpu_threads(threads: int, device: torch.device, cpus: float | None = None) -> int | None:
+    """The one rule for torch's CPU threads: --threads (threads) when training on the CPU; without it (0), the
+    CPUs Ray gave the process (cpus), whatever the device; else None (torch's own default)."""
+    if threads:
+        return threads if device.type == "cpu" else None
+    return max(int(cpus), 1) if cpus else None
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch with its tensors on device (non-blocking); other values as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

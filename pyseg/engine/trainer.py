@@ -35,7 +35,7 @@ from pyseg.data.loader import MASK_RATIO, SegCollate, build_dataloader, polygon_
 from pyseg.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from pyseg.engine.coco_eval import METRIC_KEYS, CocoEvaluator
 from pyseg.engine.console import EpochTable
-from pyseg.engine.device import autocast_dtype, masks_made_by_loader, select_device, to_device
+from pyseg.engine.device import autocast_dtype, cpu_threads, masks_made_by_loader, select_device, to_device
 from pyseg.engine.loss import SegLoss
 from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
 from pyseg.engine.plots import plot_results
@@ -356,7 +356,7 @@ class Trainer:
     Data-parallel use (pyseg.distributed): one Trainer per process with its rank and world_size, the process group
     already initialized, device set to the process's device and wrap_model wrapping the model (e.g. in DDP).
     cfg.batch is the total batch; each rank takes cfg.batch // world_size. resume_from loads a checkpoint file
-    (e.g. one restored by Ray) instead of project/name/weights/last.pt.
+    (e.g. one restored by Ray) instead of project/name/weights/last.pt. cpus: the CPUs Ray gave the process.
     """
 
     # set by __init__
@@ -410,8 +410,10 @@ class Trainer:
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
         resume_from: Path | None = None,
         config_overrides: dict | None = None,
+        cpus: float | None = None,
     ):
         self.cfg = cfg
+        self.cpus = cpus  # the CPUs Ray gave this process (torch's threads when --threads is 0); None: not on Ray
         # on resume, values that replace the checkpoint's own (a PBT trial continues another trial's checkpoint
         # with its own, perturbed hyperparameters)
         self.config_overrides = dict(config_overrides or {})
@@ -488,8 +490,9 @@ class Trainer:
         """Device, CPU threads, seeds and determinism."""
         cfg = self.cfg
         self.device = self.device or select_device(cfg.device)
-        if self.device.type == "cpu" and cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        threads = cpu_threads(cfg.threads, self.device, self.cpus)
+        if threads:
+            torch.set_num_threads(threads)
         seed = cfg.seed + self.rank
         random.seed(seed)
         np.random.seed(seed)

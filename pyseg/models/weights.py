@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
-from pyseg.config import canonical_model_name
-from pyseg.errors import CheckpointError
+from pyseg.config import canonical_model_name, make_config
+from pyseg.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -100,3 +101,20 @@ def build_from_weights(weights: Weights, nc: int | None = None) -> tuple[nn.Modu
         f"weights {weights.path}: {weights.model_name}, transferred {len(loaded)}/{total} tensors; class layers new "
         f"for nc={nc} (the file has nc={weights.nc})"
     )
+
+
+def load_model(weights: str | Path, device: torch.device):
+    """(model with the checkpoint's EMA weights, its TrainConfig, class names) from a pyseg checkpoint or an
+    Ultralytics one (whose config is pyseg's defaults with its model and image size)."""
+    loaded = load_weights(weights)
+    if loaded.config is not None:
+        try:
+            cfg = make_config(loaded.config)
+        except ConfigError as error:  # a value stored in the file, not a flag the user gave
+            stored = str(error).removeprefix("--")  # it names a key of the file, not a flag
+            raise CheckpointError(f"{weights}: the training config stored in it is invalid ({stored})") from error
+    else:
+        recorded = {"imgsz": loaded.imgsz, "data": loaded.data}  # what the Ultralytics file says, where it does
+        cfg = make_config({"model": loaded.model_name, **{k: v for k, v in recorded.items() if v}})
+    model, _ = build_from_weights(loaded)
+    return model.to(device).eval(), cfg, loaded.names

@@ -8,23 +8,16 @@ weights/, ray_train/), tune_results.csv, best.yaml.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import importlib.util
-import io
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from pyseg.config import TrainConfig, make_config
+from pyseg.config import TrainConfig
 from pyseg.distributed.ray_train import (
     CHECKPOINT_FILE,
     RayScaling,
@@ -34,161 +27,41 @@ from pyseg.distributed.ray_train import (
     init_ray,
     remove_staged_on_every_node,
 )
+from pyseg.distributed.search_results import TRIALS, TuneSummary, summarize
+from pyseg.distributed.search_resume import (
+    SearchPlan,
+    read_search_record,
+    remove_ray_state,
+    resumed_search,
+    search_defining_settings,
+)
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import (
+    check_search_space,
+    clip_to_space,
+    pbt_mutations,
+    space_as_yaml,
+    to_tune_space,
+)
 from pyseg.distributed.search_state import (
-    ENDED,
-    FAILED,
     SEARCH_FILE,
     RecordKeeper,
     SearchRecord,
-    SearchRecordError,
-    TrialRecord,
-    ray_state_files,
-    read_record,
     sampled_values,
     trial_folder,
 )
-from pyseg.distributed.search_view import SearchView, abbreviate, activate, format_value, legend, ranked_table
+from pyseg.distributed.search_view import SearchView, activate
+from pyseg.distributed.storage import Storage, is_remote
+from pyseg.distributed.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 from pyseg.distributed.trial_process import train_in_trial
-from pyseg.engine.trainer import parse_number, read_results
+from pyseg.distributed.worker import check_device_has_gpus, checkpoint_due
+from pyseg.engine.run_files import BEST_METRIC as METRIC
+from pyseg.engine.trainer import read_results
 from pyseg.errors import ConfigError
-from pyseg.files import atomic_write_text, read_yaml_mapping
-from pyseg.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
-from pyseg.storage import Storage, is_remote
-from pyseg.tracking import MlflowRun, TrackingConfig, read_run_id, resolve_tracking_uri, write_run_id
 
-DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None}
-# Keys that describe the run rather than the model; the tuner sets them itself.
-NOT_SEARCHABLE = {"data", "project", "name", "exist_ok", "resume", "device", "workers", "val", "val_period", "epochs"}
-METRIC = "mask/map"
 PARENT_RUN_FILE = "mlflow_parent.json"
-TRIALS = "trials"  # the trials' run folders, in the search's folder
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
 TRIAL_STOP_GRACE_S = 20  # seconds a stopped trial gets before Tune kills it
-# Values a trial can change between two epochs and go on training (PBT perturbs them; a trial that exploits another
-# trial's checkpoint continues it with its own): learning rates, loss gains, augmentation.
-MUTABLE = {
-    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "box", "cls", "dfl", "mask", "hsv_h", "hsv_s",
-    "hsv_v", "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup",
-    "copy_paste",
-}  # fmt: skip
-
-
-class SearchSpaceError(ConfigError):
-    """A search-space file is malformed; the message names the file and the key."""
-
-
-# ------------------------------------------------------------------ search spaces
-
-
-class SearchSpace(dict):
-    """{key: (distribution, arguments)}, distribution "fixed" for constants; path: the file it was read from."""
-
-    def __init__(self, entries: dict, path: Path | None = None):
-        super().__init__(entries)
-        self.path = path
-
-
-def load_search_space(path: str | Path, base: TrainConfig | None = None) -> SearchSpace:
-    """Reads and checks a search-space YAML: {key: (distribution, arguments)}, distribution "fixed" for constants.
-
-    Every extreme of every dimension (both bounds, every choice) must make a valid TrainConfig: alone, or on top of
-    base when it is given (run_tune checks again on top of its base), so that no trial starts with an invalid value.
-    """
-    path = Path(path)
-    return parse_search_space(read_yaml_mapping(path, "search space", SearchSpaceError), path, base)
-
-
-def parse_search_space(raw: dict, path: Path | str, base: TrainConfig | None = None) -> SearchSpace:
-    """The checked SearchSpace of raw, a space YAML's mapping (read from path, which messages name)."""
-    if not raw:
-        raise SearchSpaceError(f"search space {path} must map TrainConfig keys to distributions (see tune/full.yaml)")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    space = SearchSpace({}, path)
-    for key, entry in raw.items():
-        where = f"search space {path}, key {key!r}"
-        if key not in known:
-            raise SearchSpaceError(f"{where}: not a training config key (see python -m pyseg.train --help)")
-        if key in NOT_SEARCHABLE:
-            raise SearchSpaceError(f"{where}: describes the run, not the model; set it on the command line instead")
-        if not isinstance(entry, dict):
-            space[key] = ("fixed", entry)
-            continue
-        if len(entry) != 1 or next(iter(entry)) not in DISTRIBUTIONS:
-            raise SearchSpaceError(
-                f"{where}: give a fixed value or exactly one of {', '.join(DISTRIBUTIONS)}, got {entry!r}"
-            )
-        kind, args = next(iter(entry.items()))
-        if not isinstance(args, list) or not args:
-            raise SearchSpaceError(f"{where}: {kind} takes a list, got {args!r}")
-        count = DISTRIBUTIONS[kind]
-        if count is not None:
-            if len(args) != count or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
-                raise SearchSpaceError(f"{where}: {kind} takes {count} numbers, got {args!r}")
-            low, high = args[0], args[1]
-            if not low < high:
-                raise SearchSpaceError(f"{where}: {kind} needs low < high, got {args!r}")
-            if kind == "loguniform" and low <= 0:
-                raise SearchSpaceError(f"{where}: loguniform needs low > 0, got {args!r}")
-            if kind == "quniform" and args[2] <= 0:
-                raise SearchSpaceError(f"{where}: quniform needs q > 0, got {args!r}")
-            if kind == "randint" and not all(isinstance(a, int) for a in args):
-                raise SearchSpaceError(f"{where}: randint takes integers, got {args!r}")
-        space[key] = (kind, args)
-    check_search_space(space, base)
-    return space
-
-
-def space_as_yaml(space: dict[str, tuple[str, object]]) -> dict:
-    """The space as its YAML file writes it ({key: {distribution: args}}, fixed values as they are)."""
-    return {key: args if kind == "fixed" else {kind: args} for key, (kind, args) in space.items()}
-
-
-def extremes(kind: str, args) -> list[tuple[str, object]]:
-    """The values a dimension can take at its edges, each named: [("uniform low 0.1", 0.1), ...]."""
-    if kind == "fixed":
-        return [(f"value {args!r}", args)]
-    if kind == "choice":
-        return [(f"choice {value!r}", value) for value in args]
-    low, high = args[0], args[1]
-    if kind == "randint":  # Ray's randint excludes high
-        return [(f"randint low {low!r}", low), (f"randint high - 1 = {high - 1!r}", high - 1)]
-    if kind == "quniform":  # Ray rounds each sample to a multiple of q
-        q = args[2]
-        low_q, high_q = round(low / q) * q, round(high / q) * q
-        return [(f"quniform low (to q) {low_q!r}", low_q), (f"quniform high (to q) {high_q!r}", high_q)]
-    return [(f"{kind} low {low!r}", low), (f"{kind} high {high!r}", high)]
-
-
-def check_search_space(space: dict[str, tuple[str, object]], base: TrainConfig | None = None) -> None:
-    """Raises SearchSpaceError, naming the space file, the key and the bound, when an extreme of a dimension (see
-    extremes), alone or on top of base, is not a valid TrainConfig (make_config's checks: types and ranges)."""
-    source = getattr(space, "path", None) or "(given as a dict)"
-    base = base if base is not None else TrainConfig()
-    for key, (kind, args) in space.items():
-        for bound, value in extremes(kind, args):
-            try:
-                base.updated(**{key: value})
-            except ValueError as error:
-                raise SearchSpaceError(
-                    f"search space {source}, key {key!r}: {bound} is not a valid training value: {error}"
-                ) from error
-
-
-def to_tune_space(space: dict[str, tuple[str, object]]) -> dict:
-    """Ray Tune domains for a checked search space."""
-    from ray import tune
-
-    build = {
-        "fixed": lambda a: a,
-        "uniform": lambda a: tune.uniform(*a),
-        "loguniform": lambda a: tune.loguniform(*a),
-        "quniform": lambda a: tune.quniform(*a),
-        "randint": lambda a: tune.randint(*a),
-        "choice": lambda a: tune.choice(a),
-    }
-    return {key: build[kind](args) for key, (kind, args) in space.items()}
-
-
 # ------------------------------------------------------------------ trials
 
 
@@ -309,97 +182,13 @@ def report_with_checkpoints(fit, every: int, epochs: int) -> None:
             if finished:
                 break
             continue
-        epoch = int(metrics.get("epoch", 0))
-        due = epoch % every == 0 or epoch >= epochs
+        due = checkpoint_due(int(metrics.get("epoch", 0)), every, epochs)
         ray.tune.report(metrics, checkpoint=checkpoint if due else None)
     if "error" in outcome:
         raise outcome["error"]
 
 
 # ------------------------------------------------------------------ experiment
-
-
-@dataclass
-class TuneSettings:
-    """How a search runs (python -m pyseg.tune flags)."""
-
-    samples: int = 16
-    scheduler: str = "asha"  # asha | pbt | none
-    search: str | None = None  # optuna (Optuna's TPE) | random; None: DEFAULT_SEARCH, random under PBT
-    workers_per_trial: int = 1
-    gpus_per_trial: float | None = None  # in total per trial, split over its workers; None: 1 per worker with GPUs
-    cpus_per_worker: float = 1.0
-    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) allow
-    time_budget: float = 0.0  # seconds, 0 = none
-    address: str | None = None
-    resume: bool = False
-    name: str = "tune"
-    grace_period: int = 0  # ASHA: epochs before a trial can be stopped (0 = max(1, epochs // 10))
-    progress_every_s: float = 30.0  # in a log (not a terminal): seconds between status lines
-    verbose: bool = False  # show Ray's and Tune's own output (worker logs, warnings, Tune's tables)
-    epoch_budget: int = 0  # stop the search after this many trial-epochs in all (0 = none): equal-compute comparisons
-    seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
-    max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
-    perturbation_interval: int = 0  # PBT: epochs between exploit/explore steps (0 = max(1, epochs // 5))
-    storage: str = ""  # a URI (s3://...) that keeps the search when nodes share no disk; "" = the project folder
-    # a trial of one worker drives a TorchTrainer too, instead of training in its own process (bench_scaling's
-    # baseline: the start-up that costs)
-    torch_trainer_per_trial: bool = False
-
-    def __post_init__(self):
-        if self.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {self.samples}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.search is None:
-            self.search = "random" if self.scheduler == "pbt" else DEFAULT_SEARCH
-        if self.search not in SEARCHES:
-            raise ValueError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
-        if self.scheduler == "pbt" and self.search != "random":
-            raise ValueError(
-                "--scheduler pbt samples its first population at random and then evolves it: leave out --search "
-                "(or give --search random)"
-            )
-        for flag_name, value, low in (
-            ("--workers-per-trial", self.workers_per_trial, 1),
-            ("--max-concurrent", self.max_concurrent, 0),
-            ("--time-budget", self.time_budget, 0),
-            ("--grace-period", self.grace_period, 0),
-            ("--epoch-budget", self.epoch_budget, 0),
-            ("--max-failures", self.max_failures, -1),
-            ("--perturbation-interval", self.perturbation_interval, 0),
-            ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
-        ):
-            if not (value >= low and math.isfinite(value)):
-                raise ValueError(f"{flag_name} must be >= {low}, got {value!r}")
-        if not (self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker)):
-            raise ValueError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
-        if self.search == "optuna" and importlib.util.find_spec("optuna") is None:
-            raise ValueError("--search optuna needs Optuna: pip install optuna (or leave out --search)")
-
-    def scaling(self) -> RayScaling:
-        gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
-        return RayScaling(
-            self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=self.max_failures
-        )
-
-
-@dataclass
-class TuneSummary:
-    experiment_dir: Path
-    results_csv: Path
-    best_config: Path | None
-    best_checkpoint: Path | None
-    best_trial: str | None
-    best_metric: float | None
-    rows: list[dict]
-    unfinished: int = 0  # trials neither done nor failed: the search was interrupted or ran out of budget
-    pictures: list[Path] = dataclasses.field(default_factory=list)  # tune_curves.png, tune_params.png, ...
-    tracking_uri: str | None = None  # the MLflow store the trials were logged to
-    mlflow_experiment_id: str | None = None
-    budget_spent: str | None = None  # "time" or "epoch" when that budget ended the search (else None)
-    samples: int = 0  # trials the search samples in all
-    epochs: int = 0  # epochs per trial
 
 
 def check_creatable(folder: Path) -> None:
@@ -545,31 +334,6 @@ def perturbation_interval(settings: TuneSettings, epochs: int) -> int:
     return settings.perturbation_interval or max(1, epochs // 5)
 
 
-def pbt_mutations(space: dict) -> dict:
-    """Tune domains of the searched values PBT may change between epochs (MUTABLE); SearchSpaceError when none."""
-    evolving = {key: entry for key, entry in space.items() if key in MUTABLE and entry[0] != "fixed"}
-    mutations = to_tune_space(evolving)
-    if not mutations:
-        source = getattr(space, "path", None) or "(given as a dict)"
-        raise SearchSpaceError(
-            f"--scheduler pbt: search space {source} searches nothing PBT can change while a trial trains; search "
-            f"at least one of {', '.join(sorted(MUTABLE))}"
-        )
-    return mutations
-
-
-def clip_to_space(config: dict, space: dict) -> dict:
-    """config with every value PBT perturbed (x1.2, x0.8) brought back inside its dimension's bounds, so that a
-    perturbed trial never trains with a value the space does not allow (mosaic 1.2, an integer as a float)."""
-    clipped = dict(config)
-    for key, (kind, args) in space.items():
-        if key not in clipped or kind in ("fixed", "choice"):
-            continue
-        value = min(max(clipped[key], args[0]), args[1] - 1 if kind == "randint" else args[1])
-        clipped[key] = int(round(value)) if kind == "randint" else value
-    return clipped
-
-
 def trials_storage_uri(settings: TuneSettings) -> str:
     """The URI under which a search kept on a remote storage keeps its trials' run folders."""
     return Storage(settings.storage).child(settings.name, TRIALS).uri
@@ -637,9 +401,7 @@ def run_tune(
         if settings.scheduler == "pbt":
             pbt_mutations(space)  # a space PBT cannot evolve is one line, before Ray starts
         if not (kept.is_empty_or_missing() if kept else is_empty_or_missing(experiment_dir)):
-            raise FileExistsError(
-                f"{shown} already holds an experiment: pass --resume to continue it or another --name"
-            )
+            raise ConfigError(f"{shown} already holds an experiment: pass --resume to continue it or another --name")
         record = SearchRecord(base.to_dict(), space_as_yaml(space), search_defining_settings(settings))
     if kept and tracking.enabled:
         check_tracking_reachable_from_every_node(resolve_tracking_uri(tracking.uri, base.project), kept)
@@ -667,6 +429,7 @@ def run_tune(
         if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
             gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
             settings = dataclasses.replace(settings, gpus_per_trial=gpus)
+        check_device_has_gpus(base.device, settings.gpus_per_trial)
         trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
 
     parent = None
@@ -755,246 +518,6 @@ def run_tune(
         _finish_parent_run(parent, summary)
         summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id
     return summary
-
-
-# ------------------------------------------------------------------ resume
-
-
-# TuneSettings that define a search: a resumed search takes them from its record; the others (where Ray runs, the
-# storage, the name, the output) come from the command that resumes it.
-SEARCH_DEFINING = (
-    "samples", "scheduler", "search", "workers_per_trial", "gpus_per_trial", "cpus_per_worker", "max_concurrent",
-    "time_budget", "grace_period", "epoch_budget", "seed", "max_failures", "perturbation_interval",
-    "torch_trainer_per_trial",
-)  # fmt: skip
-
-
-def search_defining_settings(settings: TuneSettings) -> dict:
-    return {key: getattr(settings, key) for key in SEARCH_DEFINING}
-
-
-def read_search_record(experiment_dir: Path, kept: Storage | None) -> SearchRecord:
-    """The record of the search to continue (from the storage, when the search is kept on one); SearchRecordError
-    (a ConfigError) when there is none, naming what to do. Ray's own state in the folder is never read."""
-    path = experiment_dir / SEARCH_FILE
-    shown = kept.display if kept else experiment_dir
-    if kept:
-        if kept.exists(SEARCH_FILE):
-            kept.download_file(path, SEARCH_FILE)
-        else:
-            path.unlink(missing_ok=True)  # an old copy here is not the search's
-    if not path.is_file():
-        if kept:
-            names = sorted({name.split("/", 1)[0] for name in kept.files()})
-        else:
-            names = [p.name for p in experiment_dir.iterdir()] if experiment_dir.is_dir() else []
-        if ray_state_files(names):
-            raise SearchRecordError(
-                f"--resume: {shown} holds a Ray Tune experiment without pyseg's record ({SEARCH_FILE}): an older "
-                "pyseg started it, and only Ray's pickled state could continue it. pyseg does not read pickles from "
-                "a search folder (they can run code); start a new search with another --name"
-            )
-        where = "--storage" if kept else "--project"
-        raise SearchRecordError(f"--resume: no search to continue in {shown}; check {where} and --name")
-    return read_record(path)
-
-
-def resumed_search(
-    record: SearchRecord, given: TrainConfig, settings: TuneSettings, path: Path
-) -> tuple[TrainConfig, SearchSpace, TuneSettings]:
-    """The base config, space and settings of the search a record describes: its own, checked as a new search's
-    are, with this command's project (where the search is now), place to run and output."""
-    try:
-        base = make_config({**record.base, "project": given.project})
-        space = parse_search_space(record.space, f"{path} (space)", base)
-        unknown = sorted(set(record.settings) - set(SEARCH_DEFINING))
-        if unknown:
-            raise ConfigError(f"unknown settings {', '.join(unknown)}")
-        settings = dataclasses.replace(settings, **record.settings)  # __post_init__ checks the values
-    except (ConfigError, ValueError, TypeError) as error:
-        raise SearchRecordError(f"{path}: {error}; start a new search with another --name") from None
-    if settings.scheduler == "pbt":
-        pbt_mutations(space)
-    for name, trial in record.trials.items():
-        extra = sorted(set(trial.config) - set(space))
-        try:
-            if extra:
-                raise ConfigError(f"values of keys the space does not search: {', '.join(extra)}")
-            base.updated(**trial.config)
-        except (ConfigError, ValueError) as error:
-            raise SearchRecordError(f"{path}: trial {name}: {error}; start a new search with another --name") from None
-    return base, space, settings
-
-
-def remove_ray_state(experiment_dir: Path, kept: Storage | None, trials: list[str]) -> None:
-    """Deletes Ray Tune's state of an earlier run of the search (its pickles, and its folder of each trial): the
-    resumed run writes its own, and no Ray code path reads the old copies."""
-    if experiment_dir.is_dir():
-        for name in ray_state_files([p.name for p in experiment_dir.iterdir()]):
-            (experiment_dir / name).unlink(missing_ok=True)
-    for trial in trials:
-        shutil.rmtree(experiment_dir / trial, ignore_errors=True)
-    if kept is not None:
-        top = {path.split("/", 1)[0] for path in kept.files()}
-        for name in ray_state_files(sorted(top)):
-            kept.delete(name)
-        for trial in trials:
-            if trial in top:
-                kept.delete(trial)
-
-
-@dataclass
-class SearchPlan:
-    """What a run of a search does: the trials of its record that are finished (done, stopped by the scheduler)
-    and those to continue (interrupted, or failed), the new samples still to draw, and what is left of its
-    budgets."""
-
-    finished: dict[str, TrialRecord]
-    to_continue: dict[str, TrialRecord]
-    finished_points: list[tuple[dict, float]]  # (values, last metric) of the finished trials, for TPE
-    new_samples: int
-    epochs_trained: int  # by all trials so far (the epoch budget counts them)
-    time_left_s: float | None  # of the time budget (None: no budget)
-    budget_spent: str | None
-
-    @property
-    def trials_to_run(self) -> int:
-        return len(self.to_continue) + self.new_samples
-
-    @classmethod
-    def of(cls, record: SearchRecord, trials_dir: Path, base: TrainConfig, space, settings: TuneSettings):
-        finished, to_continue, points, trained = {}, {}, [], 0
-        for name, trial in record.trials.items():
-            history = read_results(trials_dir / name / "results.csv")
-            trained += len(history)
-            done = len(history) >= base.epochs
-            if trial.status == ENDED or done:
-                finished[name] = TrialRecord(ENDED, trial.config)
-                last = parse_number(history[-1].get(METRIC)) if history else None
-                if last is not None and math.isfinite(last):
-                    points.append((trial.config, last))
-            else:
-                to_continue[name] = trial
-        time_left = None
-        spent = record.budget_spent
-        if settings.time_budget:
-            time_left = settings.time_budget - record.elapsed_s
-            if time_left <= 0:
-                spent = spent or "time"
-        if settings.epoch_budget and trained >= settings.epoch_budget:
-            spent = spent or "epoch"
-        new = max(settings.samples - len(record.trials), 0)
-        return cls(finished, to_continue, points, new, trained, time_left, spent)
-
-
-# ------------------------------------------------------------------ results
-
-
-def summarize(
-    record: SearchRecord,
-    base: TrainConfig,
-    searched: list[str],
-    experiment_dir: Path,
-    trials_dir: Path,
-    samples: int,
-    kept: Storage | None = None,
-    legend_shown: bool = False,
-) -> TuneSummary:
-    """tune_results.csv (best epoch of every trial of the record, sorted by mask mAP50-95), best.yaml and the best
-    checkpoint (with kept, the storage of the search: copied from there, its URI printed)."""
-    rows, ended = [], 0
-    for trial_id, trial in record.trials.items():
-        history = read_results(trials_dir / trial_id / "results.csv")  # the trial's own rows, one per epoch
-        best = best_epoch(history)
-        epochs = len(history)
-        ended += trial.status in (ENDED, FAILED) or epochs >= base.epochs
-        row = {
-            "trial": trial_id,
-            # STOPPED: fewer epochs than asked, stopped early by the scheduler or by an interruption
-            "status": "ERROR" if trial.status == FAILED else "TERMINATED" if epochs == base.epochs else "STOPPED",
-            "epochs": epochs,
-            METRIC: best.get(METRIC),
-            "mask/map50": best.get("mask/map50"),
-            "box/map": best.get("box/map"),
-            "best_epoch": best.get("epoch"),
-        }
-        row.update({key: trial.config.get(key) for key in searched})
-        row["run_dir"] = str(trials_dir / trial_id)
-        row["_config"] = trial.config
-        rows.append(row)
-    rows.sort(key=lambda r: -1.0 if r[METRIC] is None or math.isnan(r[METRIC]) else r[METRIC], reverse=True)
-    columns = [c for c in (rows[0] if rows else {"trial": None}) if not c.startswith("_")]
-    results_csv = experiment_dir / "tune_results.csv"
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(results_csv, table.getvalue())
-    if not legend_shown:  # the live view printed it when it started
-        print(legend(abbreviate(searched)))
-    print(ranked_table(rows, searched))
-
-    best_config = best_checkpoint = best_trial = best_metric = None
-    if rows and rows[0][METRIC] is not None:
-        best = rows[0]
-        best_trial, best_metric = best["trial"], best[METRIC]
-        best_run = base.updated(**best["_config"], name=f"{experiment_dir.name}-best", exist_ok=False, resume=False)
-        best_config = experiment_dir / "best.yaml"
-        header = (
-            f"# best trial {best_trial} of {experiment_dir} (mask mAP50-95 {best_metric:.4f}); "
-            f"python -m pyseg.train --cfg {best_config}\n"
-        )
-        atomic_write_text(best_config, header + yaml.safe_dump(best_run.to_dict(), sort_keys=False))
-        candidate = Path(best["run_dir"]) / "weights" / "best.pt"
-        stored = kept.child(TRIALS, best_trial, "weights", "best.pt") if kept else None
-        if stored is not None and stored.exists():
-            stored.download_file(candidate)
-        best_checkpoint = candidate if candidate.is_file() else None
-        values = ", ".join(f"{key} {format_value(best.get(key))}" for key in searched)
-        print(
-            f"best trial {best_trial}: mask mAP50-95 {best_metric:.4f}, mAP50 {best['mask/map50'] or 0:.4f} at epoch "
-            f"{best['best_epoch']}" + (f"; {values}" if values else "")
-        )
-        print(f"best config: {best_config}")
-        if stored is not None and best_checkpoint is not None:
-            print(f"best checkpoint: {stored.display} (copied to {best_checkpoint})")
-        else:
-            print(f"best checkpoint: {best_checkpoint or 'not on this machine (see the trial folder on its node)'}")
-    print(f"all trials: {results_csv}")
-    pictures = search_pictures(rows, searched, base.epochs, experiment_dir)
-    if pictures:
-        print(f"pictures: {', '.join(str(p) for p in pictures)}")
-    unfinished = max(samples - ended, 0)  # interrupted, or never started
-    return TuneSummary(
-        experiment_dir, results_csv, best_config, best_checkpoint, best_trial, best_metric, rows, unfinished, pictures,
-        samples=samples, epochs=base.epochs,
-    )  # fmt: skip
-
-
-def best_epoch(history: list[dict]) -> dict:
-    """The results.csv row (as numbers) with the highest METRIC, the first of equals; {} when none has one."""
-    best, best_value = {}, None
-    for row in history:
-        value = parse_number(row.get(METRIC))
-        if value is not None and not math.isnan(value) and (best_value is None or value > best_value):
-            best, best_value = row, value
-    return {key: parse_number(value) for key, value in best.items()}
-
-
-def search_pictures(rows: list[dict], searched: list[str], epochs: int, experiment_dir: Path) -> list[Path]:
-    """tune_curves.png, tune_params.png and the best trial's val_predictions.jpg, in the search folder."""
-    from pyseg.engine.search_plots import CURVES_FILE, PARAMS_FILE, plot_search_curves, plot_search_params
-
-    pictures = [plot_search_curves(rows, epochs, experiment_dir / CURVES_FILE)]
-    params = plot_search_params(rows, searched, experiment_dir / PARAMS_FILE)
-    pictures += [params] if params else []
-    if rows and rows[0].get("run_dir"):
-        predictions = Path(rows[0]["run_dir"]) / "val_predictions.jpg"
-        if predictions.is_file():
-            copy = experiment_dir / "best_val_predictions.jpg"
-            shutil.copyfile(predictions, copy)
-            pictures.append(copy)
-    return pictures
 
 
 def is_empty_or_missing(folder: Path) -> bool:

@@ -20,18 +20,13 @@ from conftest import RayHead, free_port, kill_process_group, python_env, tiny_co
 
 from pyseg import tune as tune_cli
 from pyseg.config import config_from_args, make_config
+from pyseg.distributed.search import METRIC, run_tune
+from pyseg.distributed.search_settings import TuneSettings
+from pyseg.distributed.search_space import SearchSpaceError, check_search_space, load_search_space, to_tune_space
 from pyseg.distributed.search_state import SearchRecordError
-from pyseg.tracking import TrackingConfig
+from pyseg.distributed.tracking import TrackingConfig
+from pyseg.errors import ConfigError
 from pyseg.train import parse_args as train_args
-from pyseg.tuning import (
-    METRIC,
-    SearchSpaceError,
-    TuneSettings,
-    check_search_space,
-    load_search_space,
-    run_tune,
-    to_tune_space,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,12 +99,12 @@ def test_bad_search_spaces_name_the_key(tmp_path, text, message):
     ],
 )
 def test_a_space_that_allows_an_invalid_value_fails_before_any_trial(tmp_path, monkeypatch, capsys, text, bound):
-    import pyseg.tuning
+    import pyseg.distributed.search
 
     def no_ray(*args, **kwargs):
         pytest.fail("Ray must not start for a search space with an invalid value")
 
-    monkeypatch.setattr(pyseg.tuning, "init_ray", no_ray)
+    monkeypatch.setattr(pyseg.distributed.search, "init_ray", no_ray)
     path = write_space(tmp_path, text)
     with pytest.raises(SearchSpaceError, match=f"search space {re.escape(str(path))}, {re.escape(bound)}"):
         load_search_space(path)
@@ -218,7 +213,7 @@ def test_an_existing_experiment_needs_resume_or_a_new_name(tiny_data, tmp_path):
     (Path(base.project) / "taken").mkdir(parents=True)
     (Path(base.project) / "taken" / "tune_results.csv").write_text("trial\n")  # an empty folder is no experiment
     space = {"lr0": ("uniform", [0.001, 0.01])}
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ConfigError, match="--resume"):
         run_tune(base, space, TuneSettings(name="taken"), TrackingConfig(enabled=False))
     with pytest.raises(SearchRecordError, match="no search to continue"):
         run_tune(base, space, TuneSettings(name="missing", resume=True), TrackingConfig(enabled=False))
@@ -230,7 +225,8 @@ def test_both_searches_are_seeded_and_run_at_most_max_concurrent_trials():
     (its default of 10 random ones would make a short search all random), and a seed repeats the same suggestions."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    from pyseg.tuning import _search_algorithm, to_tune_space, tpe_startup_trials
+    from pyseg.distributed.search import _search_algorithm, tpe_startup_trials
+    from pyseg.distributed.search_space import to_tune_space
 
     random_search = _search_algorithm(TuneSettings(search="random", seed=3), max_concurrent=2)
     assert isinstance(random_search, BasicVariantGenerator) and random_search.max_concurrent == 2
@@ -251,8 +247,8 @@ def test_both_searches_are_seeded_and_run_at_most_max_concurrent_trials():
 
 
 def test_a_trial_of_one_worker_trains_in_its_own_process_holding_the_workers_resources():
+    from pyseg.distributed.search import TRIAL_DRIVER_MEMORY, trains_in_trial_process, trial_resources
     from pyseg.distributed.trial_process import TuneReportHook
-    from pyseg.tuning import TRIAL_DRIVER_MEMORY, trains_in_trial_process, trial_resources
 
     one = TuneSettings(cpus_per_worker=2, gpus_per_trial=0.25)
     assert trains_in_trial_process(one)
@@ -270,7 +266,7 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_holding_the_workers_res
 
 def test_a_trials_best_epoch_comes_from_its_results_csv_rows():
     # Tune's per-trial log files are off: the summary ranks each trial by its own results.csv
-    from pyseg.tuning import best_epoch
+    from pyseg.distributed.search_results import best_epoch
 
     rows = [
         {"epoch": "1", METRIC: "0.10", "mask/map50": "0.2"},
@@ -557,8 +553,8 @@ def test_next_steps_name_the_best_config_the_mlflow_page_and_the_best_weights(tm
 def test_a_trial_that_cannot_fit_the_local_ray_is_one_line_naming_tunes_flags(monkeypatch):
     import ray
 
+    from pyseg.distributed.search import default_concurrency
     from pyseg.errors import ConfigError
-    from pyseg.tuning import default_concurrency
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a machine without GPUs
     with pytest.raises(ConfigError, match=r"needs 0.5 GPUs .*--gpus-per-trial.* leave out --gpus-per-trial"):

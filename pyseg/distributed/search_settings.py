@@ -1,0 +1,76 @@
+"""How a search runs: the settings of `python -m pyseg.tune` (its search flags), checked as config values are."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+from pyseg.distributed.ray_train import RayScaling
+from pyseg.distributed.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
+from pyseg.errors import ConfigError
+
+
+@dataclass
+class TuneSettings:
+    """How a search runs (python -m pyseg.tune flags)."""
+
+    samples: int = 16
+    scheduler: str = "asha"  # asha | pbt | none
+    search: str | None = None  # optuna (Optuna's TPE) | random; None: DEFAULT_SEARCH, random under PBT
+    workers_per_trial: int = 1
+    gpus_per_trial: float | None = None  # in total per trial, split over its workers; None: 1 per worker with GPUs
+    cpus_per_worker: float = 1.0
+    max_concurrent: int = 0  # 0 = as many as the cluster's CPUs (or GPUs) allow
+    time_budget: float = 0.0  # seconds, 0 = none
+    address: str | None = None
+    resume: bool = False
+    name: str = "tune"
+    grace_period: int = 0  # ASHA: epochs before a trial can be stopped (0 = max(1, epochs // 10))
+    progress_every_s: float = 30.0  # in a log (not a terminal): seconds between status lines
+    verbose: bool = False  # show Ray's and Tune's own output (worker logs, warnings, Tune's tables)
+    epoch_budget: int = 0  # stop the search after this many trial-epochs in all (0 = none): equal-compute comparisons
+    seed: int = 0  # the search's sampler (random or TPE); the trials' own seed is the config's
+    max_failures: int = 2  # restarts of a trial's workers from its last checkpoint (a lost node, a crash)
+    perturbation_interval: int = 0  # PBT: epochs between exploit/explore steps (0 = max(1, epochs // 5))
+    storage: str = ""  # a URI (s3://...) that keeps the search when nodes share no disk; "" = the project folder
+    # a trial of one worker drives a TorchTrainer too, instead of training in its own process (bench_scaling's
+    # baseline: the start-up that costs)
+    torch_trainer_per_trial: bool = False
+
+    def __post_init__(self):
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be >= 1, got {self.samples}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.search is None:
+            self.search = "random" if self.scheduler == "pbt" else DEFAULT_SEARCH
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.scheduler == "pbt" and self.search != "random":
+            raise ConfigError(
+                "--scheduler pbt samples its first population at random and then evolves it: leave out --search "
+                "(or give --search random)"
+            )
+        for flag_name, value, low in (
+            ("--workers-per-trial", self.workers_per_trial, 1),
+            ("--max-concurrent", self.max_concurrent, 0),
+            ("--time-budget", self.time_budget, 0),
+            ("--grace-period", self.grace_period, 0),
+            ("--epoch-budget", self.epoch_budget, 0),
+            ("--max-failures", self.max_failures, -1),
+            ("--perturbation-interval", self.perturbation_interval, 0),
+            ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
+        ):
+            if not (value >= low and math.isfinite(value)):
+                raise ConfigError(f"{flag_name} must be >= {low}, got {value!r}")
+        if not (self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker)):
+            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.search == "optuna" and importlib.util.find_spec("optuna") is None:
+            raise ConfigError("--search optuna needs Optuna: pip install optuna (or leave out --search)")
+
+    def scaling(self) -> RayScaling:
+        gpus = None if self.gpus_per_trial is None else self.gpus_per_trial / self.workers_per_trial
+        return RayScaling(
+            self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=self.max_failures
+        )
