@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pyseg.config import TrainConfig, add_config_arguments, config_from_args, flag
 from pyseg.distributed.flags import add_ray_resource_arguments, add_tracking_arguments, remote_storage
+from pyseg.engine.run_files import LAST_CHECKPOINT, WEIGHTS_DIR
 from pyseg.errors import CommandParser, ConfigError, run_command
 
 
@@ -135,7 +136,7 @@ def train_command(argv: list[str] | None) -> int:
             print(f"\npyseg.train: interrupted; continue with: python -m pyseg.train {again}", file=sys.stderr)
             return 130
         where = getattr(interrupt, "run_dir", None) or getattr(trainer, "run_dir", None)
-        last = where / "weights" / "last.pt" if where else None
+        last = where / WEIGHTS_DIR / LAST_CHECKPOINT if where else None
         if last is not None and last.is_file():
             print(f"\npyseg.train: interrupted; continue with: {resume_command(last, args)}", file=sys.stderr)
         else:

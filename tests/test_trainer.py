@@ -599,3 +599,31 @@ def test_autocast_dtype_is_none_on_the_cpu_and_follows_the_gpu_on_cuda(monkeypat
     assert autocast_dtype(torch.device("cuda"), True) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     assert autocast_dtype(torch.device("cuda"), True) is torch.float16  # with a gradient scaler
+
+
+def test_build_steps_return_what_they_build_and_leave_the_config_alone(tiny_data, tmp_path):
+    """The trainer's setup is a list of build steps, each testable alone: each returns what it builds, and only
+    setup decides the run's config (here: a taken name becomes name2; the optimizer auto resolves)."""
+    from pathlib import Path
+
+    cfg = tiny_config(tiny_data, tmp_path, name="steps", optimizer="auto")
+    (Path(cfg.project) / "steps").mkdir(parents=True)  # taken: the run goes to steps2
+    trainer = Trainer(cfg, show_progress=False)
+    run_dir, state = trainer.build_run_dir()
+    assert run_dir == Path(cfg.project) / "steps2" and state is None
+    trainer.run_dir = run_dir
+    assert trainer.run_config(None).name == "steps2"
+    trainer.device = trainer.build_runtime()
+    data = trainer.build_data()
+    assert data.batch_per_rank == cfg.batch and len(data.train_loader.dataset) == len(data.train_split.images)
+    trainer.dataset_config, trainer.train_loader, trainer.batch_per_rank = (
+        data.dataset_config, data.train_loader, data.batch_per_rank,
+    )  # fmt: skip
+    trainer.model = trainer.build_model()
+    accumulate, steps = trainer.build_accumulation()
+    assert accumulate == round(cfg.nbs / cfg.batch) and steps >= cfg.epochs
+    assert trainer.cfg is cfg and cfg.name == "steps" and cfg.optimizer == "auto"  # no step touched the config
+
+    trainer = Trainer(cfg, show_progress=False)
+    trainer.setup()  # setup decides: the folder's name, the optimizer auto resolves to
+    assert trainer.cfg.name == "steps2" and trainer.cfg.optimizer in ("sgd", "adamw") and cfg.optimizer == "auto"

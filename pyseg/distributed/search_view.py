@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from ray.tune import Callback
 
 from pyseg.distributed.search_state import trial_folder
+from pyseg.engine.run_files import BEST_METRIC, BOX_MAP, MASK_MAP50
 
-METRIC, METRIC50 = "mask/map", "mask/map50"
+METRIC, METRIC50 = BEST_METRIC, MASK_MAP50
 FIXED_COLUMNS = (  # (title, width)
     ("trial", 11),
     ("status", 10),
@@ -212,7 +213,7 @@ RANKED_COLUMNS = {  # tune_results.csv column -> title
     "best_epoch": "best at",
     METRIC: "mask mAP50-95",
     METRIC50: "mAP50",
-    "box/map": "box mAP50-95",
+    BOX_MAP: "box mAP50-95",
 }
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyseg.engine.run_files import LAST_CHECKPOINT, WEIGHTS_DIR
 from pyseg.engine.trainer import Hook, Trainer
 from pyseg.errors import ConfigError
 
@@ -234,7 +235,7 @@ def stage(storage_uri: str, run_dir: Path) -> None:
     its rows are written again)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     Storage(storage_uri).download(run_dir)
-    if not (run_dir / "weights" / "last.pt").is_file():
+    if not (run_dir / WEIGHTS_DIR / LAST_CHECKPOINT).is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

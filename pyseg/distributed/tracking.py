@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyseg.engine.run_files import BOX_MAP, BOX_MAP50, MASK_MAP, MASK_MAP50
 from pyseg.engine.trainer import Hook, Trainer
 from pyseg.errors import ConfigError
 from pyseg.files import atomic_write_text
@@ -120,7 +121,7 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 # Logged first: MLflow's compare page charts the first metric a run logged (train/box, before this order).
-LEADING_METRICS = ("mask/map", "mask/map50", "box/map", "box/map50")
+LEADING_METRICS = (MASK_MAP, MASK_MAP50, BOX_MAP, BOX_MAP50)
 
 
 def numeric_metrics(row: dict) -> dict[str, float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyseg.engine.run_files import BEST_CHECKPOINT, LAST_CHECKPOINT, WEIGHTS_DIR
 from pyseg.errors import CheckpointError
 from pyseg.files import atomic_write
 
@@ -51,7 +52,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", wanted: str = PYSEG_FI
 
     path = Path(path)
     if path.is_dir():
-        inside = next((p for p in (path / "weights" / "best.pt", path / "best.pt") if p.is_file()), None)
+        inside = next((p for p in (path / WEIGHTS_DIR / BEST_CHECKPOINT, path / BEST_CHECKPOINT) if p.is_file()), None)
         hint = f"did you mean {inside}?" if inside else f"give a .pt file ({wanted})"
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file; {hint}")
     if not path.is_file():
@@ -98,7 +99,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", wanted: str = PYSEG_FI
 
 def instead_of(path: Path, wanted: str = PYSEG_FILES) -> str:
     """What to use instead of a damaged checkpoint file, by its name."""
-    if path.name == "last.pt":
+    if path.name == LAST_CHECKPOINT:
         return (
             "pyseg keeps no earlier copy of last.pt: start a new run from this run's weights/best.pt with --weights, "
             "or from a weights/epochN.pt (kept with --save-period N)"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyseg.engine.run_files import BOX_MAP, BOX_MAP50, MASK_MAP, MASK_MAP50
+
 
 @dataclass(frozen=True)
 class Column:
@@ -21,8 +23,8 @@ class Column:
 
 
 LOSSES = tuple(Column(name, f"train/{name}", 6, "loss") for name in ("box", "cls", "dfl", "mask"))
-BOX_MAPS = (Column("box mAP50", "box/map50", 9, "map"), Column("mAP50-95", "box/map", 9, "map"))
-MASK_MAPS = (Column("mask mAP50", "mask/map50", 10, "map"), Column("mAP50-95", "mask/map", 9, "map"))
+BOX_MAPS = (Column("box mAP50", BOX_MAP50, 9, "map"), Column("mAP50-95", BOX_MAP, 9, "map"))
+MASK_MAPS = (Column("mask mAP50", MASK_MAP50, 10, "map"), Column("mAP50-95", MASK_MAP, 9, "map"))
 SPEED = (Column("img/s", "images_per_s", 6, "rate"), Column("time", "epoch_seconds", 6, "seconds"))
 GROUPS = (LOSSES, BOX_MAPS, MASK_MAPS, SPEED)
 SEPARATOR = " | "

@@ -13,7 +13,9 @@ import csv
 import math
 from pathlib import Path
 
-METRIC = "mask/map"
+from pyseg.engine.run_files import BEST_METRIC
+
+METRIC = BEST_METRIC
 CURVES_FILE, PARAMS_FILE = "tune_curves.png", "tune_params.png"
 
 

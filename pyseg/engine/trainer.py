@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from pyseg.engine.loss import SegLoss
 from pyseg.engine.optim import ModelEMA, apply_schedule, build_optimizer, resolve_optimizer
 from pyseg.engine.plots import plot_results
 from pyseg.engine.predict import detect, masks_in_input, to_original
+from pyseg.engine.run_files import BEST_CHECKPOINT, BEST_METRIC, LAST_CHECKPOINT, WEIGHTS_DIR
 from pyseg.errors import ConfigError, UserError
 from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
 from pyseg.ops import device_errors
@@ -236,18 +238,18 @@ class CheckpointHook(Hook):
 
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if trainer.is_main:
-            save_checkpoint(trainer.weights_dir / "last.pt", trainer.checkpoint_state(PHASE_TRAINED))
+            save_checkpoint(trainer.weights_dir / LAST_CHECKPOINT, trainer.checkpoint_state(PHASE_TRAINED))
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if not trainer.is_main:
             return
         state = trainer.checkpoint_state(PHASE_FINISHED)
         if trainer.improved:
-            save_checkpoint(trainer.weights_dir / "best.pt", state)
+            save_checkpoint(trainer.weights_dir / BEST_CHECKPOINT, state)
         period = trainer.cfg.save_period
         if period and (trainer.epoch + 1) % period == 0:
             save_checkpoint(trainer.weights_dir / f"epoch{trainer.epoch + 1}.pt", state)
-        save_checkpoint(trainer.weights_dir / "last.pt", state)
+        save_checkpoint(trainer.weights_dir / LAST_CHECKPOINT, state)
 
 
 class PlotsHook(Hook):
@@ -350,6 +352,20 @@ def refuse_to_overwrite(run_dir: Path) -> None:
 # ------------------------------------------------------------------ trainer
 
 
+@dataclass
+class RunData:
+    """What build_data builds: the dataset, its verified splits, the loaders and the evaluator (rank 0, with val)."""
+
+    dataset_config: DatasetConfig
+    train_split: SplitLabels
+    val_split: SplitLabels
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    evaluator: CocoEvaluator | None
+    batch_per_rank: int
+    loader_makes_masks: bool
+
+
 class Trainer:
     """Runs training for a TrainConfig: data, model, loss, optimizer, EMA, hooks, checkpoints, resume.
 
@@ -434,12 +450,35 @@ class Trainer:
     # ---------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        """Every build step, in order; a user error in any of them raises before any training."""
-        resume_state = self.build_run_dir()
-        self.build_runtime()
-        self.build_data(resume_state["names"] if resume_state is not None else None)
-        self.build_model()
-        self.build_optimizer()
+        """Every build step, in order; a user error in any of them raises before any training. Each step returns
+        what it builds; the config the run trains with is decided here, in the open: the run folder's name, the
+        checkpoint's config on resume, the weights' model, the optimizer that `auto` resolves to."""
+        self.run_dir, resume_state = self.build_run_dir()
+        self.weights_dir = self.run_dir / WEIGHTS_DIR
+        self.cfg = self.run_config(resume_state)
+        self.table = EpochTable(self.cfg.epochs)  # the run's epochs, not the command line's default
+        self.device = self.build_runtime()
+        data = self.build_data(resume_state["names"] if resume_state is not None else None)
+        self.dataset_config, self.train_split, self.val_split = data.dataset_config, data.train_split, data.val_split
+        self.train_loader, self.val_loader, self.evaluator = data.train_loader, data.val_loader, data.evaluator
+        self.batch_per_rank, self.loader_makes_masks = data.batch_per_rank, data.loader_makes_masks
+        weights = self.build_weights()
+        if weights is not None and canonical_model_name(self.cfg.model) != weights.model_name:
+            if self.is_main and self.cfg.model != TrainConfig.model:
+                print(f"--model {self.cfg.model}: the weights are {weights.model_name}; training {weights.model_name}")
+            self.cfg = self.cfg.updated(model=weights.model_name)
+        self.model = self.build_model(weights)
+        self.loss_fn = self.build_loss()
+        self.accumulate, steps = self.build_accumulation()
+        optimizer, lr0 = resolve_optimizer(self.cfg.optimizer, self.cfg.lr0, steps)
+        if (optimizer, lr0) != (self.cfg.optimizer, self.cfg.lr0):
+            if self.is_main:
+                print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {steps} optimizer steps")
+            self.cfg = self.cfg.updated(optimizer=optimizer, lr0=lr0)
+        self.optimizer = self.build_optimizer()
+        self.ema = ModelEMA(self.model, self.cfg.ema_decay)
+        self.autocast, self.scaler = self.build_precision()
+        self.train_model = self.build_train_model()
         if resume_state is not None:
             self.restore_state(resume_state)
         if self.is_main:
@@ -451,25 +490,22 @@ class Trainer:
                 ) from error
             atomic_write_text(self.run_dir / "args.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
-    def build_run_dir(self) -> dict | None:
-        """Decides the run folder; on resume, loads last.pt and takes the config it was trained with."""
+    def build_run_dir(self) -> tuple[Path, dict | None]:
+        """(the run folder, the checkpoint state it continues from, or None for a new run). A new run takes the
+        first free of name, name2, ...; a resumed one loads last.pt (or resume_from) after removing temporaries
+        left by killed writes."""
         cfg = self.cfg
         if not (cfg.resume or self.resume_from is not None):
-            self.run_dir = unique_run_dir(cfg.project, cfg.name, cfg.exist_ok)
-            self.weights_dir = self.run_dir / "weights"
-            if self.run_dir.name != cfg.name:  # name2, name3, ...: args.yaml and --resume --name see the real one
-                self.cfg = cfg.updated(name=self.run_dir.name)
-            return None
-        self.run_dir = Path(cfg.project) / cfg.name
-        self.weights_dir = self.run_dir / "weights"
-        last = self.resume_from or self.weights_dir / "last.pt"
+            return unique_run_dir(cfg.project, cfg.name, cfg.exist_ok), None
+        run_dir = Path(cfg.project) / cfg.name
+        last = self.resume_from or run_dir / WEIGHTS_DIR / LAST_CHECKPOINT
         if self.resume_from is None and not last.is_file():
             raise ConfigError(
-                f"--resume: {self.run_dir} has no weights/last.pt to continue from; start a new run (leave out "
+                f"--resume: {run_dir} has no weights/last.pt to continue from; start a new run (leave out "
                 "--resume) or give the run's folder with --project/--name, or --resume PATH/TO/last.pt"
             )
         if self.is_main:
-            for folder in (self.run_dir, self.weights_dir):  # checkpoints, and results.csv, args.yaml, ...
+            for folder in (run_dir, run_dir / WEIGHTS_DIR):  # checkpoints, and results.csv, args.yaml, ...
                 for stale in remove_stale_temporaries(folder):
                     print(f"removed {stale}, left by an interrupted write")
         state = load_checkpoint(last)
@@ -479,18 +515,24 @@ class Trainer:
                 f"--resume: {last} holds weights but not the training state a run continues from (no "
                 f"{', '.join(missing)}); start a new run from it with --weights {last}"
             )
-        saved = dict(state["config"])
+        return run_dir, state
+
+    def run_config(self, resume_state: dict | None) -> TrainConfig:
+        """The config of the run in self.run_dir: the given one named as its folder, or on resume the one its
+        checkpoint was trained with (config_overrides replacing its values)."""
+        cfg = self.cfg
+        if resume_state is None:
+            return cfg.updated(name=self.run_dir.name) if self.run_dir.name != cfg.name else cfg
+        saved = dict(resume_state["config"])
         saved.update(self.config_overrides)
         saved.update(resume=True, project=cfg.project, name=cfg.name, exist_ok=True)
-        self.cfg = make_config(saved)
-        self.table = EpochTable(self.cfg.epochs)  # the run's epochs, not the command line's default
-        return state
+        return make_config(saved)
 
-    def build_runtime(self) -> None:
-        """Device, CPU threads, seeds and determinism."""
+    def build_runtime(self) -> torch.device:
+        """The device (the one given, else --device); CPU threads, seeds and determinism set for this process."""
         cfg = self.cfg
-        self.device = self.device or select_device(cfg.device)
-        threads = cpu_threads(cfg.threads, self.device, self.cpus)
+        device = self.device or select_device(cfg.device)
+        threads = cpu_threads(cfg.threads, device, self.cpus)
         if threads:
             torch.set_num_threads(threads)
         seed = cfg.seed + self.rank
@@ -499,16 +541,17 @@ class Trainer:
         torch.manual_seed(seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        return device
 
-    def build_data(self, trained_names: list[str] | None = None) -> None:
+    def build_data(self, trained_names: list[str] | None = None) -> RunData:
         """Dataset, verified labels of both splits, loaders and the evaluator (ground truth built once per run).
 
         trained_names: on resume, the classes the run was trained on; the data must have the same ones.
         """
         cfg = self.cfg
         try:
-            self.dataset_config = resolve_dataset(cfg.data)
-            names = self.dataset_config.names
+            dataset_config = resolve_dataset(cfg.data)
+            names = dataset_config.names
             if trained_names is not None and list(names) != list(trained_names):
                 raise ConfigError(
                     f"--data {cfg.data}: its {len(names)} classes ({', '.join(names[:4])}, ...) are not the "
@@ -516,10 +559,10 @@ class Trainer:
                     "resumed run continues on the same classes: give its data, or start a new run with --weights"
                 )
             for split in ("train", "val"):
-                if split not in self.dataset_config.splits:
+                if split not in dataset_config.splits:
                     raise ConfigError(f"dataset {cfg.data} has no {split!r} split: add `{split}:` to its YAML")
-            self.train_split = load_split(self.dataset_config.splits["train"], len(names), "train")
-            self.val_split = load_split(self.dataset_config.splits["val"], len(names), "val")
+            train_split = load_split(dataset_config.splits["train"], len(names), "train")
+            val_split = load_split(dataset_config.splits["val"], len(names), "val")
         except UserError as error:
             if not cfg.resume or trained_names is not None and "classes the run was trained on" in str(error):
                 raise
@@ -527,22 +570,22 @@ class Trainer:
                 f"{error}; if the data moved, point the run at its new place: --resume --name {cfg.name} --data NEW"
             ) from error
         if self.is_main:
-            print(self.train_split.summary())
-            print(self.val_split.summary())
-            problems = report_problems([self.train_split, self.val_split], self.run_dir / DATA_PROBLEMS_FILE)
+            print(train_split.summary())
+            print(val_split.summary())
+            problems = report_problems([train_split, val_split], self.run_dir / DATA_PROBLEMS_FILE)
             if problems:
                 print(f"data problems (each handled as said; the run goes on):\n{problems}")
-        for split in (self.train_split, self.val_split):
+        for split in (train_split, val_split):
             if not split.images:
                 raise ConfigError(f"dataset {cfg.data}: the {split.name} split has no readable images")
-        if not self.train_split.num_instances:
+        if not train_split.num_instances:
             raise ConfigError(
                 f"dataset {cfg.data}: the train split has no labelled instances (every image is a background): "
                 "nothing to learn; check that its labels/ folder sits beside images/ and holds YOLO polygon lines"
             )
-        self.loader_makes_masks = masks_made_by_loader(self.device)
+        loader_makes_masks = masks_made_by_loader(self.device)
         train_set = SegDataset(
-            self.train_split.images,
+            train_split.images,
             cfg.imgsz,
             cfg,
             epochs=cfg.epochs,
@@ -550,40 +593,45 @@ class Trainer:
             cache_images=cfg.cache_images,
             buffer_mb=cfg.buffer_mb,
         )
-        val_set = SegDataset(self.val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
-        self.batch_per_rank = max(cfg.batch // self.world_size, 1)
+        val_set = SegDataset(val_split.images, cfg.imgsz, None, cache_images=cfg.cache_images)
+        batch_per_rank = max(cfg.batch // self.world_size, 1)
         if self.is_main and cfg.batch % self.world_size:
-            print(f"batch {cfg.batch} does not split evenly over {self.world_size} ranks: {self.batch_per_rank} each")
-        self.train_loader = build_dataloader(
+            print(f"batch {cfg.batch} does not split evenly over {self.world_size} ranks: {batch_per_rank} each")
+        train_loader = build_dataloader(
             train_set,
-            self.batch_per_rank,
+            batch_per_rank,
             workers=cfg.workers,
             seed=cfg.seed,
             rank=self.rank,
             world_size=self.world_size,
-            collate=SegCollate(MASK_RATIO, cfg.overlap_mask, make_masks=self.loader_makes_masks),
+            collate=SegCollate(MASK_RATIO, cfg.overlap_mask, make_masks=loader_makes_masks),
         )
-        self.val_loader = build_dataloader(
+        val_loader = build_dataloader(
             val_set, cfg.batch, workers=cfg.workers, shuffle=False, collate=SegCollate(make_masks=False)
         )
-        if self.is_main and cfg.val:
-            self.evaluator = CocoEvaluator(self.val_split.images, list(names))
+        evaluator = CocoEvaluator(val_split.images, list(names)) if self.is_main and cfg.val else None
+        return RunData(
+            dataset_config, train_split, val_split, train_loader, val_loader, evaluator, batch_per_rank,
+            loader_makes_masks,
+        )  # fmt: skip
 
-    def build_model(self) -> None:
-        """The model (from cfg.weights when given: a pyseg or Ultralytics checkpoint, whose architecture wins over
-        cfg.model), channels_last, SyncBatchNorm, the loss."""
+    def build_weights(self):
+        """The checkpoint of --weights (a pyseg or Ultralytics file, loaded safely) that a new run starts from;
+        None without --weights and on resume (the run's own checkpoint holds its weights)."""
+        from pyseg.models.weights import load_weights
+
+        return load_weights(self.cfg.weights) if self.cfg.weights and not self.cfg.resume else None
+
+    def build_model(self, weights=None) -> torch.nn.Module:
+        """The model on the device: from weights when given (its architecture, every tensor that fits the data's
+        classes), else cfg.model from scratch; channels_last, SyncBatchNorm."""
         from pyseg.models import build_model, model_info
-        from pyseg.models.weights import build_from_weights, load_weights
+        from pyseg.models.weights import build_from_weights
 
         cfg, names = self.cfg, self.dataset_config.names
-        if cfg.weights and not cfg.resume:
-            weights = load_weights(cfg.weights)
-            if canonical_model_name(cfg.model) != weights.model_name:
-                if self.is_main and cfg.model != TrainConfig.model:
-                    print(f"--model {cfg.model}: the weights are {weights.model_name}; training {weights.model_name}")
-                self.cfg = cfg = cfg.updated(model=weights.model_name)
-            self.model, loaded = build_from_weights(weights, len(names))
-            self.model = self.model.to(self.device)
+        if weights is not None:
+            model, loaded = build_from_weights(weights, len(names))
+            model = model.to(self.device)
             if self.is_main:
                 print(loaded)
                 if weights.nc == len(names) and list(weights.names) != list(names):
@@ -592,44 +640,53 @@ class Trainer:
                         f"({', '.join(names[:4])}, ...); class k of the data starts from the weights' class k"
                     )
         else:
-            self.model = build_model(cfg.model, len(names)).to(self.device)
+            model = build_model(cfg.model, len(names)).to(self.device)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
         if cfg.sync_bn and self.world_size > 1:
             if self.device.type == "cuda":
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             elif self.is_main:
                 print("sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per rank on CPU")
         if self.is_main:
-            info = model_info(self.model, REFERENCE_IMGSZ)
+            info = model_info(model, REFERENCE_IMGSZ)
             print(
                 f"{cfg.model}: {info['parameters'] / 1e6:.2f} M parameters, {info['gflops']:.1f} GFLOPs at "
                 f"{REFERENCE_IMGSZ}"
             )
-        gains = {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask}
-        self.loss_fn = SegLoss(len(names), self.model.reg_max, self.model.strides, gains, cfg.overlap_mask)
+        return model
 
-    def build_optimizer(self) -> None:
-        """Optimizer (auto resolved once: the config records what was used), accumulation, EMA, AMP, wrapping."""
+    def build_loss(self) -> SegLoss:
+        cfg = self.cfg
+        gains = {"box": cfg.box, "cls": cfg.cls, "dfl": cfg.dfl, "mask": cfg.mask}
+        return SegLoss(len(self.dataset_config.names), self.model.reg_max, self.model.strides, gains, cfg.overlap_mask)
+
+    def build_accumulation(self) -> tuple[int, int]:
+        """(batches per optimizer step, to the nominal batch cfg.nbs; optimizer steps in the whole run)."""
         cfg = self.cfg
         total_batch = self.batch_per_rank * self.world_size
-        self.accumulate = max(round(cfg.nbs / total_batch), 1)
-        weight_decay = cfg.weight_decay * total_batch * self.accumulate / cfg.nbs
+        accumulate = max(round(cfg.nbs / total_batch), 1)
         # an epoch steps every `accumulate` batches and once more for a remainder at its end
-        steps = cfg.epochs * math.ceil(math.ceil(len(self.train_loader.dataset) / total_batch) / self.accumulate)
-        optimizer, lr0 = resolve_optimizer(cfg.optimizer, cfg.lr0, steps)
-        if (optimizer, lr0) != (cfg.optimizer, cfg.lr0):
-            if self.is_main:
-                print(f"optimizer auto: {optimizer} with lr0 {lr0:g} for {steps} optimizer steps")
-            self.cfg = cfg = cfg.updated(optimizer=optimizer, lr0=lr0)
-        self.optimizer = build_optimizer(self.model, optimizer, lr0, cfg.momentum, weight_decay)
-        self.ema = ModelEMA(self.model, cfg.ema_decay)
-        amp_dtype = autocast_dtype(self.device, cfg.amp)
-        self.autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else None
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        self.train_model = self.wrap_model(self.model) if self.wrap_model else self.model
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        steps = cfg.epochs * math.ceil(math.ceil(len(self.train_loader.dataset) / total_batch) / accumulate)
+        return accumulate, steps
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer cfg names (auto already resolved), weight decay scaled to the batch and accumulation."""
+        cfg = self.cfg
+        total_batch = self.batch_per_rank * self.world_size
+        weight_decay = cfg.weight_decay * total_batch * self.accumulate / cfg.nbs
+        return build_optimizer(self.model, cfg.optimizer, cfg.lr0, cfg.momentum, weight_decay)
+
+    def build_precision(self) -> tuple[torch.autocast | None, torch.amp.GradScaler | None]:
+        """(autocast context, gradient scaler) of --amp on this device: none on the CPU, a scaler for float16."""
+        amp_dtype = autocast_dtype(self.device, self.cfg.amp)
+        autocast = torch.autocast("cuda", dtype=amp_dtype) if amp_dtype else None
+        return autocast, torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def build_train_model(self) -> torch.nn.Module:
+        """The model as trained: wrapped (DDP on Ray) and/or compiled (--compile)."""
+        model = self.wrap_model(self.model) if self.wrap_model else self.model
+        return torch.compile(model) if self.cfg.compile else model
 
     def restore_state(self, state: dict) -> None:
         """Weights, EMA, optimizer, scaler, schedule position, best-so-far and RNG from a checkpoint."""
@@ -736,7 +793,7 @@ class Trainer:
                 evaluate(self.ema.module, self.val_loader, self.evaluator, cfg, self.device, self.show_progress)
             )
         if validated:
-            fitness = metrics.get("mask/map", -1.0)
+            fitness = metrics.get(BEST_METRIC, -1.0)
             self.improved = fitness > self.best_fitness or self.best_epoch < 0
             if self.improved:
                 self.best_fitness, self.best_epoch, self.validations_since_best = fitness, self.epoch, 0
