@@ -158,6 +158,7 @@ def _single_path_component(value: str) -> bool:
         and "/" not in value
         and "\\" not in value
         and value == value.strip()
+        and value.isprintable()  # no newline, tab or NUL: a name is printed in one-line messages
         and len(value.encode("utf-8", "replace")) <= MAX_NAME_BYTES
     )
 
@@ -182,8 +183,8 @@ RULES: dict[str, tuple] = {
     "project": (lambda v: v.strip() != "", "a folder"),
     "name": (
         _single_path_component,
-        f"a single folder name of at most {MAX_NAME_BYTES} bytes (no '/', not '.' or '..'); use --project for the "
-        "parent",
+        f"a single folder name of at most {MAX_NAME_BYTES} bytes (no '/', no control characters, not '.' or '..'); "
+        "use --project for the parent",
     ),
     "seed": _between(0, 2**32 - 1),
     "patience": _at_least(0),
@@ -313,10 +314,11 @@ def field_comments() -> dict[str, str]:
     return comments
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, help_overrides: dict[str, str] | None = None) -> None:
     """One --flag per TrainConfig key, its help the comment at its default (defaults left unset so that --cfg
-    values are not overridden)."""
+    values are not overridden); help_overrides: {key: help} where a command uses a key its own way."""
     comments = field_comments()
+    overrides = help_overrides or {}
     parser.add_argument("--cfg", default=None, help="a YAML config (e.g. runs/NAME/args.yaml); flags override it")
     for field in fields(TrainConfig):
         kind = _field_type(field)
@@ -328,7 +330,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 const="true",
                 default=None,
                 metavar="true|false|PATH/TO/last.pt",
-                help="continue project/name from weights/last.pt, or continue the run of the given last.pt",
+                help=overrides.get(
+                    field.name, "continue project/name from weights/last.pt, or continue the run of the given last.pt"
+                ),
             )
         elif kind is bool:
             parser.add_argument(
@@ -338,7 +342,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 const=True,
                 default=None,
                 type=_true_or_false,
-                help=f"{comments.get(field.name, '')} (default {field.default})".strip(),
+                help=overrides.get(field.name, f"{comments.get(field.name, '')} (default {field.default})".strip()),
             )
         else:
             parser.add_argument(
@@ -346,7 +350,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 dest=field.name,
                 type=kind,
                 default=None,
-                help=f"{comments.get(field.name, '')} (default {field.default!r})".strip(),
+                help=overrides.get(field.name, f"{comments.get(field.name, '')} (default {field.default!r})".strip()),
             )
 
 

@@ -185,3 +185,41 @@ def _yaml_problem(cause: Exception) -> str:
     mark = getattr(cause, "problem_mark", None)
     problem = getattr(cause, "problem", None) or " ".join(str(cause).split())
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+LOCK_FILE = ".pyseg.lock"  # in a run's or a search's folder while a process trains it
+
+
+class FolderInUseError(UserError):
+    """Another process holds a folder's lock: it is training that run or search right now."""
+
+
+class FolderLock:
+    """An exclusive lock on folder (its LOCK_FILE, with the holder's pid), taken at once or refused: two processes
+    never train the same run or search. The operating system releases it when the holder dies, however."""
+
+    def __init__(self, folder: str | Path, what: str):
+        import fcntl
+
+        self.path = Path(folder) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip()
+            self.handle.close()
+            raise FolderInUseError(
+                f"{what} {Path(folder)} is in use by another pyseg process"
+                + (f" (pid {holder})" if holder.isdigit() else "")
+                + ": wait for it to end, or stop it, then try again"
+            ) from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()  # closing releases the lock; the file stays (another process may hold it now)

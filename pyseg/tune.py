@@ -68,15 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     group.add_argument("--verbose", action="store_true", help="also show Ray's and Tune's own output")
     add_tracking_arguments(parser)
-    add_config_arguments(parser)
+    add_config_arguments(
+        parser,
+        {  # a search's own meaning of these training flags
+            "name": "the search's folder: project/name (default tune)",
+            "epochs": "epochs per trial (default 30)",
+            "resume": "continue the search --name (finished trials are kept)",
+        },
+    )
     parser.set_defaults(name=None, epochs=None)
-    for action in parser._actions:  # the training flags' help names train's defaults; a search's differ
-        if action.dest == "name":
-            action.help = "the search's folder: project/name (default tune)"
-        elif action.dest == "epochs":
-            action.help = "epochs per trial (default 30)"
-        elif action.dest == "resume":
-            action.help = "continue the search --name (finished trials are kept)"
     return parser.parse_args(argv)
 
 
@@ -88,16 +88,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def tune_command(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    tune_resume, _ = resume_target(args.resume)  # --resume continues the experiment --name (not one training)
+    tune_resume, _ = resume_target(args.resume)
+    if tune_resume:
+        ignored = ignored_on_resume(list(sys.argv[1:] if argv is None else argv))
+        if ignored:
+            print(
+                f"pyseg.tune --resume: the search continues with its own config and settings (its search.json); "
+                f"ignored: {', '.join(ignored)}"
+            )  # --resume continues the experiment --name (not one training)
     if _ is not None:
         raise ConfigError("pyseg.tune --resume continues a search: give --resume --name NAME, not a checkpoint")
     args.resume = None
-    from pyseg.distributed.search import run_tune
+    from pyseg.distributed.search import failed_trial_causes, run_tune
     from pyseg.distributed.search_settings import TuneSettings
     from pyseg.distributed.search_space import load_search_space
 
     storage = remote_storage(args)
-    args_name, name = args.name, args.name or "tune"
+    args_name, name = args.name, "tune" if args.name is None else args.name  # --name "" is refused below
     args.name = None
     if args.epochs is None:
         args.epochs = 30
@@ -140,9 +147,12 @@ def tune_command(argv: list[str] | None) -> int:
 
     tracking = command_tracking("pyseg.tune", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
     summary = run_tune(base, space, settings, tracking)
-    errored = sum(row["status"] == "ERROR" for row in summary.rows)
-    if errored:
-        print(f"pyseg.tune: {errored} of {len(summary.rows)} trials failed; errors in {summary.experiment_dir}")
+    causes = failed_trial_causes(summary)
+    for trial, (cause, _) in causes.items():
+        print(f"pyseg.tune: trial {trial} failed: {cause}", file=sys.stderr)
+    if causes:
+        print(f"pyseg.tune: {len(causes)} of {len(summary.rows)} trials failed (Ray's error files: "
+              f"{summary.experiment_dir}/<trial>/error.txt); mend the cause and continue with --resume")  # fmt: skip
     interrupted = summary.unfinished and not summary.budget_spent
     if summary.unfinished:
         given = list(sys.argv[1:] if argv is None else argv)
@@ -159,11 +169,26 @@ def tune_command(argv: list[str] | None) -> int:
                 f"pyseg.tune: the {summary.budget_spent} budget ended the search before {summary.unfinished} of "
                 f"{summary.samples} trials ran (a larger {flag} in a new search runs more)"
             )
+    if causes and all(user for _, user in causes.values()) and not interrupted:
+        return 2  # the machine's or the user's fault (a full disk, a damaged checkpoint): said above, line by line
     if summary.best_config:
         print(next_steps(summary, summary.epochs, val_images))
     if interrupted:  # Ctrl-C (or SIGTERM): the search stopped with trials unfinished
         return 130
     return 0 if summary.best_config else 1
+
+
+# flags a resumed search takes from the command (where it runs and is kept, what it prints); the rest are the search's
+RESUME_FLAGS = {
+    "--resume", "--name", "--project", "--storage", "--address", "--verbose", "--no-mlflow", "--mlflow-uri",
+    "--mlflow-experiment",
+}  # fmt: skip
+
+
+def ignored_on_resume(argv: list[str]) -> list[str]:
+    """The flags given with --resume that a resumed search does not use (its record decides them)."""
+    flags = [token.split("=", 1)[0] for token in argv if token.startswith("--")]
+    return sorted({flag for flag in flags if flag not in RESUME_FLAGS})
 
 
 def next_steps(summary, epochs: int, images=None) -> str:

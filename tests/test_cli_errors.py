@@ -200,6 +200,8 @@ CASES = {
     "tune --samples 0": ("tune", lambda f: ["--samples", "0", "--no-mlflow"], "--samples"),
     "tune --epochs 0": ("tune", lambda f: ["--epochs", "0", "--no-mlflow"], "--epochs"),
     "tune --name ../x": ("tune", lambda f: ["--name", "../x", "--no-mlflow"], "--name"),
+    "tune --name with a newline": ("tune", lambda f: ["--name", "a\nb", "--no-mlflow"], "--name"),
+    "tune --name empty": ("tune", lambda f: ["--name", "", "--no-mlflow"], "--name"),
     "tune --space broken": ("tune", lambda f: ["--space", str(f["not_yaml"]), "--no-mlflow"], "broken.yaml"),
     "tune --resume PATH": ("tune", lambda f: ["--resume", str(f["checkpoint"])], "--resume"),
     "tune --resume a search only Ray's pickles describe": (

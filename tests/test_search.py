@@ -376,10 +376,12 @@ def test_tune_starts_its_own_ray_when_a_killed_head_left_its_address_behind(tiny
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_continues_each_trial_from_its_checkpoint(tiny_data, tmp_path, short_tmp):
-    """Ctrl-C (SIGINT) once a trial has stored its first epoch; the command pyseg.tune prints then continues the
-    search: every trial ends at the asked epoch count with one results.csv row per epoch, the interrupted ones
-    continued from their weights/last.pt, and no restored-checkpoint folder is left in TMPDIR."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_an_interrupted_search_continues_each_trial_from_its_checkpoint(tiny_data, tmp_path, short_tmp, stop):
+    """Ctrl-C (SIGINT) or `kill PID` (SIGTERM) once a trial has stored its first epoch; the command pyseg.tune
+    prints then continues the search: every trial ends at the asked epoch count with one results.csv row per
+    epoch, the interrupted ones continued from their weights/last.pt, and no restored-checkpoint folder is left in
+    TMPDIR."""
     env = command_env(tmp_path, short_tmp)
     project = tmp_path / "runs"
     space = write_space(tmp_path, "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\n")
@@ -402,7 +404,7 @@ def test_an_interrupted_search_continues_each_trial_from_its_checkpoint(tiny_dat
                     for path in trials.glob("*/results.csv")
                     if (path.parent / "weights" / "last.pt").is_file() and path.read_text().count("\n") >= 2
                 ]
-            driver.send_signal(signal.SIGINT)
+            driver.send_signal(stop)
             code = driver.wait(timeout=180)
         finally:
             kill_process_group(driver, grace_s=10)
@@ -637,3 +639,35 @@ def test_a_resumed_search_runs_no_code_from_its_folder_and_resumes_where_it_was_
     # the planted state is gone: nothing reads it later (Ray's ExperimentAnalysis takes the newest name)
     assert not [p for p in planted if p.exists() and "9999" in p.name]
     assert not [p for p in planted if p.exists() and p.name in ("error.pkl", "params.pkl", "trainable.pkl")]
+
+
+def test_failed_trials_are_named_with_their_cause_and_pysegs_user_errors_are_told_apart(tmp_path):
+    """A trial that failed on a full disk (pyseg's WriteError, a user's or the machine's fault) and one that
+    failed on a bug: each is named with the line of its error; only the first counts as a user error (exit 2)."""
+    from pyseg.distributed.search import failed_trial_causes
+    from pyseg.distributed.search_results import TuneSummary
+
+    for trial, error in {
+        "aaaaa_00000": "pyseg.files.WriteError: [Errno 28] cannot write last.pt: no space left on device",
+        "aaaaa_00001": "KeyError: 'box'",
+    }.items():
+        (tmp_path / trial).mkdir()
+        (tmp_path / trial / "error.txt").write_text(
+            f"Failure # 1\nTraceback (most recent call last):\n  ...\n{error}\n"
+        )
+    rows = [{"trial": "aaaaa_00000", "status": "ERROR"}, {"trial": "aaaaa_00001", "status": "ERROR"}]
+    rows.append({"trial": "aaaaa_00002", "status": "TERMINATED"})
+    summary = TuneSummary(tmp_path, tmp_path / "t.csv", None, None, None, None, rows)
+    causes = failed_trial_causes(summary)
+    assert causes == {
+        "aaaaa_00000": ("[Errno 28] cannot write last.pt: no space left on device", True),
+        "aaaaa_00001": ("KeyError: 'box'", False),
+    }
+
+
+def test_flags_given_with_resume_that_the_search_does_not_use_are_named():
+    from pyseg.tune import ignored_on_resume
+
+    argv = ["--resume", "--name", "s", "--epochs", "5", "--samples=4", "--project", "p", "--no-mlflow", "--lr0", "1"]
+    assert ignored_on_resume(argv) == ["--epochs", "--lr0", "--samples"]
+    assert ignored_on_resume(["--resume", "--name", "s", "--storage", "s3://b/p", "--verbose"]) == []

@@ -627,3 +627,17 @@ def test_build_steps_return_what_they_build_and_leave_the_config_alone(tiny_data
     trainer = Trainer(cfg, show_progress=False)
     trainer.setup()  # setup decides: the folder's name, the optimizer auto resolves to
     assert trainer.cfg.name == "steps2" and trainer.cfg.optimizer in ("sgd", "adamw") and cfg.optimizer == "auto"
+
+
+def test_a_run_another_process_is_resuming_is_refused_in_one_line(tiny_data, tmp_path):
+    from pyseg.files import FolderInUseError, FolderLock
+
+    cfg = tiny_config(tiny_data, tmp_path, name="held", epochs=1)
+    run_dir = Trainer(cfg, show_progress=False).fit()
+    held = FolderLock(run_dir, "the run")
+    try:
+        with pytest.raises(FolderInUseError, match=f"--resume: the run {run_dir} is in use by another pyseg process"):
+            Trainer(cfg.updated(resume=True), show_progress=False).fit()
+    finally:
+        held.release()
+    Trainer(cfg.updated(resume=True), show_progress=False).fit()  # free again: finished, nothing to train

@@ -30,6 +30,7 @@ from pyseg.distributed.ray_train import (
 from pyseg.distributed.search_results import TRIALS, TuneSummary, summarize
 from pyseg.distributed.search_resume import (
     SearchPlan,
+    check_trial_folders,
     read_search_record,
     remove_ray_state,
     resumed_search,
@@ -58,6 +59,7 @@ from pyseg.distributed.worker import check_device_has_gpus, checkpoint_due
 from pyseg.engine.run_files import BEST_METRIC as METRIC
 from pyseg.engine.trainer import read_results
 from pyseg.errors import ConfigError
+from pyseg.files import LOCK_FILE, FolderLock
 
 PARENT_RUN_FILE = "mlflow_parent.json"
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved for each trial's driver process
@@ -214,6 +216,44 @@ def quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter, which prints nothing at verbose=0
     drop_worker_pool_warnings()
+
+
+def stop_on_sigterm_as_on_ctrl_c() -> None:
+    """`kill PID` (SIGTERM) stops the search as Ctrl-C does (trials kept, the command that continues it printed,
+    exit 130): Ray's driver otherwise answers SIGTERM by aborting the process."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
+def failed_trial_causes(summary: TuneSummary) -> dict[str, tuple[str, bool]]:
+    """{failed trial: (the line of its error that names it, whether it is a pyseg user error: a full disk, a
+    damaged checkpoint, a bad value)}, read from Tune's error.txt of each failed trial."""
+    from pyseg.distributed.search_view import error_summary
+    from pyseg.errors import UserError
+
+    def names(kind: type) -> set[str]:
+        return {kind.__name__}.union(*(names(sub) for sub in kind.__subclasses__()))
+
+    user_errors = names(UserError)
+    causes = {}
+    for row in summary.rows:
+        if row["status"] != "ERROR":
+            continue
+        path = summary.experiment_dir / row["trial"] / "error.txt"
+        try:
+            lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            lines = []
+        line = error_summary(lines) or f"see {path}"
+        kind = line.split(":", 1)[0].rsplit(".", 1)[-1]
+        causes[row["trial"]] = (
+            line.split(": ", 1)[1] if kind in user_errors and ": " in line else line,
+            kind in user_errors,
+        )
+    return causes
 
 
 def check_local_resources(settings: TuneSettings) -> None:
@@ -407,121 +447,139 @@ def run_tune(
         check_tracking_reachable_from_every_node(resolve_tracking_uri(tracking.uri, base.project), kept)
     if not settings.resume:
         check_creatable(experiment_dir)  # before Ray starts
-    if kept and settings.resume:
-        if kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
-            kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
-        kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))  # the trials' results.csv files
-    searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
-    plan = SearchPlan.of(record, trials_dir, base, space, settings)
-    # Tune's own per-trial log files (result.json, progress.csv, params.json/.pkl, TensorBoard events) repeat what
-    # each trial's results.csv and MLflow hold, and the driver uploads them again at every experiment checkpoint:
-    # on S3, 62 requests per trial in a 64-trial search and growing with the trial count (bench_cluster.py).
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
-    # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
-    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
-    runs_trials = bool(plan.trials_to_run and not plan.budget_spent)  # else a resumed search only sums up
-    if runs_trials:
-        check_local_resources(settings)
-        if not settings.verbose:
-            quiet_ray()
-        init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
-        if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
-            gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
-            settings = dataclasses.replace(settings, gpus_per_trial=gpus)
-        check_device_has_gpus(base.device, settings.gpus_per_trial)
-        trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
+    # one process runs a search at a time (two resumes would train the same trial folders at once)
+    created = not experiment_dir.exists()
+    lock = FolderLock(experiment_dir, "--name: the search")
+    try:
+        if kept and settings.resume:
+            if kept.exists(PARENT_RUN_FILE):  # the MLflow parent run goes on
+                kept.download_file(experiment_dir / PARENT_RUN_FILE, PARENT_RUN_FILE)
+            kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))  # the trials' results.csv files
+        searched = [key for key, (kind, _) in space.items() if kind != "fixed"]
+        check_trial_folders(trials_dir, list(record.trials))
+        plan = SearchPlan.of(record, trials_dir, base, space, settings)
+        # Tune's own per-trial log files (result.json, progress.csv, params.json/.pkl, TensorBoard events) repeat what
+        # each trial's results.csv and MLflow hold, and the driver uploads them again at every experiment checkpoint:
+        # on S3, 62 requests per trial in a 64-trial search and growing with the trial count (bench_cluster.py).
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        # A trial stopped early (ASHA) is blocked inside TorchTrainer.fit and never sees Tune's stop request; Tune
+        # kills it after TUNE_FORCE_TRIAL_CLEANUP_S (600 s by default), holding its workers' CPUs/GPUs until then.
+        os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
+        runs_trials = bool(plan.trials_to_run and not plan.budget_spent)  # else a resumed search only sums up
+        if runs_trials:
+            check_local_resources(settings)
+            if not settings.verbose:
+                quiet_ray()
+            init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
+            stop_on_sigterm_as_on_ctrl_c()
+            if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
+                gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
+                settings = dataclasses.replace(settings, gpus_per_trial=gpus)
+            check_device_has_gpus(base.device, settings.gpus_per_trial)
+            trials_that_fit = default_concurrency(settings)  # raises before anything is written when none fits
 
-    parent = None
-    if tracking.enabled:
-        tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri, base.project))
-        parent = _start_parent_run(base, space, settings, tracking, experiment_dir)
-        tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
+        parent = None
+        if tracking.enabled:
+            tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri, base.project))
+            parent = _start_parent_run(base, space, settings, tracking, experiment_dir)
+            tracking = dataclasses.replace(tracking, parent_run_id=parent.run_id)
 
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    keeper = RecordKeeper(record, experiment_dir / SEARCH_FILE, kept)
-    if settings.resume:
-        remove_ray_state(experiment_dir, kept, list(record.trials))
-        print(
-            f"resuming {shown} with its own settings ({SEARCH_FILE}): {len(plan.finished)} trials kept, "
-            f"{len(plan.to_continue)} continue from their checkpoints, {plan.new_samples} new"
-        )
-    keeper.save()  # before any trial starts: a search killed at once can be resumed
-    view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
-    stopper = None
-    started = time.monotonic()
-    if runs_trials:
-        from pyseg.distributed.record_callback import RecordCallback  # imports Ray
-
-        max_concurrent = settings.max_concurrent or trials_that_fit
-        stopper = _stopper(settings, plan.epochs_trained)
-        tuner = tune.Tuner(
-            _trainable(base, settings, tracking, trials_dir, hooks),
-            param_space=to_tune_space(space),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                scheduler=_scheduler(settings, space, base.epochs),
-                search_alg=_search_algorithm(settings, max_concurrent, plan if settings.resume else None),
-                num_samples=plan.trials_to_run,
-                time_budget_s=plan.time_left_s,
-                trial_name_creator=trial_folder,
-                trial_dirname_creator=trial_folder,
-            ),
-            run_config=tune.RunConfig(
-                name=settings.name,
-                storage_path=Storage(settings.storage).uri if kept else str(Path(base.project)),
-                stop=stopper,
-                # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
-                failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                # PBT's checkpoints, one per perturbation step: each trial's last four (the Ray Train ones stay in
-                # the trial folders)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-                callbacks=[activate(view), RecordCallback(keeper)],
-                verbose=2 if settings.verbose else 0,
-            ),
-        )
-        if not settings.resume:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        keeper = RecordKeeper(record, experiment_dir / SEARCH_FILE, kept)
+        if settings.resume:
+            remove_ray_state(experiment_dir, kept, list(record.trials))
             print(
-                f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to "
-                f"{max_concurrent} at a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values "
-                "searched"
+                f"resuming {shown} with its own settings ({SEARCH_FILE}): {len(plan.finished)} trials kept, "
+                f"{len(plan.to_continue)} continue from their checkpoints, {plan.new_samples} new"
             )
-        view.start()
-        for name, trial in plan.finished.items():
-            view.trial_kept(name, trial.config, read_results(trials_dir / name / "results.csv"))
-        try:
-            with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
-                warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
-                tuner.fit()
-        finally:
-            view.close()
-    if plan.budget_spent:
-        record.budget_spent = plan.budget_spent
-    elif settings.time_budget and time.monotonic() - started >= (plan.time_left_s or 0):
-        record.budget_spent = "time"
-    elif stopper is not None and stopper.stop_all():
-        record.budget_spent = "epoch"
-    keeper.save()
-    if kept:  # this machine's copy of every trial's results (not their weights) for the summary
-        kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
-    if kept and runs_trials:  # the trials are over: what they staged on the nodes is in the storage
-        trials_kept = Storage(trials_storage_uri(settings))  # as run_trial names each trial's storage
-        remove_staged_on_every_node([trials_kept.child(trial).uri for trial in sorted(record.trials)])
-    summary = summarize(record, base, searched, experiment_dir, trials_dir, settings.samples, kept, view.legend_shown)
-    if kept:
-        for output in (summary.results_csv, summary.best_config, *summary.pictures, experiment_dir / PARENT_RUN_FILE):
-            if output is not None and output.is_file():
-                kept.write_file(output, output.name)
-    summary.budget_spent = record.budget_spent
-    if parent is not None:
-        _finish_parent_run(parent, summary)
-        summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id
-    return summary
+        keeper.save()  # before any trial starts: a search killed at once can be resumed
+        view = SearchView(searched, base.epochs, settings.progress_every_s, samples=settings.samples)
+        stopper = None
+        started = time.monotonic()
+        if runs_trials:
+            from pyseg.distributed.record_callback import RecordCallback  # imports Ray
+
+            max_concurrent = settings.max_concurrent or trials_that_fit
+            stopper = _stopper(settings, plan.epochs_trained)
+            tuner = tune.Tuner(
+                _trainable(base, settings, tracking, trials_dir, hooks),
+                param_space=to_tune_space(space),
+                tune_config=tune.TuneConfig(
+                    metric=METRIC,
+                    mode="max",
+                    scheduler=_scheduler(settings, space, base.epochs),
+                    search_alg=_search_algorithm(settings, max_concurrent, plan if settings.resume else None),
+                    num_samples=plan.trials_to_run,
+                    time_budget_s=plan.time_left_s,
+                    trial_name_creator=trial_folder,
+                    trial_dirname_creator=trial_folder,
+                ),
+                run_config=tune.RunConfig(
+                    name=settings.name,
+                    storage_path=Storage(settings.storage).uri if kept else str(Path(base.project)),
+                    stop=stopper,
+                    # a trial whose driver died with its node starts again, continuing from its own folder (run_trial)
+                    failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+                    # PBT's checkpoints, one per perturbation step: each trial's last four (the Ray Train ones stay in
+                    # the trial folders)
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                    callbacks=[activate(view), RecordCallback(keeper)],
+                    verbose=2 if settings.verbose else 0,
+                ),
+            )
+            if not settings.resume:
+                print(
+                    f"pyseg.tune: {settings.samples} trials of {base.epochs} epochs on {base.data}, up to "
+                    f"{max_concurrent} at a time, {settings.workers_per_trial} worker(s) each, {len(searched)} values "
+                    "searched"
+                )
+            view.start()
+            for name, trial in plan.finished.items():
+                view.trial_kept(name, trial.config, read_results(trials_dir / name / "results.csv"))
+            try:
+                with warnings.catch_warnings():  # Tune's advice to PBT users of class trainables; pyseg's is a function
+                    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+                    tuner.fit()
+            finally:
+                view.close()
+        if plan.budget_spent:
+            record.budget_spent = plan.budget_spent
+        elif settings.time_budget and time.monotonic() - started >= (plan.time_left_s or 0):
+            record.budget_spent = "time"
+        elif stopper is not None and stopper.stop_all():
+            record.budget_spent = "epoch"
+        keeper.save()
+        if kept:  # this machine's copy of every trial's results (not their weights) for the summary
+            kept.child(TRIALS).download(trials_dir, skip=("weights", "ray_train"))
+        if kept and runs_trials:  # the trials are over: what they staged on the nodes is in the storage
+            trials_kept = Storage(trials_storage_uri(settings))  # as run_trial names each trial's storage
+            remove_staged_on_every_node([trials_kept.child(trial).uri for trial in sorted(record.trials)])
+        summary = summarize(
+            record, base, searched, experiment_dir, trials_dir, settings.samples, kept, view.legend_shown
+        )
+        if kept:
+            for output in (
+                summary.results_csv,
+                summary.best_config,
+                *summary.pictures,
+                experiment_dir / PARENT_RUN_FILE,
+            ):
+                if output is not None and output.is_file():
+                    kept.write_file(output, output.name)
+        summary.budget_spent = record.budget_spent
+        if parent is not None:
+            _finish_parent_run(parent, summary)
+            summary.tracking_uri, summary.mlflow_experiment_id = tracking.uri, parent.experiment_id
+        return summary
+    finally:
+        lock.release()
+        if created and [p.name for p in experiment_dir.iterdir()] == [LOCK_FILE]:  # failed before writing anything
+            shutil.rmtree(experiment_dir, ignore_errors=True)
 
 
 def is_empty_or_missing(folder: Path) -> bool:
-    return not (folder.exists() and any(folder.iterdir()))
+    """No folder, or one that holds nothing but a lock file."""
+    return not (folder.exists() and any(p.name != LOCK_FILE for p in folder.iterdir()))
 
 
 def check_tracking_reachable_from_every_node(uri: str, kept: Storage) -> None:

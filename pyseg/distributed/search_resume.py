@@ -50,7 +50,7 @@ def read_search_record(experiment_dir: Path, kept: Storage | None) -> SearchReco
             kept.download_file(path, SEARCH_FILE)
         else:
             path.unlink(missing_ok=True)  # an old copy here is not the search's
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         if kept:
             names = sorted({name.split("/", 1)[0] for name in kept.files()})
         else:
@@ -77,6 +77,8 @@ def resumed_search(
         unknown = sorted(set(record.settings) - set(SEARCH_DEFINING))
         if unknown:
             raise ConfigError(f"unknown settings {', '.join(unknown)}")
+        for key, value in record.settings.items():
+            check_setting_type(key, value)
         settings = dataclasses.replace(settings, **record.settings)  # __post_init__ checks the values
     except (ConfigError, ValueError, TypeError) as error:
         raise SearchRecordError(f"{path}: {error}; start a new search with another --name") from None
@@ -93,14 +95,40 @@ def resumed_search(
     return base, space, settings
 
 
+def check_setting_type(key: str, value) -> None:
+    """ConfigError unless value has the type of the TuneSettings field key (numbers as numbers, never as text or
+    true/false; None only where the field allows it)."""
+    field = next(f for f in dataclasses.fields(TuneSettings) if f.name == key)
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+    allowed = [kind for part in str(field.type).split("|") for kind in kinds.get(part.strip(), ())]
+    if value is None and "None" in str(field.type):
+        return
+    if isinstance(value, bool) != (bool in allowed) or not isinstance(value, tuple(allowed)):
+        raise ConfigError(f"settings.{key} must be of type {field.type}, got {value!r}")
+
+
+def check_trial_folders(trials_dir: Path, names: list[str]) -> None:
+    """SearchRecordError when a trial's folder is anything but a plain folder (a symbolic link would make the
+    resumed trial write wherever it points)."""
+    for name in names:
+        folder = trials_dir / name
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise SearchRecordError(
+                f"--resume: the trial folder {folder} is not a plain folder (a symbolic link or a file): a trial "
+                "writes only into its own folder; put the trial's folder itself there, or start a new search"
+            )
+
+
 def remove_ray_state(experiment_dir: Path, kept: Storage | None, trials: list[str]) -> None:
     """Deletes Ray Tune's state of an earlier run of the search (its pickles, and its folder of each trial): the
     resumed run writes its own, and no Ray code path reads the old copies."""
     if experiment_dir.is_dir():
         for name in ray_state_files([p.name for p in experiment_dir.iterdir()]):
             (experiment_dir / name).unlink(missing_ok=True)
-    for trial in trials:
-        shutil.rmtree(experiment_dir / trial, ignore_errors=True)
+    for trial in trials:  # Tune's folder of each trial (named by the trial id: see search_state._FOLDER_NAME)
+        folder = experiment_dir / trial
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
     if kept is not None:
         top = {path.split("/", 1)[0] for path in kept.files()}
         for name in ray_state_files(sorted(top)):

@@ -32,7 +32,9 @@ RAY_STATE_PATTERNS = (
     "tuner.pkl", "trainable.pkl", "experiment_state*.json", "searcher-state*", "basic-variant-state*",
     "search_gen_state*",
 )  # fmt: skip
-_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# A trial's folder is named by its Tune trial id (5 hex digits, _, a counter): nothing else, so that a tampered
+# record cannot name a folder of pyseg's own (trials/, weights/) or one outside the search
+_FOLDER_NAME = re.compile(r"^[0-9a-f]{5}_[0-9]{5,9}$")
 
 
 class SearchRecordError(ConfigError):
@@ -75,6 +77,8 @@ class SearchRecord:
             record = json.loads(text, parse_constant=lambda name: (_ for _ in ()).throw(ValueError(name)))
         except ValueError as error:
             raise refuse(f"is not valid JSON ({error})") from None
+        except RecursionError:
+            raise refuse("is nested too deeply") from None
         if not isinstance(record, dict) or record.get("pyseg_search") != FORMAT:
             raise refuse(f"has no 'pyseg_search: {FORMAT}' mark")
         for key in ("base", "space", "settings", "trials"):
@@ -83,14 +87,14 @@ class SearchRecord:
         trials = {}
         for name, trial in record["trials"].items():
             if not _FOLDER_NAME.match(name):
-                raise refuse(f"trial folder name {name!r} is not a plain folder name")
+                raise refuse(f"trial folder name {name!r} is not a Tune trial id (like 3f2a1_00004)")
             if not isinstance(trial, dict) or trial.get("status") not in (RUNNING, ENDED, FAILED):
                 raise refuse(f"trial {name}: its status is not one of {RUNNING}, {ENDED}, {FAILED}")
             if not isinstance(trial.get("config"), dict) or not all(_is_plain(v) for v in trial["config"].values()):
                 raise refuse(f"trial {name}: its config is not a mapping of plain values")
             trials[name] = TrialRecord(trial["status"], trial["config"])
         elapsed, spent = record.get("elapsed_s", 0.0), record.get("budget_spent")
-        if not isinstance(elapsed, int | float) or isinstance(elapsed, bool) or not elapsed >= 0:
+        if not isinstance(elapsed, int | float) or isinstance(elapsed, bool) or not 0 <= elapsed < math.inf:
             raise refuse(f"elapsed_s {elapsed!r} is not a number of seconds")
         if spent not in (None, "time", "epoch"):
             raise refuse(f"budget_spent {spent!r} is not time, epoch or null")
@@ -106,8 +110,12 @@ def _is_plain(value) -> bool:
 
 def read_record(path: Path) -> SearchRecord:
     """The record at path; SearchRecordError naming it when it cannot be read."""
+    if not path.is_file():
+        raise SearchRecordError(
+            f"the search record {path} is not a regular file; start a new search with another --name"
+        )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not a problem
     except (OSError, UnicodeDecodeError) as error:
         raise SearchRecordError(f"cannot read the search record {path}: {error}") from None
     return SearchRecord.from_json(text, str(path))

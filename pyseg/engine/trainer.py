@@ -43,7 +43,7 @@ from pyseg.engine.plots import plot_results
 from pyseg.engine.predict import detect, masks_in_input, to_original
 from pyseg.engine.run_files import BEST_CHECKPOINT, BEST_METRIC, LAST_CHECKPOINT, WEIGHTS_DIR
 from pyseg.errors import ConfigError, UserError
-from pyseg.files import atomic_write_text, kill_point, remove_stale_temporaries
+from pyseg.files import FolderLock, atomic_write_text, kill_point, remove_stale_temporaries
 from pyseg.ops import device_errors
 from pyseg.ops.device_errors import deferred_device_checks
 
@@ -395,17 +395,9 @@ class Trainer:
     improved: bool  # this epoch's weights are the new best.pt
     stop: bool  # set by early stopping or a hook: end after this epoch
     pending_train: dict | None  # the training metrics of an epoch trained but not finished (resume)
-    # built by setup()
+    # built by setup(); also every field of RunData (dataset_config, the splits, the loaders, the evaluator, ...)
     run_dir: Path
     weights_dir: Path
-    dataset_config: DatasetConfig
-    train_split: SplitLabels
-    val_split: SplitLabels
-    train_loader: torch.utils.data.DataLoader
-    val_loader: torch.utils.data.DataLoader
-    evaluator: CocoEvaluator | None
-    loader_makes_masks: bool
-    batch_per_rank: int
     model: torch.nn.Module
     train_model: torch.nn.Module  # model as trained: wrapped (DDP) and/or compiled
     loss_fn: SegLoss
@@ -446,6 +438,7 @@ class Trainer:
         self.improved = self.stop = False
         self.pending_train = None
         self.evaluator = None
+        self.lock: FolderLock | None = None  # held on a resumed run's folder while this process trains it
 
     # ---------------------------------------------------------------- setup
 
@@ -459,9 +452,7 @@ class Trainer:
         self.table = EpochTable(self.cfg.epochs)  # the run's epochs, not the command line's default
         self.device = self.build_runtime()
         data = self.build_data(resume_state["names"] if resume_state is not None else None)
-        self.dataset_config, self.train_split, self.val_split = data.dataset_config, data.train_split, data.val_split
-        self.train_loader, self.val_loader, self.evaluator = data.train_loader, data.val_loader, data.evaluator
-        self.batch_per_rank, self.loader_makes_masks = data.batch_per_rank, data.loader_makes_masks
+        vars(self).update(vars(data))  # dataset_config, train_split, ..., loader_makes_masks
         weights = self.build_weights()
         if weights is not None and canonical_model_name(self.cfg.model) != weights.model_name:
             if self.is_main and self.cfg.model != TrainConfig.model:
@@ -505,6 +496,8 @@ class Trainer:
                 "--resume) or give the run's folder with --project/--name, or --resume PATH/TO/last.pt"
             )
         if self.is_main:
+            # one process continues a run at a time (a second would remove the first one's live temporaries)
+            self.lock = FolderLock(run_dir, "--resume: the run")
             for folder in (run_dir, run_dir / WEIGHTS_DIR):  # checkpoints, and results.csv, args.yaml, ...
                 for stale in remove_stale_temporaries(folder):
                     print(f"removed {stale}, left by an interrupted write")
@@ -734,6 +727,13 @@ class Trainer:
 
     def fit(self) -> Path:
         """Trains (or resumes) to cfg.epochs; returns the run folder."""
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _fit(self) -> Path:
         self.setup()
         cfg = self.cfg
         if self.pending_train is None and (self.start_epoch >= cfg.epochs or self.stop):
