@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -77,3 +79,18 @@ def test_cpu_threads_follow_threads_on_the_cpu_else_the_cpus_ray_gave():
     assert cpu_threads(3, cuda) is None  # --threads is about CPU training
     assert cpu_threads(0, cuda, cpus=2.5) == 2 and cpu_threads(0, cpu, cpus=0.5) == 1
     assert cpu_threads(0, cpu) is None  # not on Ray: torch's own default
+
+
+def test_a_local_rays_folder_left_by_a_killed_command_is_removed_at_the_next_start(tmp_path):
+    import subprocess
+    import sys
+
+    from pyseg.distributed.ray_train import RAY_DIR_OWNER, remove_stale_ray_dirs
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, owner in {"ray-dead1234": dead.stdout.strip(), "ray-alive123": str(os.getpid())}.items():
+        (tmp_path / name / "session_x").mkdir(parents=True)
+        (tmp_path / name / RAY_DIR_OWNER).write_text(owner)
+    (tmp_path / "ray-notours1").mkdir()  # no owner file: someone else's
+    assert remove_stale_ray_dirs(tmp_path) == [tmp_path / "ray-dead1234"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray-alive123", "ray-notours1"]

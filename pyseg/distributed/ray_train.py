@@ -236,7 +236,10 @@ def private_ray_dir(env_vars: dict[str, str]) -> str:
     import atexit
 
     parent = tempfile.gettempdir()
-    folder = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=parent if len(parent) <= MAX_RAY_DIR_PARENT else "/tmp")
+    parent = parent if len(parent) <= MAX_RAY_DIR_PARENT else "/tmp"
+    remove_stale_ray_dirs(Path(parent))
+    folder = tempfile.mkdtemp(prefix=RAY_DIR_PREFIX, dir=parent)
+    (Path(folder) / RAY_DIR_OWNER).write_text(str(os.getpid()))
     env_vars["TMPDIR"] = folder
 
     def remove() -> None:
@@ -247,6 +250,28 @@ def private_ray_dir(env_vars: dict[str, str]) -> str:
 
     atexit.register(remove)
     return folder
+
+
+RAY_DIR_OWNER = "pyseg-owner.pid"  # in a local Ray's folder: the pid of the command that started it
+
+
+def remove_stale_ray_dirs(parent: Path) -> list[Path]:
+    """Deletes the folders of local Rays whose command died without removing them (kill -9): those in parent
+    whose owner pid is no longer running. Returns them."""
+    stale = []
+    for folder in parent.glob(f"{RAY_DIR_PREFIX}*"):
+        try:
+            owner = int((folder / RAY_DIR_OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # not one of pyseg's, or not finished being made
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            stale.append(folder)
+        except PermissionError:
+            pass  # alive, another user's
+    return stale
 
 
 # The raylet's "N PYTHON worker processes have been started on node ..." warns about Ray's own worker pool: every
