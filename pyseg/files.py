@@ -203,7 +203,11 @@ class FolderLock:
 
         self.path = Path(folder) / LOCK_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        try:
+            self.handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
+        except OSError:  # a read-only or foreign folder: nobody can train into it, and the write says why
+            self.handle = None
+            return
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,5 +225,7 @@ class FolderLock:
         self.handle.flush()
 
     def release(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()  # closing releases the lock; the file stays (another process may hold it now)
+        """Removes the lock file and releases the lock (the folder is left as it was found)."""
+        if self.handle is not None and not self.handle.closed:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()

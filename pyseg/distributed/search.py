@@ -573,8 +573,8 @@ def run_tune(
         return summary
     finally:
         lock.release()
-        if created and [p.name for p in experiment_dir.iterdir()] == [LOCK_FILE]:  # failed before writing anything
-            shutil.rmtree(experiment_dir, ignore_errors=True)
+        if created and not any(experiment_dir.iterdir()):  # it failed before writing anything
+            experiment_dir.rmdir()
 
 
 def is_empty_or_missing(folder: Path) -> bool:
