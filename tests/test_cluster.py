@@ -93,12 +93,13 @@ def test_two_training_workers_run_one_on_each_node(cluster, tiny_data, tmp_path)
     assert all(r["device"] == "cpu" and not r["gpu_ids"] for r in records)
 
 
-def four_trial_search(tiny_data, tmp_path, **settings) -> tuple[list[dict], list[dict]]:
-    """A 4-trial, 1-epoch search of lr0 with the given TuneSettings; (its rows, where each trial's worker ran)."""
+def four_trial_search(tiny_data, tmp_path, device="cpu", **settings) -> tuple[list[dict], list[dict]]:
+    """A 4-trial, 1-epoch search of lr0 with the given TuneSettings on --device device; (its rows, where each
+    trial's worker ran)."""
     placements = tmp_path / "placements.jsonl"
     space_path = tmp_path / "space.yaml"
     space_path.write_text("lr0: {loguniform: [1.0e-3, 1.0e-2]}\n")
-    base = tiny_config(tiny_data, tmp_path, epochs=1, name="unused")
+    base = tiny_config(tiny_data, tmp_path, epochs=1, name="unused", device=device)
     summary = run_tune(
         base,
         load_search_space(space_path),
@@ -123,6 +124,7 @@ def test_trials_share_a_gpu_in_quarters_and_fall_back_to_cpu_when_it_is_not_real
         tiny_data,
         tmp_path,
         name="quarters",
+        device="",  # what Ray assigned (--device cpu would train on the CPU without a word, as asked)
         gpus_per_trial=0.25,
         cpus_per_worker=0.25,
         verbose=True,  # the workers' output reaches this process (the fallback message)

@@ -82,12 +82,13 @@ def submit_and_follow(args) -> int:
         env = runtime_env(args.working_dir, args.pip)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
         client = JobSubmissionClient(args.address)
         job_id = submit_job(client, entrypoint(args.command), env, args.job_id)
-    except (ConnectionError, OSError, RuntimeError, ValueError) as error:  # refused, 401, a bad runtime env
+    except (AuthenticationError, ConnectionError, OSError, RuntimeError, ValueError) as error:  # refused, 401, ...
         hint = (
             "the cluster refused the token: use the head node's ~/.ray/auth_token (or $RAY_AUTH_TOKEN)"
             if "nauthorized" in str(error) or "401" in str(error)
