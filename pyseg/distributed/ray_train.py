@@ -246,7 +246,11 @@ def private_ray_dir(env_vars: dict[str, str]) -> str:
         import ray
 
         ray.shutdown()
-        shutil.rmtree(folder, ignore_errors=True)
+        for _ in range(40):  # Ray's processes may still write their last logs for a moment after the shutdown
+            shutil.rmtree(folder, ignore_errors=True)
+            if not os.path.exists(folder):
+                break
+            time.sleep(0.25)
 
     atexit.register(remove)
     return folder
