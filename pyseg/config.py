@@ -114,7 +114,9 @@ def flag(key: str) -> str:
     return f"--{key.replace('_', '-')}"
 
 
-def _between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+def between(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """A rule (allowed, what) for low <= value <= high (open ends when asked)."""
+
     def allowed(value: float) -> bool:
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high
@@ -124,10 +126,21 @@ def _between(low: float, high: float, *, low_open: bool = False, high_open: bool
     return allowed, text
 
 
-def _at_least(low: float, *, strictly: bool = False):
-    return (lambda value: value > low) if strictly else (
-        lambda value: value >= low
-    ), f"{'>' if strictly else '>='} {low}"
+def at_least(low: float, *, strictly: bool = False, note: str = ""):
+    """A rule (allowed, what) for value >= low (> low when strictly); note follows the bound, e.g. "(-1: unlimited)"."""
+    allowed = (lambda value: value > low) if strictly else (lambda value: value >= low)
+    return allowed, f"{'>' if strictly else '>='} {low}" + (f" {note}" if note else "")
+
+
+def one_of(choices) -> tuple:
+    """A rule (allowed, what) for a value among choices."""
+    return (lambda value: value in choices), f"one of {', '.join(map(str, choices))}"
+
+
+def unset_or(rule: tuple) -> tuple:
+    """rule, with None allowed as well (a setting left to its automatic choice)."""
+    allowed, what = rule
+    return (lambda value: value is None or allowed(value)), what
 
 
 PYSEG_SCALES = ("n", "s", "m")
@@ -167,7 +180,7 @@ def _multiple_of_stride(value: int) -> bool:
     return value >= MAX_STRIDE and value % MAX_STRIDE == 0
 
 
-_FRACTION = _between(0.0, 1.0)
+_FRACTION = between(0.0, 1.0)
 RULES: dict[str, tuple] = {
     "data": (lambda v: v.strip() != "", "a dataset YAML, a built-in name or a dataset folder"),
     "model": (
@@ -175,55 +188,55 @@ RULES: dict[str, tuple] = {
         "one of pyseg-n, pyseg-s, pyseg-m, yolo11{n,s,m,l,x}-seg, yolov8{n,s,m,l,x}-seg (a .pt file of weights goes "
         "to --weights)",
     ),
-    "epochs": _at_least(1),
+    "epochs": at_least(1),
     "imgsz": (_multiple_of_stride, f"a multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640"),
-    "batch": _at_least(1),
+    "batch": at_least(1),
     "device": (DEVICE_PATTERN.match, "cpu, cuda, cuda:N, a GPU index N, or empty for cuda when available"),
-    "workers": _at_least(0),
+    "workers": at_least(0),
     "project": (lambda v: v.strip() != "", "a folder"),
     "name": (
         _single_path_component,
         f"a single folder name of at most {MAX_NAME_BYTES} bytes (no '/', no control characters, not '.' or '..'); "
         "use --project for the parent",
     ),
-    "seed": _between(0, 2**32 - 1),
-    "patience": _at_least(0),
-    "val_period": _at_least(1),
-    "buffer_mb": _at_least(0.0),
-    "save_period": _at_least(0),
-    "threads": _at_least(0),
-    "optimizer": (lambda v: v in ("sgd", "adamw", "auto"), "one of sgd, adamw, auto"),
-    "lr0": _at_least(0.0, strictly=True),
-    "lrf": _between(0.0, 1.0, low_open=True),
-    "momentum": _between(0.0, 1.0, high_open=True),
-    "weight_decay": _at_least(0.0),
-    "warmup_epochs": _at_least(0.0),
-    "warmup_momentum": _between(0.0, 1.0, high_open=True),
-    "warmup_bias_lr": _at_least(0.0),
-    "nbs": _at_least(1),
-    "grad_clip": _at_least(0.0, strictly=True),
-    "ema_decay": _between(0.0, 1.0, high_open=True),
-    "box": _at_least(0.0),
-    "cls": _at_least(0.0),
-    "dfl": _at_least(0.0),
-    "mask": _at_least(0.0),
+    "seed": between(0, 2**32 - 1),
+    "patience": at_least(0),
+    "val_period": at_least(1),
+    "buffer_mb": at_least(0.0),
+    "save_period": at_least(0),
+    "threads": at_least(0),
+    "optimizer": one_of(("sgd", "adamw", "auto")),
+    "lr0": at_least(0.0, strictly=True),
+    "lrf": between(0.0, 1.0, low_open=True),
+    "momentum": between(0.0, 1.0, high_open=True),
+    "weight_decay": at_least(0.0),
+    "warmup_epochs": at_least(0.0),
+    "warmup_momentum": between(0.0, 1.0, high_open=True),
+    "warmup_bias_lr": at_least(0.0),
+    "nbs": at_least(1),
+    "grad_clip": at_least(0.0, strictly=True),
+    "ema_decay": between(0.0, 1.0, high_open=True),
+    "box": at_least(0.0),
+    "cls": at_least(0.0),
+    "dfl": at_least(0.0),
+    "mask": at_least(0.0),
     "hsv_h": _FRACTION,
     "hsv_s": _FRACTION,
     "hsv_v": _FRACTION,
-    "degrees": _between(0.0, 180.0),
+    "degrees": between(0.0, 180.0),
     "translate": _FRACTION,
-    "scale": _between(0.0, 1.0, high_open=True),
-    "shear": _between(0.0, 45.0),
-    "perspective": _between(0.0, 0.001),
+    "scale": between(0.0, 1.0, high_open=True),
+    "shear": between(0.0, 45.0),
+    "perspective": between(0.0, 0.001),
     "flipud": _FRACTION,
     "fliplr": _FRACTION,
     "mosaic": _FRACTION,
     "mixup": _FRACTION,
     "copy_paste": _FRACTION,
-    "close_mosaic": _at_least(0),
+    "close_mosaic": at_least(0),
     "conf": _FRACTION,
-    "iou": _between(0.0, 1.0, low_open=True),
-    "max_det": _at_least(1),
+    "iou": between(0.0, 1.0, low_open=True),
+    "max_det": at_least(1),
 }
 
 
@@ -252,9 +265,20 @@ def check_config(cfg: TrainConfig) -> None:
 def check_value(key: str, value) -> None:
     """Raises ConfigError when value is outside RULES[key]: the check of a TrainConfig field, also used by val's
     and predict's flags of the same name."""
-    allowed, what = RULES[key]
-    if not allowed(value):
-        raise ConfigError(f"{flag(key)} must be {what}, got {value!r}")
+    check_rules({key: value}, {key: RULES[key]})
+
+
+def check_rules(values: dict, rules: dict[str, tuple], flags: dict[str, str] | None = None) -> None:
+    """Raises ConfigError for the first of values outside its rule (key -> (allowed, what)): "FLAG must be WHAT, got
+    VALUE", FLAG being flags[key] or --key. Every settings object (TrainConfig, TuneSettings, RayScaling) is checked
+    by this, so a bad value gets one message shape everywhere. A float must be finite."""
+    for key, (allowed, what) in rules.items():
+        value = values[key]
+        name = (flags or {}).get(key) or flag(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if not allowed(value):
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def _field_type(field: dataclasses.Field) -> type:

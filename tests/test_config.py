@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 import yaml
 
 from pyseg.config import TrainConfig, add_config_arguments, config_from_args, make_config
+from pyseg.errors import ConfigError
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -143,3 +145,28 @@ def test_each_flags_help_is_the_comment_at_its_default():
     help_text = " ".join(text.getvalue().split())
     assert "--weights WEIGHTS a pyseg or Ultralytics checkpoint to start from" in help_text
     assert "--lr0 LR0 initial learning rate" in help_text and "(default 0.01)" in help_text
+
+
+@pytest.mark.parametrize(
+    "settings, key, value, flag_name",
+    [
+        ("train", "epochs", 0, "--epochs"),
+        ("train", "lr0", float("nan"), "--lr0"),
+        ("tune", "samples", 0, "--samples"),
+        ("tune", "max_failures", -2, "--max-failures"),
+        ("tune", "time_budget", float("inf"), "--time-budget"),
+        ("tune", "scheduler", "hyperband", "--scheduler"),
+        ("tune", "gpus_per_trial", -0.5, "--gpus-per-trial"),
+        ("ray", "workers", 0, "--ray-workers"),
+        ("ray", "cpus_per_worker", 0.0, "--cpus-per-worker"),
+        ("ray", "min_workers", 0, "--min-workers"),
+    ],
+)
+def test_every_settings_object_refuses_a_bad_value_in_one_message_shape(settings, key, value, flag_name):
+    from pyseg.distributed.ray_train import RayScaling
+    from pyseg.distributed.search_settings import TuneSettings
+
+    make = {"train": lambda **v: make_config(v), "tune": TuneSettings, "ray": RayScaling}[settings]
+    with pytest.raises(ConfigError) as caught:
+        make(**{key: value})
+    assert re.fullmatch(rf"{re.escape(flag_name)} must be .+, got {re.escape(repr(value))}", str(caught.value))

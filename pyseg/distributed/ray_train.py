@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyseg.config import TrainConfig
+from pyseg.config import TrainConfig, at_least, check_rules, unset_or
 from pyseg.distributed.jobs import FORWARDED_ENV  # the environment every Ray process of a run gets
 from pyseg.distributed.storage import remove_all_staged, remove_staged
 from pyseg.distributed.tracking import TrackingConfig
@@ -47,6 +47,18 @@ class RayRunInterrupted(KeyboardInterrupt):
         self.run_dir = run_dir
 
 
+# What each scaling setting may be (config's rule style), and the flags that set them where the field is named
+# otherwise.
+SCALING_RULES: dict[str, tuple] = {
+    "workers": at_least(1),
+    "gpus_per_worker": unset_or(at_least(0)),
+    "cpus_per_worker": at_least(0, strictly=True),
+    "max_failures": at_least(-1, note="(-1: unlimited)"),
+    "min_workers": unset_or(at_least(1)),
+}
+SCALING_FLAGS = {"workers": "--ray-workers"}
+
+
 @dataclass
 class RayScaling:
     """Workers of one training: count, resources per worker, the cluster, and restarts after failures."""
@@ -59,19 +71,9 @@ class RayScaling:
     min_workers: int | None = None  # elastic: after a node is lost, go on with as few as this (None: always workers)
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ConfigError(f"--ray-workers must be >= 1, got {self.workers}")
-        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
-            raise ConfigError(
-                f"--min-workers must be between 1 and --ray-workers {self.workers}, got {self.min_workers}"
-            )
-        if self.max_failures < -1:
-            raise ConfigError(f"--max-failures must be >= 0 (or -1: unlimited), got {self.max_failures}")
-        if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError(
-                f"--gpus-per-worker must be >= 0 and --cpus-per-worker > 0, got {self.gpus_per_worker} and "
-                f"{self.cpus_per_worker}"
-            )
+        check_rules(vars(self), SCALING_RULES, SCALING_FLAGS)
+        if self.min_workers is not None and not self.min_workers <= self.workers:
+            raise ConfigError(f"--min-workers must be <= --ray-workers {self.workers}, got {self.min_workers}")
 
     def resolved(self) -> RayScaling:
         """A copy with gpus_per_worker decided from the connected cluster's GPUs when it was left unset."""

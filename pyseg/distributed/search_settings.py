@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import dataclass
 
+from pyseg.config import at_least, check_rules, one_of, unset_or
 from pyseg.distributed.ray_train import RayScaling
 from pyseg.distributed.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
 from pyseg.errors import ConfigError
@@ -39,33 +39,14 @@ class TuneSettings:
     torch_trainer_per_trial: bool = False
 
     def __post_init__(self):
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be >= 1, got {self.samples}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if self.search is None:
             self.search = "random" if self.scheduler == "pbt" else DEFAULT_SEARCH
-        if self.search not in SEARCHES:
-            raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        check_rules(vars(self), SETTINGS_RULES)
         if self.scheduler == "pbt" and self.search != "random":
             raise ConfigError(
                 "--scheduler pbt samples its first population at random and then evolves it: leave out --search "
                 "(or give --search random)"
             )
-        for flag_name, value, low in (
-            ("--workers-per-trial", self.workers_per_trial, 1),
-            ("--max-concurrent", self.max_concurrent, 0),
-            ("--time-budget", self.time_budget, 0),
-            ("--grace-period", self.grace_period, 0),
-            ("--epoch-budget", self.epoch_budget, 0),
-            ("--max-failures", self.max_failures, -1),
-            ("--perturbation-interval", self.perturbation_interval, 0),
-            ("--gpus-per-trial", self.gpus_per_trial or 0, 0),
-        ):
-            if not (value >= low and math.isfinite(value)):
-                raise ConfigError(f"{flag_name} must be >= {low}, got {value!r}")
-        if not (self.cpus_per_worker > 0 and math.isfinite(self.cpus_per_worker)):
-            raise ConfigError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker!r}")
         if self.search == "optuna" and importlib.util.find_spec("optuna") is None:
             raise ConfigError("--search optuna needs Optuna: pip install optuna (or leave out --search)")
 
@@ -74,3 +55,21 @@ class TuneSettings:
         return RayScaling(
             self.workers_per_trial, gpus, self.cpus_per_worker, self.address, max_failures=self.max_failures
         )
+
+
+# What each search setting may be (config's rule style: (allowed, what)); fields not named here take any value.
+SETTINGS_RULES: dict[str, tuple] = {
+    "samples": at_least(1),
+    "scheduler": one_of(SCHEDULERS),
+    "search": one_of(SEARCHES),
+    "workers_per_trial": at_least(1),
+    "gpus_per_trial": unset_or(at_least(0)),
+    "cpus_per_worker": at_least(0, strictly=True),
+    "max_concurrent": at_least(0),
+    "time_budget": at_least(0),
+    "grace_period": at_least(0),
+    "progress_every_s": at_least(0, strictly=True),
+    "epoch_budget": at_least(0),
+    "max_failures": at_least(-1, note="(-1: unlimited)"),
+    "perturbation_interval": at_least(0),
+}
