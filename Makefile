@@ -5,12 +5,14 @@ run:
 	scripts/with-env.sh python -m pyseg.tune --space tune/quick.yaml --samples 4 --epochs 50 --imgsz 160 \
 		--grace-period 15 --time-budget 450 --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
+# Both tiers run on 2 pytest processes (pytest-xdist), each test module in one of them (its module fixtures, a
+# local Ray among them, shared as before): the Ray and MLflow tests wait on processes half the time.
 test:
-	scripts/with-env.sh scripts/run-tests.sh -q --durations=30
+	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile --durations=30
 
 # the tier a developer runs all day: every module, without the tests marked slow (whole searches, clusters)
 test-fast:
-	scripts/with-env.sh scripts/run-tests.sh -q -m "not slow" --durations=15
+	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile -m "not slow" --durations=15
 
 bench:
 	scripts/with-env.sh python benchmarks/bench_ops.py

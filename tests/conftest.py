@@ -41,7 +41,11 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     """Removes the lock files MLflow left in the temp folder for the SQLite stores the tests made, and the folders
-    that multiprocessing made for processes the tests killed (each holds only the dead process's listener socket)."""
+    that multiprocessing made for processes the tests killed (each holds only the dead process's listener socket).
+    Under pytest-xdist only the controlling process does, once every worker process has ended (a worker that ends
+    first would remove the locks of another's tests still running)."""
+    if hasattr(config, "workerinput"):  # an xdist worker
+        return
     for lock in set(Path(tempfile.gettempdir()).glob(MLFLOW_LOCKS)) - _locks_before:
         lock.unlink(missing_ok=True)
     for folder in set(Path(tempfile.gettempdir()).glob(MULTIPROCESSING_FOLDERS)) - _pymp_before:
@@ -554,6 +558,9 @@ def ray_cluster(
                     # this machine holds that one, and the node would have no agent
                     "dashboard_agent_listen_port": free_port(),
                     "env_vars": {"PATH": python_env()["PATH"], **(head_env or {})},  # `python` is this one
+                    # a removed node is found dead after 3 missed health checks 1 s apart (Ray's defaults: 5 at
+                    # 3 s), so the failure tests wait seconds, not half a minute, for Ray to notice
+                    "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
                 },
             )
             nodes.worker_node = nodes.add_node(
@@ -562,8 +569,11 @@ def ray_cluster(
                 env_vars={"PATH": python_env()["PATH"], **(worker_env or {})},
                 dashboard_agent_listen_port=free_port(),
             )
-            state_api = {"RAY_API_SERVER_ADDRESS": "http://" + nodes.head_node.address_info["webui_url"]}
-            ray.init(address=nodes.address, runtime_env={"env_vars": state_api})
+            env_vars = {"RAY_API_SERVER_ADDRESS": "http://" + nodes.head_node.address_info["webui_url"]}
+            # A worker group that cannot be placed whole (a node was removed) is given up after 30 s, not Ray
+            # Train's 60 s, before an elastic training goes on with the workers left
+            env_vars["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "30"
+            ray.init(address=nodes.address, runtime_env={"env_vars": env_vars})
             yield nodes
         finally:
             ray.shutdown()

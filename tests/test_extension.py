@@ -148,6 +148,7 @@ def test_on_any_machine():
 """
 
 
+@pytest.mark.slow
 def test_expect_gpu_fails_every_needs_cuda_test_that_cannot_run_on_the_cuda_kernels(tmp_path):
     """PYSEG_EXPECT_GPU=1 (benchmarks/gpu_check.sh build-test): a needs_cuda test fails where it would skip."""
     import shutil

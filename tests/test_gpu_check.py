@@ -111,6 +111,7 @@ def test_without_a_gpu_every_stage_fails_and_says_why_in_its_json(tmp_path):
     assert not (tmp_path / "device" / "build.log").exists()  # no build was tried
 
 
+@pytest.mark.slow
 def test_the_train_stage_reports_images_per_second_and_mask_map(tiny_data, tmp_path):
     # --device cpu checks the stage on a CPU machine: pyseg.train in a subprocess, its results.csv read back.
     done = gpu_check_run(
@@ -290,6 +291,7 @@ def test_the_device_files_are_git_ignored(tmp_path):
     assert done.returncode == 0, ".device/ must be in .gitignore: it holds the data and wheels a device call carries"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a CUDA device")
 def test_bench_ops_gpu_mode_says_it_needs_a_cuda_device(tmp_path):
     report = tmp_path / "bench.json"
@@ -375,6 +377,7 @@ sys.meta_path.insert(0, Blocker())
 """
 
 
+@pytest.mark.slow
 def test_build_test_selects_every_test_pytest_marks_needs_cuda(tmp_path):
     # as on the device machine: Ray, MLflow and moto missing (a pytest plugin blocks their import)
     (tmp_path / "block_optional.py").write_text(BLOCK_OPTIONAL_MODULES)

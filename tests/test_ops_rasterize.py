@@ -87,7 +87,7 @@ def test_kernel_matches_oracle_on_random_polygons(device, seed, size):
     assert_bit_identical(got, want)
 
 
-@pytest.mark.parametrize("size", [160, 640])
+@pytest.mark.parametrize("size", [160, pytest.param(640, marks=pytest.mark.slow)])
 def test_kernel_matches_oracle_on_every_coco128_polygon(device, coco128_labels, size):
     polys, owners = [], []
     for rows in coco128_labels:

@@ -106,6 +106,7 @@ def test_training_outlives_a_stopped_tracking_server_and_logs_everything_once_it
     assert {"results.csv", "results.png", "args.yaml"} <= artifacts
 
 
+@pytest.mark.slow
 def test_the_experiment_opens_as_model_training_in_the_mlflow_ui(tmp_path):
     """Without mlflow.experimentKind, MLflow 3's UI shows the experiment as GenAI (traces, "No data available")."""
     from mlflow import MlflowClient

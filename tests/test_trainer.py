@@ -73,6 +73,7 @@ class StopAfterFirstEpoch(Hook):
         trainer.stop = True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_exactly(tiny_data, tmp_path, workers, capsys):
     """Stopped after epoch 1 and resumed == trained straight: weights, EMA, optimizer state, schedule, rows."""
@@ -105,6 +106,7 @@ def test_resume_continues_exactly(tiny_data, tmp_path, workers, capsys):
             assert float(row[key]) == pytest.approx(float(reference[key]), abs=1e-5), (row["epoch"], key)
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
     from pyseg.train import main as train_main
 
@@ -120,6 +122,7 @@ def test_resuming_a_finished_run_says_so(tiny_data, tmp_path, capsys):
     assert "ignored: --epochs, --imgsz" in out and "already finished 1 epochs" in out and not err
 
 
+@pytest.mark.slow
 def test_val_reproduces_results_csv(tiny_data, tmp_path, capsys):
     from pyseg.val import validate
 
@@ -301,6 +304,7 @@ def test_a_kill_at_any_moment_resumes_to_one_validated_row_per_epoch(moment, tin
             assert float(row[key]) == pytest.approx(float(straight[key]), abs=1e-4), (row["epoch"], key)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_outside_its_run_folder_continues_in_a_new_run_folder(tiny_data, tmp_path):
     """`--resume /elsewhere/last.pt` (not NAME/weights/last.pt beside NAME/args.yaml) wrote args.yaml, results and
     weights/ into /elsewhere's parent, recording `project: /`; it now continues in a new run folder under --project
@@ -325,6 +329,7 @@ def test_a_checkpoint_outside_its_run_folder_continues_in_a_new_run_folder(tiny_
     assert f"project: {tmp_path / 'P'}" in (new_run / "args.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_moved_dataset_is_found_again_by_data_on_resume(tiny_data, tmp_path):
     """`--resume --name N --data NEW` said --data was ignored, then failed on the old path; now --data points a
     resumed run at its data's new place (same classes), and args.yaml records it. Without it, the error says how."""
@@ -364,6 +369,7 @@ class ScriptedFitness:
         return {**kinds, "detections": {"count": 1, "mean_score": 0.5}}
 
 
+@pytest.mark.slow
 def test_patience_counts_validations_not_epochs(tiny_data, tmp_path, monkeypatch, capsys):
     import pyseg.engine.trainer as trainer_module
 
@@ -390,6 +396,7 @@ def test_patience_counts_validations_not_epochs(tiny_data, tmp_path, monkeypatch
     assert "0.200" in table[3].split("|")[2] and "train/box=" not in out  # mask mAP50 of epoch 4; no key=value
 
 
+@pytest.mark.slow
 def test_without_validation_there_is_no_early_stop_and_best_is_the_last_epoch(tiny_data, tmp_path, monkeypatch):
     import pyseg.engine.trainer as trainer_module
 
@@ -403,6 +410,7 @@ def test_without_validation_there_is_no_early_stop_and_best_is_the_last_epoch(ti
         assert torch.equal(value, best["ema"][key]), key
 
 
+@pytest.mark.slow
 def test_exist_ok_never_overwrites_a_finished_run(tiny_data, tmp_path):
     from pyseg.errors import ConfigError
 
@@ -466,6 +474,7 @@ def test_data_problems_are_shown_and_written_by_train_and_val(tiny_data, tmp_pat
     assert (tmp_path / "folder" / "metrics_val.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_taken_name_trains_into_name2_and_records_it(tiny_data, tmp_path):
     import yaml
 
@@ -629,6 +638,7 @@ def test_build_steps_return_what_they_build_and_leave_the_config_alone(tiny_data
     assert trainer.cfg.name == "steps2" and trainer.cfg.optimizer in ("sgd", "adamw") and cfg.optimizer == "auto"
 
 
+@pytest.mark.slow
 def test_a_run_another_process_is_resuming_is_refused_in_one_line(tiny_data, tmp_path):
     from pyseg.files import FolderInUseError, FolderLock
 

@@ -68,7 +68,7 @@ SETTINGS_RULES: dict[str, tuple] = {
     "max_concurrent": at_least(0),
     "time_budget": at_least(0),
     "grace_period": at_least(0),
-    "progress_every_s": at_least(0, strictly=True),
+    "progress_every_s": at_least(0),
     "epoch_budget": at_least(0),
     "max_failures": at_least(-1, note="(-1: unlimited)"),
     "perturbation_interval": at_least(0),
