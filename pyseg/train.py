@@ -74,6 +74,14 @@ def train_command(argv: list[str] | None) -> int:
             f"--ray-workers {args.ray_workers}: Ray is not installed in this environment; `pip install 'ray[train]'`, "
             "or leave out --ray-workers to train in this process"
         )
+    scaling = None
+    if args.ray_workers:
+        from pyseg.distributed.scaling import RayScaling
+
+        scaling = RayScaling(
+            args.ray_workers, args.gpus_per_worker, args.cpus_per_worker, args.address, args.max_failures,
+            args.min_workers,
+        )  # fmt: skip
     check_checkpoint_flags(args)
     cfg = config_from_args(args)
     if args.resume_elsewhere:
@@ -97,17 +105,9 @@ def train_command(argv: list[str] | None) -> int:
     try:
         if args.ray_workers:
             from pyseg.data.dataset_config import resolve_dataset
-            from pyseg.distributed.ray_train import RayScaling, fit_with_ray
+            from pyseg.distributed.ray_train import fit_with_ray
 
             resolve_dataset(cfg.data)  # a bad --data is one line here, not a traceback per Ray worker
-            scaling = RayScaling(
-                args.ray_workers,
-                args.gpus_per_worker,
-                args.cpus_per_worker,
-                args.address,
-                args.max_failures,
-                args.min_workers,
-            )
             kept = stored_run(storage, cfg) if storage else None
             if kept:  # the name is checked against the storage, not this machine's --project
                 cfg = cfg.updated(exist_ok=True)

@@ -99,7 +99,6 @@ def tune_command(argv: list[str] | None) -> int:
     if _ is not None:
         raise ConfigError("pyseg.tune --resume continues a search: give --resume --name NAME, not a checkpoint")
     args.resume = None
-    from pyseg.distributed.search import failed_trial_causes, run_tune
     from pyseg.distributed.search_settings import TuneSettings
     from pyseg.distributed.search_space import load_search_space
 
@@ -111,6 +110,13 @@ def tune_command(argv: list[str] | None) -> int:
     base = config_from_args(args)
     if not RULES["name"][0](name):
         raise ConfigError(f"--name must be {RULES['name'][1]}, got {name!r}")
+    flags = (
+        "samples", "scheduler", "search", "workers_per_trial", "gpus_per_trial", "cpus_per_worker", "max_concurrent",
+        "time_budget", "address", "grace_period", "verbose", "epoch_budget", "max_failures", "perturbation_interval",
+    )  # fmt: skip
+    settings = TuneSettings(
+        **{key: getattr(args, key) for key in flags}, resume=tune_resume, name=name, seed=base.seed, storage=storage
+    )
     space = load_search_space(args.space or _default_space())
     from pyseg.data.dataset_config import resolve_dataset
 
@@ -136,16 +142,11 @@ def tune_command(argv: list[str] | None) -> int:
         # auto (pyseg.engine.optim.resolve_optimizer) sets its own lr0 for short runs: keep the sampled one
         # (README: the trials use AdamW)
         base = dataclasses.replace(base, optimizer="adamw")
-    flags = (
-        "samples", "scheduler", "search", "workers_per_trial", "gpus_per_trial", "cpus_per_worker", "max_concurrent",
-        "time_budget", "address", "grace_period", "verbose", "epoch_budget", "max_failures", "perturbation_interval",
-    )  # fmt: skip
-    settings = TuneSettings(
-        **{key: getattr(args, key) for key in flags}, resume=tune_resume, name=name, seed=base.seed, storage=storage
-    )
     from pyseg.distributed.tracking import command_tracking
 
     tracking = command_tracking("pyseg.tune", args.no_mlflow, args.mlflow_uri, args.mlflow_experiment)
+    from pyseg.distributed.search import failed_trial_causes, run_tune  # Ray, Tune and torch: after every check
+
     summary = run_tune(base, space, settings, tracking)
     causes = failed_trial_causes(summary)
     for trial, (cause, _) in causes.items():

@@ -280,6 +280,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(KILL_POINTS))
 def test_a_kill_at_any_moment_resumes_to_one_validated_row_per_epoch(moment, tiny_data, tmp_path, straight_run):
     env = {"PYSEG_CACHE_DIR": str(tmp_path / "cache")}
@@ -560,6 +561,7 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
+@pytest.mark.slow
 def test_train_and_val_run_without_ray_or_mlflow(tiny_data, tmp_path):
     env = {**os.environ, "PYSEG_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)

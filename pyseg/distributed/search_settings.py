@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from pyseg.config import at_least, check_rules, one_of, unset_or
-from pyseg.distributed.ray_train import RayScaling
+from pyseg.distributed.scaling import RayScaling
 from pyseg.distributed.search_options import DEFAULT_SEARCH, SCHEDULERS, SEARCHES
 from pyseg.errors import ConfigError
 
