@@ -653,3 +653,37 @@ def test_a_run_another_process_is_resuming_is_refused_in_one_line(tiny_data, tmp
     finally:
         held.release()
     Trainer(cfg.updated(resume=True), show_progress=False).fit()  # free again: finished, nothing to train
+
+
+def test_results_png_is_drawn_after_the_first_and_last_epochs_and_at_most_every_interval_between(tmp_path, monkeypatch):
+    import types
+
+    import pyseg.engine.trainer as trainer_module
+
+    clock, drawn = [0.0], []
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(trainer_module, "plot_results", lambda path: drawn.append(read_rows_epochs(path)))
+
+    def read_rows_epochs(path):
+        with open(path, newline="") as f:
+            return [int(r["epoch"]) for r in csv.DictReader(f)][-1]
+
+    def run(epochs: int, seconds: list[float], stop_after: int | None = None) -> list[int]:
+        drawn.clear()
+        run_dir = tmp_path / f"run{epochs}-{stop_after}"
+        run_dir.mkdir()
+        trainer = types.SimpleNamespace(is_main=True, run_dir=run_dir, cfg=types.SimpleNamespace(epochs=epochs))
+        trainer.stop = False
+        hook = trainer_module.ResultsHook()
+        for epoch, at in enumerate(seconds, 1):
+            clock[0] = at
+            hook.on_epoch_end(trainer, {"epoch": epoch, "train/box": 1.0 / epoch})
+            if epoch == stop_after:  # a later hook (a search's scheduler) stops the run here
+                break
+        hook.on_fit_end(trainer)
+        return list(drawn)
+
+    interval = trainer_module.RESULTS_PLOT_INTERVAL_S
+    assert run(5, [0, 10, interval + 1, interval + 10, interval + 20]) == [1, 3, 5]
+    assert run(6, [0, 1, 2, 3, 4, 5], stop_after=3) == [1, 3]  # the end of the run draws what the last row shows
+    assert run(1, [0]) == [1]

@@ -214,8 +214,18 @@ class Hook:
     def on_fit_end(self, trainer: Trainer) -> None: ...
 
 
+RESULTS_PLOT_INTERVAL_S = 30.0  # results.png is redrawn at most this often between its first and last epoch
+
+
 class ResultsHook(Hook):
-    """results.csv (one row per epoch, rewritten atomically; a repeated epoch replaces its row) and results.png."""
+    """results.csv (one row per epoch, rewritten atomically; a repeated epoch replaces its row) and results.png,
+    drawn after the first epoch, the last one (and an early stop) and otherwise at most every
+    RESULTS_PLOT_INTERVAL_S seconds: a drawing costs about a second of CPU, more than a small epoch."""
+
+    def __init__(self):
+        self.drawn_at: float | None = None  # time.monotonic() of the last drawing
+        self.drawn_epoch = 0  # the last epoch results.png shows
+        self.written_epoch = 0  # the last epoch results.csv holds
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if not trainer.is_main:
@@ -229,7 +239,18 @@ class ResultsHook(Hook):
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, text.getvalue())
+        self.written_epoch = row["epoch"]
+        last = row["epoch"] >= trainer.cfg.epochs or trainer.stop
+        if self.drawn_at is None or last or time.monotonic() - self.drawn_at >= RESULTS_PLOT_INTERVAL_S:
+            self.draw(path)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if trainer.is_main and self.drawn_epoch != self.written_epoch:  # stopped by a later hook (a search)
+            self.draw(trainer.run_dir / "results.csv")
+
+    def draw(self, path: Path) -> None:
         plot_results(path)
+        self.drawn_at, self.drawn_epoch = time.monotonic(), self.written_epoch
 
 
 class CheckpointHook(Hook):
