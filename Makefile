@@ -6,13 +6,13 @@ run:
 		--grace-period 15 --time-budget 450 --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 # Both tiers run on 2 pytest processes (pytest-xdist), each test module in one of them (its module fixtures, a
-# local Ray among them, shared as before): the Ray and MLflow tests wait on processes half the time.
+# local Ray among them, shared as before), the longest modules first (tests/conftest.py: LONGEST_MODULES).
 test:
-	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile --durations=30
+	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # the tier a developer runs all day: every module, without the tests marked slow (whole searches, clusters)
 test-fast:
-	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile -m "not slow" --durations=15
+	scripts/with-env.sh scripts/run-tests.sh -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" --durations=15
 
 bench:
 	scripts/with-env.sh python benchmarks/bench_ops.py
