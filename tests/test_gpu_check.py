@@ -404,7 +404,9 @@ def test_build_test_selects_every_test_pytest_marks_needs_cuda(tmp_path):
         assert f"tests/test_ops_{name}.py" in collection["files"]
     assert "tests/test_trainer.py" in collection["files"]
     expected_files = {test.split("::")[0] for test in expected}
-    assert [test for test in collection["tests"] if test.split("::")[0] in expected_files] == expected
+    # the same tests, in pytest's order within each file (conftest.py hands the longest modules out first)
+    collected = [test for test in collection["tests"] if test.split("::")[0] in expected_files]
+    assert sorted(collected, key=lambda test: test.split("::")[0]) == sorted(expected, key=lambda t: t.split("::")[0])
     assert len(expected) > 200
 
 
