@@ -34,7 +34,7 @@ class RayScaling:
 
     def __post_init__(self):
         check_rules(vars(self), SCALING_RULES, SCALING_FLAGS)
-        if self.min_workers is not None and not self.min_workers <= self.workers:
+        if self.min_workers is not None and self.min_workers > self.workers:
             raise ConfigError(f"--min-workers must be <= --ray-workers {self.workers}, got {self.min_workers}")
 
     def resolved(self) -> RayScaling:
