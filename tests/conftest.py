@@ -433,20 +433,22 @@ class RayHead:
             env.pop("RAY_AUTH_TOKEN", None)
         if temp_dir is None and not env.get("TMPDIR", "").startswith("/tmp/pyseg-"):
             raise ValueError("a RayHead without temp_dir needs TMPDIR set to a private folder (short_temp_dir)")
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, self.agent_port = free_port(), free_port(), free_port()
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         command = ["ray", "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1"]
         command += ["--port", str(self.port), "--dashboard-host", "127.0.0.1"]
-        command += ["--dashboard-port", str(self.dashboard_port)]
+        command += ["--dashboard-port", str(self.dashboard_port), "--dashboard-agent-listen-port", str(self.agent_port)]
         if temp_dir is not None:
             command += ["--temp-dir", str(temp_dir)]
         self.log = log
         with open(log, "wb") as output:
             self.process = subprocess.Popen(command, stdout=output, stderr=output, start_new_session=True, env=env)
 
-    def wait_until_up(self, timeout: float = 120.0) -> None:
-        """Returns once `ray start` has finished starting (it then blocks, and has recorded its address) and the
-        dashboard answers (401 without a token counts: it is up)."""
+    def wait_until_up(self, timeout: float = 180.0) -> None:
+        """Returns once `ray start` has finished starting (it then blocks, and has recorded its address), the
+        dashboard answers (401 without a token counts: it is up) and the head's dashboard agent, which runs
+        submitted jobs, listens (on a busy machine it comes up a minute after the dashboard)."""
+        import socket
         import urllib.error
         import urllib.request
 
@@ -458,11 +460,17 @@ class RayHead:
             if "block forever" in self.log.read_text():
                 try:
                     urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=1)
-                    return
+                    dashboard_up = True
                 except urllib.error.HTTPError:
-                    return
+                    dashboard_up = True
                 except OSError:
-                    pass
+                    dashboard_up = False
+                if dashboard_up:
+                    try:
+                        socket.create_connection(("127.0.0.1", self.agent_port), timeout=1).close()
+                        return
+                    except OSError:
+                        pass
             time.sleep(0.5)
 
     def stop(self) -> None:

@@ -119,9 +119,10 @@ def submit_and_follow(args) -> int:
     return job_exit_code(status, info.driver_exit_code)
 
 
-# A cluster that has just started answers this until its nodes' job agents are up (seconds).
+# A cluster that has just started answers this until its head node's job agent is up: seconds, or more than a
+# minute on a busy head.
 AGENT_NOT_READY = "No available agent to submit job"
-AGENT_WAIT_S = 60.0
+AGENT_WAIT_S = 180.0
 
 
 def submit_job(client, command: str, env: dict, job_id: str | None) -> str:
@@ -129,12 +130,16 @@ def submit_job(client, command: str, env: dict, job_id: str | None) -> str:
     import time
 
     deadline = time.monotonic() + AGENT_WAIT_S
+    said_so = False
     while True:
         try:
             return client.submit_job(entrypoint=command, runtime_env=env, submission_id=job_id)
         except RuntimeError as error:
             if AGENT_NOT_READY not in str(error) or time.monotonic() > deadline:
                 raise
+            if not said_so:
+                print(f"the cluster's job agent is not up yet; trying again for up to {AGENT_WAIT_S:.0f} s", flush=True)
+                said_so = True
             time.sleep(2.0)
 
 
