@@ -1,10 +1,11 @@
 """MLflow's UI over a finished pyseg search, checked in a real browser (headless Chromium driven by Selenium).
 
     python benchmarks/mlflow_ui_check.py [--store runs/mlflow.db] [--experiment pyseg] [--shots DIR]
+                                         [--samples 3] [--epochs 2]
 
 Without --store it first runs a 3-trial search on the built-in shapes-seg (2 epochs at 64 px, about 2 minutes on
-2 CPUs) in a temporary folder. It then starts `mlflow server` on 127.0.0.1 over the store and opens, in Debian's
-Chromium (packages chromium and chromium-driver; no browser download):
+2 CPUs; --samples and --epochs change that) in a temporary folder. It then starts `mlflow server` on 127.0.0.1
+over the store and opens, in Debian's Chromium (packages chromium and chromium-driver; no browser download):
 
 1. the experiment page: it opens as model training (not as a GenAI traces page) and lists the search's run;
 2. the best trial's run page: its searched values as params and its per-epoch mask mAP metrics;
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from pyseg.distributed.tracking import UI_WORKFLOW  # noqa: E402
 from pyseg.distributed.tracking import experiment_url as experiment_page_url  # noqa: E402
 
-SEARCH_FLAGS = ["--samples", "3", "--epochs", "2", "--imgsz", "64", "--batch", "8", "--workers", "0"]
+SEARCH_FLAGS = ["--imgsz", "64", "--batch", "8", "--workers", "0"]
 SEARCH_FLAGS += ["--scheduler", "none", "--device", "cpu", "--threads", "1", "--close-mosaic", "1"]
 SPACE = "optimizer: adamw\nlr0: {loguniform: [1.0e-4, 1.0e-2]}\nmosaic: {uniform: [0.0, 1.0]}\n"
 
@@ -74,12 +75,13 @@ def browser_paths() -> tuple[str, str]:
     return chromium, driver
 
 
-def run_search(project: Path, env: dict[str, str]) -> Path:
-    """A 3-trial search logged to project/mlflow.db; returns the store's path."""
+def run_search(project: Path, env: dict[str, str], samples: int = 3, epochs: int = 2) -> Path:
+    """A search of `samples` trials of `epochs` epochs logged to project/mlflow.db; returns the store's path."""
     space = project / "space.yaml"
     project.mkdir(parents=True, exist_ok=True)
     space.write_text(SPACE)
-    command = [sys.executable, "-m", "pyseg.tune", *SEARCH_FLAGS, "--space", str(space), "--project", str(project)]
+    command = [sys.executable, "-m", "pyseg.tune", "--samples", str(samples), "--epochs", str(epochs), *SEARCH_FLAGS]
+    command += ["--space", str(space), "--project", str(project)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"the search failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
@@ -221,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=None, help="an MLflow SQLite store holding a pyseg search")
     parser.add_argument("--experiment", default="pyseg", help="MLflow experiment (default pyseg)")
     parser.add_argument("--shots", type=Path, default=Path("."), help="folder for the screenshots (default .)")
+    parser.add_argument("--samples", type=int, default=3, help="trials of the search run without --store (2+)")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each of its trials (default 2)")
     args = parser.parse_args(argv)
+    if args.samples < 2 or args.epochs < 1:
+        parser.error(
+            f"--samples must be 2 or more (a comparison) and --epochs 1 or more, got {args.samples}, {args.epochs}"
+        )
     try:
         browser_paths()
     except BrowserMissing as error:
@@ -230,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyseg-ui-") as folder:
         store = args.store
         if store is None:
-            print("running a 3-trial search on shapes-seg (about 2 minutes on 2 CPUs) ...", flush=True)
+            print(f"running a {args.samples}-trial search of {args.epochs} epochs on shapes-seg ...", flush=True)
             env = {**os.environ, "TMPDIR": folder, "PYTHONPATH": str(ROOT)}
             env.pop("MLFLOW_TRACKING_URI", None)
             start = time.monotonic()
-            store = run_search(Path(folder) / "runs", env)
+            store = run_search(Path(folder) / "runs", env, args.samples, args.epochs)
             print(f"search done in {time.monotonic() - start:.0f} s")
         try:
             for line in check_ui(store, args.experiment, args.shots, Path(folder) / "mlflow-server.log"):

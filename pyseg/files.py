@@ -105,25 +105,32 @@ def _write_and_replace(path: Path, write: Callable[[BinaryIO], None], durable: b
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Ctrl-C (SIGINT) inside the block takes effect when the block ends: the block finishes, then the handler
-    that was in place runs (Python's raises KeyboardInterrupt). Only the main thread receives signals; elsewhere,
-    and where SIGINT is ignored, the block runs as it is."""
+    """Ctrl-C (SIGINT), and SIGTERM where a Python handler takes it (pyseg.train's `kill PID`), inside the block
+    take effect when the block ends: the block finishes, then the handler that was in place runs (Python's SIGINT
+    handler raises KeyboardInterrupt). Only the main thread receives signals; elsewhere, and where SIGINT is
+    ignored, the block runs as it is. (A KeyboardInterrupt raised inside torch.save's writer became a RuntimeError,
+    or left a writer that crashed the interpreter as it exited.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous in (signal.SIG_IGN, None):
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    if previous[signal.SIGINT] in (signal.SIG_IGN, None):
         yield
         return
+    if callable(signal.getsignal(signal.SIGTERM)):
+        previous[signal.SIGTERM] = signal.getsignal(signal.SIGTERM)
     received: list[tuple] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append((signum, frame)))
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if received:
-            if callable(previous):
-                previous(*received[0])
+            signum, frame = received[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)
             else:  # SIG_DFL would end the process: end it as Python's own handler would
                 raise KeyboardInterrupt
 

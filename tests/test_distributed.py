@@ -278,11 +278,7 @@ def test_two_workers_train_distinct_shards_and_a_crashed_worker_resumes_from_the
     [
         pytest.param(0, signal.SIGINT, id="int"),
         pytest.param(1, signal.SIGINT, id="int-ray"),
-        # seen twice in five full runs (2026-12-08): exit -2 (death by SIGINT) after the continue line was printed;
-        # not understood yet (the issue is open): non-strict, so that it still runs and a pass is recorded
-        pytest.param(
-            0, signal.SIGTERM, id="term", marks=pytest.mark.xfail(reason="exit -2 flake under load", strict=False)
-        ),
+        pytest.param(0, signal.SIGTERM, id="term"),
     ],
 )
 def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(

@@ -40,9 +40,12 @@ def test_yaml_errors_name_the_file(tmp_path):
     assert read_yaml_mapping(tmp_path / "empty.yaml", "config file", ConfigError) == {}
 
 
-def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(signame, tmp_path):
     """SIGINT inside torch.save's writer turned into a RuntimeError from torch (exit 1 and a traceback instead of
-    Ctrl-C's exit 130): the write now completes, and KeyboardInterrupt comes after it."""
+    Ctrl-C's exit 130): the write now completes, and KeyboardInterrupt comes after it. The same for SIGTERM, which
+    pyseg.train turns into KeyboardInterrupt (`kill PID`): raised inside the writer, it crashed the interpreter as
+    it exited (exit -6, "PyThreadState_Get: ... the GIL is released")."""
     import signal
 
     import torch
@@ -51,20 +54,27 @@ def test_ctrl_c_during_a_write_finishes_the_file_then_interrupts(tmp_path):
 
     path = tmp_path / "state.pt"
     state = {"weights": torch.arange(100_000, dtype=torch.float32)}
+    signum = getattr(signal, signame)
 
     def interrupted_save(file):
-        os.kill(os.getpid(), signal.SIGINT)  # delivered while the write goes on
+        os.kill(os.getpid(), signum)  # delivered while the write goes on
         torch.save(state, file)
+
+    def terminate_as_interrupt(signum, frame):  # pyseg.train's SIGTERM handler
+        raise KeyboardInterrupt
 
     # Python's own handler, as in a command-line run (an in-process Ray Tune run of an earlier test may have left
     # its handler installed in this process)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, terminate_as_interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             atomic_write(path, interrupted_save)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handler is back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual handlers are back
+        assert signal.getsignal(signal.SIGTERM) is terminate_as_interrupt
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
     assert torch.equal(torch.load(path)["weights"], state["weights"])
     assert not list(tmp_path.glob(f"*{TEMP_MARKER}"))
 

@@ -24,7 +24,8 @@ def test_the_mlflow_ui_shows_the_search_its_trials_and_their_comparison(tmp_path
     monkeypatch.setenv("PYSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TMPDIR", str(short_tmp))  # the search's Ray session (socket paths must stay short)
     # a real 3-trial search, mlflow server over its store, three pages checked in Chromium, screenshots saved
-    assert check.main(["--shots", str(tmp_path / "shots")]) == 0
+    # the smallest search a comparison page takes: 2 trials of 1 epoch
+    assert check.main(["--shots", str(tmp_path / "shots"), "--samples", "2", "--epochs", "1"]) == 0
     shots = sorted(path.name for path in (tmp_path / "shots").iterdir())
     assert shots == ["mlflow_compare.png", "mlflow_experiment.png", "mlflow_run.png"]
     assert all((tmp_path / "shots" / name).stat().st_size > 10_000 for name in shots)

@@ -69,7 +69,8 @@ def test_submitted_jobs_train_on_both_nodes_stop_on_ctrl_c_and_exit_with_their_o
 ):
     train = ["train", "--data", str(tiny_data), "--imgsz", "64", "--batch", "4", "--workers", "0", "--device", "cpu"]
     train += ["--threads", "1", "--close-mosaic", "1", "--warmup-epochs", "0.5", "--no-mlflow"]
-    train += ["--project", str(tmp_path / "runs"), "--ray-workers", "2", "--cpus-per-worker", "1"]
+    train += ["--project", str(tmp_path / "runs")]
+    on_both_nodes = ["--ray-workers", "2", "--cpus-per-worker", "1"]
     env = python_env(RAY_ADDRESS=None, PYTHONUNBUFFERED="1")
     with ray_cluster(head_cpus=1, worker_cpus=1) as nodes:
         dashboard = "http://" + nodes.head_node.address_info["webui_url"]
@@ -83,7 +84,9 @@ def test_submitted_jobs_train_on_both_nodes_stop_on_ctrl_c_and_exit_with_their_o
             return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, **kwargs)
 
         # A 2-worker training: one worker per node (1 CPU each), the job's code shipped to both.
-        done = submitted("--job-id", "two-nodes", "--", *train, "--epochs", "2", "--name", "job", timeout=600)
+        done = submitted(
+            "--job-id", "two-nodes", "--", *train, *on_both_nodes, "--epochs", "2", "--name", "job", timeout=600
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "job two-nodes: SUCCEEDED" in done.stdout
         assert "2/2" in done.stdout  # the training's epoch lines streamed back
@@ -99,6 +102,7 @@ def test_submitted_jobs_train_on_both_nodes_stop_on_ctrl_c_and_exit_with_their_o
         assert "--epochs" in bad.stdout and "job bad-flag: FAILED" in bad.stdout
 
         # Ctrl-C with --stop-on-interrupt stops the job on the cluster; without it (no terminal) the job goes on.
+        # (These jobs train in their driver process: what is tested is the client, and Ray Train costs a minute.)
         for flag, job_id, expected in (("--stop-on-interrupt", "stopped", "STOPPED"), (None, "left", "RUNNING")):
             args = [*([flag] if flag else []), "--job-id", job_id, "--", *train, "--epochs", "200", "--name", job_id]
             log = tmp_path / f"{job_id}.log"
