@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import complete_box_iou_loss
 
+from pyseg.engine.boxes import complete_box_iou_loss
 from pyseg.ops import mask_loss
 
 
@@ -189,7 +189,7 @@ class SegLoss:
         fg = torch.nonzero(assignment.foreground.flatten()).squeeze(1)  # (P,)
         weight = assignment.scores.sum(-1).flatten()[fg]  # (P,)
         target_boxes = assignment.boxes.flatten(0, 1)[fg]
-        box = (complete_box_iou_loss(pred_boxes.flatten(0, 1)[fg], target_boxes, reduction="none") * weight).sum()
+        box = (complete_box_iou_loss(pred_boxes.flatten(0, 1)[fg], target_boxes) * weight).sum()
         box = box / score_sum
         anchor_fg, stride_fg = anchor_points[fg % anchors], stride[fg % anchors]  # flat index -> its anchor
         target_ltrb = torch.cat(

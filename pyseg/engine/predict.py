@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
+from pyseg.engine.boxes import batched_nms
 from pyseg.ops import assemble_masks
 
 
