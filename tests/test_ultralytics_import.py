@@ -16,9 +16,9 @@ from conftest import COCO128_SEG
 from ultralytics_peer import (
     Payload,
     rewrite_ultralytics_checkpoint,
+    run_peer_calls,
     save_ultralytics_checkpoint,
     ultralytics_or_skip,
-    ultralytics_reference,
     ultralytics_state_shapes,
 )
 
@@ -79,12 +79,29 @@ CONF, IOU = 0.25, 0.7
 
 @pytest.fixture(scope="module")
 def references(checkpoints, tmp_path_factory) -> dict[str, dict]:
-    """Ultralytics' own raw outputs, detections and masks for the same real images, per model."""
+    """Ultralytics' own raw outputs, detections and masks for the same real images, per model (every model saved and
+    run in one peer process)."""
     folder = tmp_path_factory.mktemp("references")
     images = real_images()
-    return {
-        name: {"images": images, **ultralytics_reference(checkpoints[name], images, folder / f"{name}.pt", CONF, IOU)}
+    images_file = folder / "images.pt"
+    torch.save(images, images_file)
+    calls = [["save", name, str(checkpoints.folder / f"{name}.pt"), "0", "0"] for name in EQUALITY_MODELS]
+    calls += [
+        [
+            "reference",
+            str(checkpoints.folder / f"{name}.pt"),
+            str(images_file),
+            str(folder / f"{name}.pt"),
+            str(CONF),
+            str(IOU),
+        ]
         for name in EQUALITY_MODELS
+    ]
+    run_peer_calls(calls)
+    for name in EQUALITY_MODELS:
+        checkpoints[name] = checkpoints.folder / f"{name}.pt"
+    return {
+        name: {"images": images, **torch.load(folder / f"{name}.pt", weights_only=True)} for name in EQUALITY_MODELS
     }
 
 

@@ -45,6 +45,15 @@ def run_peer(*args: str) -> None:
     assert done.returncode == 0, f"ultralytics_peer {' '.join(args)} failed:\n{done.stderr[-4000:]}"
 
 
+def run_peer_calls(calls: list[list[str]]) -> None:
+    """Several run_peer calls (each a list of its args) in one fresh interpreter: Ultralytics' import, seconds of CPU,
+    is paid once."""
+    with tempfile.TemporaryDirectory(prefix="pyseg-test-") as folder:
+        listed = Path(folder) / "calls.json"
+        listed.write_text(json.dumps(calls))
+        run_peer("calls", str(listed))
+
+
 def save_ultralytics_checkpoint(model_name: str, path: Path, nc: int | None = None, seed: int = 0) -> Path:
     """`model_name` (e.g. 'yolo11n-seg', or 'yolo11n' for a detection model) built by Ultralytics from its own config
     with random weights, BatchNorm statistics calibrated on random images (so that activations stay varied), random
@@ -185,8 +194,7 @@ def _rewrite(source: str, target: str, change: str, marker: str) -> None:
     Path(target).write_bytes(buffer.getvalue())
 
 
-if __name__ == "__main__":
-    action, *rest = sys.argv[1:]
+def _dispatch(action: str, rest: list[str]) -> None:
     if action == "save":
         _save(rest[0], rest[1], int(rest[2]), int(rest[3]))
     elif action == "reference":
@@ -195,5 +203,12 @@ if __name__ == "__main__":
         _shapes(rest[0], rest[1:])
     elif action == "rewrite":
         _rewrite(*rest)
+    elif action == "calls":
+        for call in json.loads(Path(rest[0]).read_text()):
+            _dispatch(call[0], call[1:])
     else:
         raise SystemExit(f"unknown action {action}")
+
+
+if __name__ == "__main__":
+    _dispatch(sys.argv[1], sys.argv[2:])
