@@ -108,9 +108,12 @@ def without_job_env_vars(env_vars: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in env_vars.items() if key not in taken}
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
+def init_ray(address: str | None = None, dashboard: bool = True, **kwargs) -> None:
     """Connects to address (or RAY_ADDRESS), or starts a local Ray when neither is given; once per process.
 
+    dashboard=False starts a local Ray without its dashboard (and state API): for work that runs no Ray Train
+    worker group, whose placement-group cleaner is the state API's user; pyseg never shows the local dashboard's
+    address, and it costs 5 s of CPU at each start. A cluster keeps its own.
     An address that does not answer raises RayClusterUnreachableError (a UserError) instead of waiting for it.
     """
     import ray
@@ -120,6 +123,8 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     runtime_env = {"env_vars": forwarded_env()}
     target, source = (address, "--address") if address else (os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS")
     if target is None:
+        if not dashboard:
+            kwargs.setdefault("include_dashboard", False)
         # address="local", not None: None also means "the cluster in /tmp/ray/ray_current_cluster", which a
         # stopped or killed `ray start --head` leaves behind, and ray.init waits forever for that dead head.
         kwargs = local_ray_state_api(kwargs, runtime_env["env_vars"])

@@ -470,7 +470,12 @@ def run_tune(
             check_local_resources(settings)
             if not settings.verbose:
                 quiet_ray()
-            init_ray(settings.address, **({} if settings.verbose else QUIET_RAY_INIT))
+            # trials that train in their own process run no Ray Train worker group: a local Ray needs no dashboard
+            init_ray(
+                settings.address,
+                dashboard=not trains_in_trial_process(settings),
+                **({} if settings.verbose else QUIET_RAY_INIT),
+            )
             stop_on_sigterm_as_on_ctrl_c()
             if settings.gpus_per_trial is None:  # GPUs when the cluster has them, else CPU
                 gpus = settings.scaling().resolved().gpus_per_worker * settings.workers_per_trial
