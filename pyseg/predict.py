@@ -58,9 +58,24 @@ class Predictor:
             if value is not None:
                 check_value(key, value)
         self.device = select_device(device)
+        self.conf, self.iou, self.max_det = conf, iou, max_det
+        self.exported = None  # an ONNX file from pyseg.export, run by onnxruntime
+        if Path(weights).suffix.lower() == ".onnx":
+            from pyseg.engine.exported import OnnxModel
+
+            if not Path(weights).expanduser().is_file():
+                raise ConfigError(f"--weights {weights}: no such file")
+            self.exported = OnnxModel(Path(weights).expanduser(), self.device)
+            self.model, self.names = None, self.exported.names
+            if imgsz and imgsz != self.exported.imgsz and not self.exported.dynamic:
+                raise ConfigError(
+                    f"--imgsz {imgsz}: {weights} was exported for {self.exported.imgsz} px only; leave out --imgsz, "
+                    "or export again with --dynamic"
+                )
+            self.imgsz = imgsz or self.exported.imgsz
+            return
         self.model, cfg, self.names = load_model(weights, self.device)
         self.imgsz = imgsz or cfg.imgsz
-        self.conf, self.iou, self.max_det = conf, iou, max_det
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> Prediction:
@@ -75,11 +90,30 @@ class Predictor:
         warp_into(letterboxed, image, matrix)
         tensor = torch.from_numpy(np.ascontiguousarray(letterboxed[:, :, ::-1].transpose(2, 0, 1)))
         images = tensor[None].to(self.device).float().div_(255.0)
-        outputs = self.model(images)
-        det = detect(outputs, self.model.strides, self.model.reg_max, self.conf, self.iou, self.max_det)[0]
-        masks = masks_in_input(outputs.protos.float(), [det], (self.imgsz, self.imgsz))[0]
+        if self.exported is not None:
+            det, masks = self.exported_detections(images)
+        else:
+            outputs = self.model(images)
+            det = detect(outputs, self.model.strides, self.model.reg_max, self.conf, self.iou, self.max_det)[0]
+            masks = masks_in_input(outputs.protos.float(), [det], (self.imgsz, self.imgsz))[0]
         boxes, full_masks = to_original(det.boxes, masks, ratio_pad, (h, w))
         return Prediction(boxes, det.scores.float().cpu().numpy(), det.classes.cpu().numpy().astype(int), full_masks)
+
+    def exported_detections(self, images: torch.Tensor):
+        """(Detections, masks (n, H, W) bool at the input size) of one letterboxed image from the ONNX file: raw
+        outputs go through pyseg's own NMS and mask assembly, an end-to-end file's own are kept above --conf."""
+        from pyseg.engine.predict import Detections, masks_in_input, select_detections
+
+        outputs = self.exported.run(images)
+        if self.exported.end2end:
+            boxes, scores, classes, masks = outputs
+            keep = scores.float() > self.conf
+            coeffs = torch.zeros((int(keep.sum()), 0), device=boxes.device)
+            det = Detections(boxes.float()[keep], scores.float()[keep], classes.long()[keep], coeffs)
+            return det, masks[keep].bool()
+        boxes, scores, coeffs, protos = outputs
+        det = select_detections(boxes, scores, coeffs, self.conf, self.iou, self.max_det)[0]
+        return det, masks_in_input(protos.float(), [det], (self.imgsz, self.imgsz))[0]
 
 
 def draw(image: np.ndarray, prediction: Prediction, names: list[str]) -> np.ndarray:
@@ -168,7 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--weights",
         required=True,
-        help="a pyseg checkpoint (runs/NAME/weights/best.pt) or an Ultralytics YOLO11/YOLOv8-seg .pt",
+        help="a pyseg checkpoint (runs/NAME/weights/best.pt), an Ultralytics YOLO11/YOLOv8-seg .pt, or an ONNX "
+        "file from pyseg.export (run by onnxruntime)",
     )
     parser.add_argument("--source", required=True, help="an image, a folder of images or a video")
     parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")

@@ -77,9 +77,10 @@ def batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: f
         boxes (Tensor[N, 4], float, xyxy pixels), scores (Tensor[N], float), classes (Tensor[N], int): boxes of
         different classes never suppress each other.
     """
-    if boxes.numel() == 0:
+    tracing = torch.jit.is_tracing()  # an export: one graph for any box count, the offset form
+    if boxes.numel() == 0 and not tracing:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    if boxes.numel() > _PER_CLASS_ABOVE.get(boxes.device.type, _PER_CLASS_ABOVE_ELSEWHERE):
+    if not tracing and boxes.numel() > _PER_CLASS_ABOVE.get(boxes.device.type, _PER_CLASS_ABOVE_ELSEWHERE):
         kept = torch.zeros_like(scores, dtype=torch.bool)
         for label in torch.unique(classes):
             members = torch.where(classes == label)[0]
@@ -87,7 +88,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: f
         indices = torch.where(kept)[0]
         return indices[scores[indices].sort(descending=True)[1]]
     # one NMS: each class's boxes moved to a region of their own, past every other class's
-    offsets = classes.to(boxes) * (boxes.max() + 1)
+    largest = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max() if tracing else boxes.max()
+    offsets = classes.to(boxes) * (largest + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 

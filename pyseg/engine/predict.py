@@ -39,12 +39,28 @@ def detect(
     logits = outputs.class_logits.float()
     anchors, stride = make_anchors(outputs.feature_shapes, strides, logits.device, torch.float32)
     boxes = decode_boxes(outputs.box_distribution.float(), anchors, reg_max) * stride  # (B, A, 4)
-    scores, classes = logits.sigmoid().max(-1)  # (B, A)
+    return select_detections(boxes, logits.sigmoid(), outputs.mask_coeffs, conf, iou, max_det, max_candidates)
+
+
+@torch.no_grad()
+def select_detections(
+    boxes: Tensor,
+    class_scores: Tensor,
+    coeffs: Tensor,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    max_candidates: int = 30000,
+) -> list[Detections]:
+    """Detections from decoded outputs (a model's, or an exported file's raw outputs): boxes (B, A, 4) xyxy input
+    pixels, class_scores (B, A, nc) in [0, 1], coeffs (B, A, K). Best class per anchor, score > conf, class-aware
+    NMS at iou, at most max_det per image."""
+    scores, classes = class_scores.float().max(-1)  # (B, A)
     results = []
-    for b in range(logits.shape[0]):
+    for b in range(scores.shape[0]):
         keep = scores[b] > conf
-        box_b, score_b, class_b = boxes[b][keep], scores[b][keep], classes[b][keep]
-        coeff_b = outputs.mask_coeffs[b][keep]
+        box_b, score_b, class_b = boxes[b].float()[keep], scores[b][keep], classes[b][keep]
+        coeff_b = coeffs[b][keep]
         if score_b.numel() > max_candidates:
             top = score_b.topk(max_candidates).indices
             box_b, score_b, class_b, coeff_b = box_b[top], score_b[top], class_b[top], coeff_b[top]
