@@ -282,3 +282,24 @@ def test_the_yolo_families_export_and_compute_what_eager_pyseg_computes(model_na
     torch.testing.assert_close(protos, outputs.protos, atol=5e-4, rtol=1e-3)
     torch.testing.assert_close(scores, outputs.class_logits.sigmoid(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(coeffs, outputs.mask_coeffs, atol=5e-4, rtol=1e-3)
+
+
+def test_an_onnx_file_pyseg_cannot_use_is_one_line_and_exit_2(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from pyseg import predict
+
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_text("not a model")
+    fixed = export_model(checkpoint, ExportOptions(format="onnx"), str(tmp_path / "fixed.onnx"))
+    image = tmp_path / "images" / "a.jpg"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
+    cases = [
+        (["--weights", str(not_onnx)], "not a readable ONNX model"),
+        (["--weights", str(tmp_path / "missing.onnx")], "no such file"),
+        (["--weights", str(fixed), "--imgsz", "320"], "was exported for 160 px only"),
+    ]
+    for flags, message in cases:
+        assert predict.main([*flags, "--source", str(image), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

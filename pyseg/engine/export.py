@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import pyseg
 from pyseg.engine.boxes import batched_nms
 from pyseg.engine.predict import CROP_SHIFT_PX
-from pyseg.errors import ConfigError, UserError
+from pyseg.errors import CheckpointError, ConfigError, UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}
 ONNX_OPSET = 17  # pinned: onnxruntime 1.14+ and TensorRT 8.6+ read it
@@ -238,7 +238,12 @@ def export_onnx(module: nn.Module, example: Tensor, path: Path, info: dict, opti
 def read_onnx_metadata(path: Path) -> dict:
     """The metadata pyseg stored in an exported ONNX file (values decoded from JSON); {} for a foreign file."""
     onnx = _require("onnx", f"reading {path}")
-    graph = onnx.load(str(path), load_external_data=False)
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and others: not an ONNX model
+        raise CheckpointError(
+            f"{path}: not a readable ONNX model ({type(error).__name__}); give a file written by pyseg.export"
+        ) from error
     found = {}
     for entry in graph.metadata_props:
         try:
