@@ -122,7 +122,10 @@ class MlflowUi:
 
     def __enter__(self) -> MlflowUi:
         self.output = open(self.log, "wb")  # noqa: SIM115 (closed in __exit__)
-        self.process = subprocess.Popen(self.command, stdout=self.output, stderr=self.output, start_new_session=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner: the UI needs none
+        self.process = subprocess.Popen(
+            self.command, stdout=self.output, stderr=self.output, start_new_session=True, env=env
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -343,7 +343,9 @@ class MlflowServer:
         command += ["--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
         command += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (closed with the process)
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        # no job runner (huey consumers: MLflow's GenAI jobs), which nothing here uses and which cost CPU at each start
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
