@@ -189,7 +189,10 @@ RULES: dict[str, tuple] = {
         "to --weights)",
     ),
     "epochs": at_least(1),
-    "imgsz": (_multiple_of_stride, f"a multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640"),
+    "imgsz": (
+        _multiple_of_stride,
+        f"a positive multiple of {MAX_STRIDE} (the model's largest stride), e.g. 320 or 640",
+    ),
     "batch": at_least(1),
     "device": (DEVICE_PATTERN.match, "cpu, cuda, cuda:N, a GPU index N, or empty for cuda when available"),
     "workers": at_least(0),

@@ -60,6 +60,11 @@ class Predictor:
         self.device = select_device(device)
         self.conf, self.iou, self.max_det = conf, iou, max_det
         self.exported = None  # an ONNX file from pyseg.export, run by onnxruntime
+        if Path(weights).suffix.lower() == ".torchscript":
+            raise ConfigError(
+                f"--weights {weights}: predict runs pyseg checkpoints (.pt) and ONNX files from pyseg.export; a "
+                "TorchScript file runs with torch.jit.load (see the README's Export section), or export --format onnx"
+            )
         if Path(weights).suffix.lower() == ".onnx":
             from pyseg.engine.exported import OnnxModel
 
@@ -73,6 +78,13 @@ class Predictor:
                     "or export again with --dynamic"
                 )
             self.imgsz = imgsz or self.exported.imgsz
+            fixed = self.exported.thresholds
+            if self.exported.end2end and (conf < fixed["conf"] or iou != fixed["iou"]):
+                print(
+                    f"note: {weights} holds its NMS (exported with --conf {fixed['conf']} --iou {fixed['iou']}): "
+                    "detections below its --conf are not in it, and its --iou applies",
+                    file=sys.stderr,
+                )
             return
         self.model, cfg, self.names = load_model(weights, self.device)
         self.imgsz = imgsz or cfg.imgsz

@@ -285,7 +285,7 @@ def test_a_user_error_is_one_line_and_exit_code_2(case, bad_files, capsys, monke
 @pytest.mark.parametrize(
     ("command", "argv", "named"),
     [
-        ("train", ["--imgsz", "63", "--no-mlflow"], "--imgsz must be a multiple of 32"),
+        ("train", ["--imgsz", "63", "--no-mlflow"], "--imgsz must be a positive multiple of 32"),
         ("val", ["--weights", "FOREIGN"], "not a pyseg checkpoint"),
     ],
 )

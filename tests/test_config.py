@@ -82,7 +82,7 @@ def test_the_same_check_runs_for_cfg_files_and_flags(tmp_path):
 
     saved = tmp_path / "best.yaml"
     saved.write_text(yaml.safe_dump({"imgsz": 100}))
-    with pytest.raises(ConfigError, match="--imgsz must be a multiple of 32.*100"):
+    with pytest.raises(ConfigError, match="--imgsz must be a positive multiple of 32.*100"):
         parse(["--cfg", str(saved)])
     with pytest.raises(ConfigError, match="--patience must be >= 0"):
         parse(["--patience", "-3"])

@@ -202,8 +202,10 @@ def test_an_export_goes_beside_its_weights_and_carries_its_metadata(checkpoint):
     [
         (["--format", "coreml"], "--format must be one of onnx, torchscript, got 'coreml'"),
         (["--half", "--device", "cpu"], "--half exports float16 onnx, which needs a CUDA device"),
-        (["--imgsz", "100"], "--imgsz must be a multiple of 32"),
+        (["--imgsz", "100"], "--imgsz must be a positive multiple of 32"),
         (["--end2end", "--batch", "2"], "--end2end exports one image at a time"),
+        (["--out", "model.torchscript"], "names a torchscript file, but --format is onnx"),
+        (["--out", "/proc/x.onnx"], "cannot write /proc/x.onnx"),
     ],
 )
 def test_bad_export_flags_are_one_line_and_exit_2(checkpoint, capsys, flags, message):
@@ -303,3 +305,43 @@ def test_an_onnx_file_pyseg_cannot_use_is_one_line_and_exit_2(checkpoint, tmp_pa
         assert predict.main([*flags, "--source", str(image), "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_end2end_export_with_nothing_above_conf_traces_and_runs_with_zero_detections(checkpoint, tmp_path, fmt):
+    """The export traces a black image; a model that finds nothing there (any trained one at --conf 0.25) must
+    still export, and the file must answer an image without detections with empty outputs."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    options = ExportOptions(format=fmt, end2end=True, conf=0.99999)
+    path = export_model(checkpoint, options, str(tmp_path / f"none.{fmt}"))
+    boxes, scores, classes, masks = run_exported(path, real_images(1))
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and classes.shape == (0,)
+    assert masks.shape == (0, IMGSZ, IMGSZ)
+
+
+def test_out_may_name_a_folder_and_a_folder_where_a_file_is_is_one_line(checkpoint, tmp_path, capsys):
+    from pyseg import export
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert export.main(["--weights", str(checkpoint), "--format", "torchscript", "--out", str(folder)]) == 0
+    assert (folder / "best.torchscript").is_file()
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file")
+    assert export.main(["--weights", str(checkpoint), "--out", str(blocker / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {blocker / 'x.onnx'}" in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("**/*.probe")) and not list(tmp_path.glob("**/*.pyseg-tmp"))
+
+
+def test_predict_says_a_torchscript_file_is_not_what_it_runs(checkpoint, tmp_path, capsys):
+    from pyseg import predict
+
+    scripted = tmp_path / "m.torchscript"
+    scripted.write_bytes(b"")
+    image = tmp_path / "a.jpg"
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    assert predict.main(["--weights", str(scripted), "--source", str(image), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript file runs with torch.jit.load" in err and err.count("\n") == 1, err

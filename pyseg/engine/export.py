@@ -97,9 +97,11 @@ def masks_at_input(protos: Tensor, coeffs: Tensor, boxes: Tensor) -> Tensor:
 
     from pyseg.ops.reference import box_crop
 
-    channels, height, width = protos.shape
-    logits = (coeffs @ protos.reshape(channels, -1)).reshape(-1, height, width)
-    logits = F.interpolate(logits[None], scale_factor=PROTO_STRIDE, mode="bilinear", align_corners=False)[0]
+    # bilinear upsampling is linear: the prototypes are upsampled once, then combined (the same logits as
+    # combining, then upsampling N masks; and no empty tensor to upsample when N is 0)
+    upsampled = F.interpolate(protos[None], scale_factor=PROTO_STRIDE, mode="bilinear", align_corners=False)[0]
+    channels, height, width = upsampled.shape
+    logits = (coeffs @ upsampled.reshape(channels, -1)).reshape(-1, height, width)
     # the predict path scales the shifted boxes to the prototypes, then back up: the same float steps here
     in_protos = (boxes + CROP_SHIFT_PX) * (1.0 / PROTO_STRIDE)
     crop = box_crop(in_protos * PROTO_STRIDE, logits.shape[1], logits.shape[2])
@@ -107,8 +109,28 @@ def masks_at_input(protos: Tensor, coeffs: Tensor, boxes: Tensor) -> Tensor:
 
 
 def output_path(weights: Path, fmt: str, out: str | None) -> Path:
-    """--out, else the weights' path with the format's suffix (best.pt -> best.onnx)."""
-    return Path(out).expanduser() if out else weights.with_suffix(FORMATS[fmt])
+    """--out (a file, or a folder to write the weights' name into), else the weights' path with the format's
+    suffix (best.pt -> best.onnx). ConfigError for an --out of the other format's suffix, or where nothing can be
+    written: checked before the export's work."""
+    import tempfile
+
+    if not out:
+        path = weights.with_suffix(FORMATS[fmt])
+    else:
+        path = Path(out).expanduser()
+        if path.is_dir():
+            path = path / weights.with_suffix(FORMATS[fmt]).name
+        other = [name for name, suffix in FORMATS.items() if name != fmt and path.suffix.lower() == suffix]
+        if other:
+            raise ConfigError(f"--out {out} names a {other[0]} file, but --format is {fmt}: match the two")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        flag = f"--out {out}" if out else f"--weights {weights} (the export goes beside it; pass --out)"
+        raise ConfigError(f"{flag}: cannot write {path} ({error.strerror or error}); pick a writable place") from error
+    return path
 
 
 def check_options(options: ExportOptions, device: torch.device) -> None:
@@ -161,12 +183,11 @@ def export_model(weights: str | Path, options: ExportOptions, out: str | None = 
     model, cfg, names = load_model(weights, device)
     model_name = load_weights(weights).model_name
     imgsz = options.imgsz or cfg.imgsz
+    path = output_path(weights, options.format, out)  # before the work: a place that cannot be written is one line
     model = model.half() if options.half else model.float()
     module = EndToEnd(model, options.conf, options.iou, options.max_det) if options.end2end else RawOutputs(model)
     module = module.to(device).eval()
     example = torch.zeros(options.batch, 3, imgsz, imgsz, device=device, dtype=torch.half if options.half else None)
-    path = output_path(weights, options.format, out)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = metadata(names, imgsz, model, options, model_name)
     if options.format == "onnx":
         export_onnx(module, example, path, info, options)
@@ -183,9 +204,10 @@ def export_torchscript(module: nn.Module, example: Tensor, path: Path, info: dic
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape checks traced as constants: expected
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation: TorchScript is what was asked for
         traced = torch.jit.trace(module, example, strict=False, check_trace=False)
-    extra = {METADATA_FILE: json.dumps(info)}
-    atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))
+        extra = {METADATA_FILE: json.dumps(info)}
+        atomic_write(path, lambda f: torch.jit.save(traced, f, _extra_files=extra))
 
 
 def export_onnx(module: nn.Module, example: Tensor, path: Path, info: dict, options: ExportOptions) -> None:

@@ -38,6 +38,7 @@ class OnnxModel:
         self.end2end = bool(info.get("end2end"))
         self.dynamic = bool(info.get("dynamic"))
         self.half = bool(info.get("half"))
+        self.thresholds = {"conf": info.get("conf"), "iou": info.get("iou")}  # an end-to-end file's NMS
         wanted = ["CUDAExecutionProvider"] if device.type == "cuda" else []
         providers = [p for p in wanted if p in onnxruntime.get_available_providers()] + ["CPUExecutionProvider"]
         try:
