@@ -64,6 +64,7 @@ def ultralytics_onnx(model: str, imgsz: int, batch: int, folder: Path) -> Path |
     if importlib.util.find_spec("ultralytics") is None:
         print("ultralytics: not installed (requirements-peer.txt); its row is left out")
         return None
+    folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "YOLO_CONFIG_DIR": str(folder), "YOLO_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", ULTRALYTICS_EXPORT, model, str(imgsz), str(batch), str(folder)],
@@ -73,7 +74,8 @@ def ultralytics_onnx(model: str, imgsz: int, batch: int, folder: Path) -> Path |
     if done.returncode != 0 or not lines:
         print(f"ultralytics export failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-400:]}")
         return None
-    return Path(json.loads(lines[-1])["path"])
+    path = Path(json.loads(lines[-1])["path"])
+    return path if path.is_absolute() else folder / path  # Ultralytics answers relative to its working folder
 
 
 def main(argv: list[str] | None = None) -> int:
