@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import pyseg
 from pyseg.engine.boxes import batched_nms
-from pyseg.engine.predict import CROP_SHIFT_PX
+from pyseg.engine.predict import CROP_SHIFT_PX, decoded_boxes
 from pyseg.errors import CheckpointError, ConfigError, UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript"}
@@ -58,12 +58,8 @@ class RawOutputs(nn.Module):
         self.reg_max = int(model.reg_max)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from pyseg.models.seg_model import decode_boxes, make_anchors
-
         out = self.model(images)
-        dtype = out.box_distribution.dtype
-        anchors, stride = make_anchors(out.feature_shapes, self.strides, images.device, dtype)
-        boxes = decode_boxes(out.box_distribution, anchors, self.reg_max) * stride
+        boxes = decoded_boxes(out, self.strides, self.reg_max)
         return boxes, out.class_logits.sigmoid(), out.mask_coeffs, out.protos
 
 
@@ -102,9 +98,8 @@ def masks_at_input(protos: Tensor, coeffs: Tensor, boxes: Tensor) -> Tensor:
     upsampled = F.interpolate(protos[None], scale_factor=PROTO_STRIDE, mode="bilinear", align_corners=False)[0]
     channels, height, width = upsampled.shape
     logits = (coeffs @ upsampled.reshape(channels, -1)).reshape(-1, height, width)
-    # the predict path scales the shifted boxes to the prototypes, then back up: the same float steps here
-    in_protos = (boxes + CROP_SHIFT_PX) * (1.0 / PROTO_STRIDE)
-    crop = box_crop(in_protos * PROTO_STRIDE, logits.shape[1], logits.shape[2])
+    # (the predict path scales the shifted boxes to the prototypes and back up, by powers of two: exact)
+    crop = box_crop(boxes + CROP_SHIFT_PX, logits.shape[1], logits.shape[2])
     return ((logits.sigmoid() * crop) > 0.5).to(torch.uint8)
 
 
@@ -171,7 +166,7 @@ def export_model(weights: str | Path, options: ExportOptions, out: str | None = 
     and returns its path. UserError (one line) for a bad option or an unreadable checkpoint."""
     from pyseg.config import check_value
     from pyseg.engine.device import select_device
-    from pyseg.models.weights import load_model, load_weights
+    from pyseg.models.weights import load_model
 
     for key in ("conf", "iou", "max_det", "imgsz", "batch"):
         value = getattr(options, key)
@@ -180,15 +175,14 @@ def export_model(weights: str | Path, options: ExportOptions, out: str | None = 
     device = select_device(options.device)
     check_options(options, device)
     weights = Path(weights).expanduser()
-    model, cfg, names = load_model(weights, device)
-    model_name = load_weights(weights).model_name
+    model, cfg, names = load_model(weights, device)  # cfg.model: the file's model, canonical
     imgsz = options.imgsz or cfg.imgsz
     path = output_path(weights, options.format, out)  # before the work: a place that cannot be written is one line
     model = model.half() if options.half else model.float()
     module = EndToEnd(model, options.conf, options.iou, options.max_det) if options.end2end else RawOutputs(model)
     module = module.to(device).eval()
     example = torch.zeros(options.batch, 3, imgsz, imgsz, device=device, dtype=torch.half if options.half else None)
-    info = metadata(names, imgsz, model, options, model_name)
+    info = metadata(names, imgsz, model, options, cfg.model)
     if options.format == "onnx":
         export_onnx(module, example, path, info, options)
     else:

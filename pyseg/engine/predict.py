@@ -34,12 +34,18 @@ def detect(
     max_candidates: int = 30000,
 ) -> list[Detections]:
     """Best class per anchor, score > conf, class-aware NMS at iou, at most max_det per image."""
+    boxes = decoded_boxes(outputs, strides, reg_max, torch.float32)
+    scores = outputs.class_logits.float().sigmoid()
+    return select_detections(boxes, scores, outputs.mask_coeffs, conf, iou, max_det, max_candidates)
+
+
+def decoded_boxes(outputs, strides: tuple[int, ...], reg_max: int, dtype: torch.dtype | None = None) -> Tensor:
+    """(B, A, 4) xyxy input pixels from the outputs' box distributions, computed in dtype (default: theirs)."""
     from pyseg.models.seg_model import decode_boxes, make_anchors
 
-    logits = outputs.class_logits.float()
-    anchors, stride = make_anchors(outputs.feature_shapes, strides, logits.device, torch.float32)
-    boxes = decode_boxes(outputs.box_distribution.float(), anchors, reg_max) * stride  # (B, A, 4)
-    return select_detections(boxes, logits.sigmoid(), outputs.mask_coeffs, conf, iou, max_det, max_candidates)
+    distribution = outputs.box_distribution if dtype is None else outputs.box_distribution.to(dtype)
+    anchors, stride = make_anchors(outputs.feature_shapes, strides, distribution.device, distribution.dtype)
+    return decode_boxes(distribution, anchors, reg_max) * stride
 
 
 @torch.no_grad()
